@@ -1,0 +1,138 @@
+"""Merge configurations: a method and hyper-parameters for every layer group."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import random
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from .errors import ConfigError
+from .groups import GRANULARITIES, Group
+from .methods import REGISTRY, get_method
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupSetting:
+    """Method name and alias-keyed hyper-parameters of one group (as written in a recipe)."""
+
+    method: str
+    params: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, "params": _plain(self.params)}
+
+    def canonical(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+
+@dataclasses.dataclass
+class MergeConfig:
+    """A complete layer-wise merge configuration.
+
+    Attributes:
+        granularity: ViT blocks per encoder group (1-4).
+        separate: Whether encoder groups are split into attn / mlp / norm.
+        groups: Group name -> setting; must cover exactly the groups of the architecture.
+    """
+
+    granularity: int
+    separate: bool
+    groups: dict[str, GroupSetting]
+
+    @classmethod
+    def uniform(cls, groups: Sequence[Group], method: str, params: Mapping[str, Any], granularity: int = 1,
+                separate: bool = False) -> "MergeConfig":
+        """The same method and parameters for every group (the paper's uniform baselines)."""
+        return cls(granularity, separate, {g.name: GroupSetting(method, dict(params)) for g in groups})
+
+    @classmethod
+    def random(cls, groups: Sequence[Group], aliases: Sequence[str], rng: random.Random, granularity: int = 1,
+               separate: bool = False, methods: Iterable[str] | None = None) -> "MergeConfig":
+        """A random layer-wise configuration: per group a method drawn uniformly and parameters from its ranges."""
+        names = sorted(methods or REGISTRY)
+        out = {}
+        for g in groups:
+            m = get_method(rng.choice(names))
+            out[g.name] = GroupSetting(m.name, m.sample(rng, aliases))
+        return cls(granularity, separate, out)
+
+    def validate(self, groups: Sequence[Group], aliases: Sequence[str]) -> dict[str, tuple[str, dict[str, Any]]]:
+        """Check the configuration against a grouping and a pool.
+
+        Returns:
+            Group name -> ``(method, index-form params)``.
+
+        Raises:
+            ConfigError: wrong granularity, unknown or missing groups, unknown methods, bad parameters.
+        """
+        if self.granularity not in GRANULARITIES:
+            raise ConfigError(f"granularity: must be one of {GRANULARITIES}, got {self.granularity!r}")
+        expected = [g.name for g in groups]
+        unknown = sorted(set(self.groups) - set(expected))
+        if unknown:
+            raise ConfigError(f"groups: unknown group(s) {unknown}; this architecture at granularity "
+                              f"{self.granularity} has {expected}")
+        missing = [g for g in expected if g not in self.groups]
+        if missing:
+            raise ConfigError(f"groups: no setting for {missing}")
+        out = {}
+        for name in expected:
+            s = self.groups[name]
+            method = get_method(s.method) if s.method in REGISTRY else None
+            if method is None:
+                raise ConfigError(f"groups.{name}.method: unknown merge method {s.method!r}; known: {sorted(REGISTRY)}")
+            out[name] = (s.method, method.resolve(s.params, aliases, where=f"groups.{name}"))
+        return out
+
+    def fingerprint(self, group_names: Iterable[str] | None = None) -> str:
+        """Short hash of the settings of some groups (all by default).
+
+        Two configurations with the same fingerprint over the image-encoder groups produce the same image
+        embeddings, which lets an evaluator reuse them.
+        """
+        names = sorted(self.groups if group_names is None else group_names)
+        payload = json.dumps([self.granularity, self.separate] + [[n, self.groups[n].canonical()] for n in names])
+        return hashlib.sha1(payload.encode()).hexdigest()[:16]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "granularity": self.granularity,
+            "separate": self.separate,
+            "groups": {n: s.to_dict() for n, s in self.groups.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], where: str = "") -> "MergeConfig":
+        pre = f"{where}: " if where else ""
+        try:
+            groups = d["groups"]
+            if not isinstance(groups, Mapping):
+                raise ConfigError(f"{pre}groups: expected a mapping group -> setting")
+            settings = {}
+            for name, s in groups.items():
+                if not isinstance(s, Mapping) or "method" not in s:
+                    raise ConfigError(f"{pre}groups.{name}: expected {{method: ..., params: {{...}}}}, got {s!r}")
+                extra = sorted(set(s) - {"method", "params"})
+                if extra:
+                    raise ConfigError(f"{pre}groups.{name}: unknown field(s) {extra}")
+                params = s.get("params") or {}
+                if not isinstance(params, Mapping):
+                    raise ConfigError(f"{pre}groups.{name}.params: expected a mapping, got {params!r}")
+                settings[str(name)] = GroupSetting(str(s["method"]), dict(params))
+            granularity = d.get("granularity", 1)
+            if granularity not in GRANULARITIES:
+                raise ConfigError(f"{pre}granularity: must be one of {GRANULARITIES}, got {granularity!r}")
+            return cls(int(granularity), bool(d.get("separate", False)), settings)
+        except KeyError as e:
+            raise ConfigError(f"{pre}missing field {e.args[0]!r}") from None
+
+
+def _plain(x: Any) -> Any:
+    if isinstance(x, Mapping):
+        return {str(k): _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    return x

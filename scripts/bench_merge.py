@@ -1,0 +1,108 @@
+#!/usr/bin/env python
+"""Benchmark: materialising a merged ViT-B in place versus reloading checkpoints for every configuration.
+
+Random-weight ViT-B base plus 3 fine-tuned models (base + seeded noise), saved as plain checkpoints in a temporary
+folder. For each of --runs random layer-wise configurations (per group a method drawn uniformly from the
+registry, parameters from their search ranges):
+
+* merge_s  - time for ``Merger.apply``: the merged weights written in place into the resident Sam module;
+* reload_s - the reference approach's I/O alone: ``torch.load`` of all four checkpoints plus ``torch.save`` of the
+  merged state dict. Its merge arithmetic is not counted, so the ratio is a lower bound.
+
+One-time costs (pool load, merger construction, per-method preparation such as TIES' sorted magnitudes, kernel
+compilation) are printed separately. The last line is
+``merge_s=<median s> reload_s=<median s> ratio=<reload_s/merge_s>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))
+
+from medsamix import VIT_B, MergeConfig, Merger, ModelPool, REGISTRY  # noqa: E402
+
+
+def make_checkpoints(folder: Path, num_models: int, noise: float) -> dict[str, Path]:
+    torch.manual_seed(0)
+    base = VIT_B.build().state_dict()
+    paths = {"sam": folder / "sam.pth"}
+    torch.save(base, paths["sam"])
+    for k in range(num_models):
+        g = torch.Generator().manual_seed(k + 1)
+        sd = {n: (t + noise * torch.randn(t.shape, generator=g)) if t.is_floating_point() else t
+              for n, t in base.items()}
+        paths[f"ft{k + 1}"] = folder / f"ft{k + 1}.pth"
+        torch.save(sd, paths[f"ft{k + 1}"])
+    return paths
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=int, default=7, help="random configurations timed (>= 5)")
+    ap.add_argument("--models", type=int, default=3, help="fine-tuned models besides the base")
+    ap.add_argument("--granularity", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    torch.set_grad_enabled(False)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        t = time.perf_counter()
+        paths = make_checkpoints(folder, args.models, noise=0.02)
+        print(f"made {len(paths)} random ViT-B checkpoints in {time.perf_counter() - t:.1f} s")
+
+        t = time.perf_counter()
+        pool = ModelPool.load(("sam", paths["sam"]), {a: p for a, p in paths.items() if a != "sam"})
+        print(f"pool load (read + sha256): {time.perf_counter() - t:.1f} s")
+        t = time.perf_counter()
+        merger = Merger(pool, granularity=args.granularity)
+        print(f"merger construction: {time.perf_counter() - t:.1f} s ({len(merger.groups)} groups)")
+        t = time.perf_counter()
+        merger.prepare()
+        print(f"one-time preparation (TIES sorted magnitudes, SLERP centroids, DARE field): "
+              f"{time.perf_counter() - t:.1f} s")
+        rng = random.Random(args.seed)
+        t = time.perf_counter()
+        for m in sorted(REGISTRY):  # warm-up: compiles the fused kernels
+            merger.apply(MergeConfig.random(merger.groups, merger.aliases, rng, args.granularity, methods=[m]))
+        print(f"warm-up (kernel compilation): {time.perf_counter() - t:.1f} s")
+
+        per_method = {}
+        for m in sorted(REGISTRY):
+            cfg = MergeConfig.random(merger.groups, merger.aliases, rng, args.granularity, methods=[m])
+            t = time.perf_counter()
+            merger.apply(cfg)
+            per_method[m] = time.perf_counter() - t
+        print("whole model with one method: " + ", ".join(f"{m} {s:.3f} s" for m, s in per_method.items()))
+
+        merge_times, reload_times = [], []
+        out = folder / "merged.pth"
+        for run in range(max(5, args.runs)):
+            cfg = MergeConfig.random(merger.groups, merger.aliases, rng, args.granularity)
+            t = time.perf_counter()
+            merger.apply(cfg)
+            merge_times.append(time.perf_counter() - t)
+
+            t = time.perf_counter()
+            loaded = [torch.load(p, map_location="cpu", weights_only=True) for p in paths.values()]
+            torch.save({k: v.clone() for k, v in merger.state_dict().items()}, out)
+            reload_times.append(time.perf_counter() - t)
+            del loaded
+            methods = sorted({s.method for s in cfg.groups.values()})
+            print(f"run {run}: merge {merge_times[-1]:.3f} s, reload {reload_times[-1]:.2f} s ({', '.join(methods)})")
+    merge_s = statistics.median(merge_times)
+    reload_s = statistics.median(reload_times)
+    print(f"merge_s={merge_s:.4f} reload_s={reload_s:.3f} ratio={reload_s / merge_s:.1f}")
+
+
+if __name__ == "__main__":
+    main()
