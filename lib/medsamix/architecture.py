@@ -11,6 +11,7 @@ the mask decoder's attention uses 8 heads, and it predicts 3 multimask outputs p
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Mapping
 from functools import lru_cache, partial
 from typing import Any
@@ -167,9 +168,8 @@ def infer_arch(sd: Mapping[str, Tensor]) -> ArchSpec:
     embed_dim = _shape(sd, "image_encoder.patch_embed.proj.weight")[0]
     patch_size = _shape(sd, "image_encoder.patch_embed.proj.weight")[-1]
     grid = _shape(sd, "image_encoder.pos_embed")[1]
-    depth = 0
-    while f"image_encoder.blocks.{depth}.norm1.weight" in sd:
-        depth += 1
+    block = re.compile(r"^image_encoder\.blocks\.(\d+)\.")
+    depth = 1 + max((int(m.group(1)) for k in sd if (m := block.match(k))), default=-1)
     if depth == 0:
         raise CheckpointError("no image encoder blocks (image_encoder.blocks.N.*) found")
     head_dims: set[int] = set()

@@ -79,7 +79,7 @@ def _read(path: Path) -> object:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError, ... on bad files
         text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
+        if any(m in str(e) for m in ("Unsupported global", "was not an allowed global", "is blocked")):
             reason = "it contains pickled Python objects besides tensors (refused: weights_only loading)"
         elif isinstance(e, EOFError) or "failed finding central directory" in str(e) or "truncat" in str(e).lower():
             reason = f"it is truncated or corrupt ({text})"
