@@ -81,9 +81,10 @@ class MergeConfig:
         out = {}
         for name in expected:
             s = self.groups[name]
-            method = get_method(s.method) if s.method in REGISTRY else None
-            if method is None:
-                raise ConfigError(f"groups.{name}.method: unknown merge method {s.method!r}; known: {sorted(REGISTRY)}")
+            try:
+                method = get_method(s.method)
+            except ConfigError as e:
+                raise ConfigError(f"groups.{name}.method: {e}") from None
             out[name] = (s.method, method.resolve(s.params, aliases, where=f"groups.{name}"))
         return out
 
