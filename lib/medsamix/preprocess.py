@@ -1,0 +1,114 @@
+"""Per-model preprocessing: intensity normalisation of medical slices and the SAM / MedSAM input conventions.
+
+Two input conventions exist in the SAM family and a model must be evaluated with the one it was trained with:
+
+* ``"sam"`` (SAM, MedicoSAM/micro_sam): resize the longest side to ``img_size`` keeping the aspect ratio
+  (segment_anything's ``ResizeLongestSide``), normalise with the SA-1B pixel mean/std on the 0-255 scale, pad
+  bottom/right to ``img_size`` square. Boxes and points are scaled by ``img_size / max(H, W)``.
+* ``"medsam"`` (MedSAM): resize to ``img_size x img_size`` (aspect ratio not kept), scale to [0, 1], no mean/std.
+  Boxes are scaled per axis.
+
+Before either, a slice is mapped to the 0-255 range as in MedSAM's data preparation: CT by a window
+(level/width in HU, default abdomen 40/400), other modalities by clipping to the 0.5-99.5 percentiles of the
+volume's non-zero voxels. Coordinates: slices are ``(H, W)`` arrays; boxes are XYXY with x = column, y = row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from segment_anything.utils.transforms import ResizeLongestSide
+from torch import Tensor
+
+STYLES = ("sam", "medsam")
+SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
+SAM_PIXEL_STD = (58.395, 57.12, 57.375)
+CT_WINDOW = (40.0, 400.0)  # level, width (HU)
+PERCENTILES = (0.5, 99.5)
+
+
+def intensity_range(volume: np.ndarray, modality: str, window: tuple[float, float] = CT_WINDOW,
+                    percentiles: tuple[float, float] = PERCENTILES) -> tuple[float, float]:
+    """Intensity interval mapped to 0-255 for a whole volume: the CT window, else non-zero percentiles."""
+    if modality == "CT":
+        level, width = window
+        return level - width / 2, level + width / 2
+    values = volume[volume > volume.min()] if np.any(volume > volume.min()) else volume
+    lo, hi = np.percentile(values, percentiles)
+    return float(lo), float(max(hi, lo + 1e-6))
+
+
+def to_255(image: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Clip ``image`` to [lo, hi] and scale to float32 0-255 (any shape)."""
+    return ((np.clip(image, lo, hi) - lo) * (255.0 / (hi - lo))).astype(np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class Preprocessor:
+    """Maps 0-255 slices, prompts and predicted masks between slice and model-input coordinates.
+
+    Attributes:
+        style: "sam" or "medsam" (see the module docstring).
+        img_size: Side of the model's square input (1024 for ViT-B SAM, 256 for the tiny pool).
+    """
+
+    style: str = "sam"
+    img_size: int = 1024
+
+    def __post_init__(self) -> None:
+        if self.style not in STYLES:
+            raise ValueError(f"preprocessing style must be one of {STYLES}, got {self.style!r}")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], img_size: int) -> "Preprocessor":
+        return cls(style=str(d.get("style", "sam")), img_size=img_size)
+
+    def resized_hw(self, hw: tuple[int, int]) -> tuple[int, int]:
+        """Size of the slice inside the model input before padding."""
+        if self.style == "medsam":
+            return self.img_size, self.img_size
+        return ResizeLongestSide.get_preprocess_shape(hw[0], hw[1], self.img_size)
+
+    def images(self, slices: Tensor | np.ndarray) -> Tensor:
+        """0-255 slices ``(N, H, W)`` (one size) -> model input ``(N, 3, img_size, img_size)`` float32."""
+        x = torch.as_tensor(np.asarray(slices, dtype=np.float32) if isinstance(slices, np.ndarray) else slices,
+                            dtype=torch.float32)
+        if x.dim() == 2:
+            x = x[None]
+        hw = (int(x.shape[-2]), int(x.shape[-1]))
+        h, w = self.resized_hw(hw)
+        x = F.interpolate(x[:, None], size=(h, w), mode="bilinear", align_corners=False, antialias=True)
+        x = x.expand(-1, 3, -1, -1)
+        if self.style == "medsam":
+            return (x / 255.0).clamp_(0, 1).contiguous()
+        mean = torch.tensor(SAM_PIXEL_MEAN).view(1, 3, 1, 1)
+        std = torch.tensor(SAM_PIXEL_STD).view(1, 3, 1, 1)
+        x = (x - mean) / std
+        return F.pad(x, (0, self.img_size - w, 0, self.img_size - h))
+
+    def _scale(self, hw: tuple[int, int]) -> tuple[float, float]:
+        h, w = self.resized_hw(hw)
+        return w / hw[1], h / hw[0]
+
+    def boxes(self, boxes: Tensor | np.ndarray, hw: tuple[int, int]) -> Tensor:
+        """XYXY boxes ``(N, 4)`` in slice pixels -> model-input coordinates ``(N, 4)`` float32."""
+        sx, sy = self._scale(hw)
+        b = torch.as_tensor(np.asarray(boxes, dtype=np.float32)).reshape(-1, 4)
+        return b * torch.tensor([sx, sy, sx, sy])
+
+    def points(self, coords: Tensor | np.ndarray, hw: tuple[int, int]) -> Tensor:
+        """XY points ``(..., 2)`` in slice pixels -> model-input coordinates."""
+        sx, sy = self._scale(hw)
+        return torch.as_tensor(np.asarray(coords, dtype=np.float32)) * torch.tensor([sx, sy])
+
+    def masks(self, low_res: Tensor, hw: tuple[int, int]) -> Tensor:
+        """Decoder logits ``(N, C, h, w)`` (h = w = img_size / 4) -> logits at slice size ``(N, C, H, W)``."""
+        if self.style == "medsam":
+            return F.interpolate(low_res, size=hw, mode="bilinear", align_corners=False)
+        up = F.interpolate(low_res, size=(self.img_size, self.img_size), mode="bilinear", align_corners=False)
+        h, w = self.resized_hw(hw)
+        return F.interpolate(up[..., :h, :w], size=hw, mode="bilinear", align_corners=False)

@@ -1,0 +1,199 @@
+#!/usr/bin/env python
+"""Train the tiny model pool: a generalist base and two specialists fine-tuned from it.
+
+    .venv/bin/python scripts/train_pool.py --out sample-data/pool [--data ../shared/data] [--seed 0]
+
+* ``sam_tiny`` (base): trained from scratch on procedurally generated shapes (the stand-in for SA-1B) with SAM's
+  interactive objective: box or point prompts, one correction round. SAM-style preprocessing.
+* ``medsam_tiny`` ("MedSAM-like"): fine-tuned from the base on real CT slices with box prompts only and MedSAM-style
+  preprocessing (CT window 40/400, 256x256 resize, [0, 1]). CT source: the TotalSegmentator DICOM series
+  (``totalseg/example_ct_dicom`` with ``example_seg_dicom.nii.gz``).
+* ``medicosam_tiny`` ("MedicoSAM-like"): fine-tuned from the base on real MR slices with box and point prompts and a
+  correction round, SAM-style preprocessing. MR source: the first ``--mr-patients`` hippocampus volumes (sorted by
+  id); these patients are listed in the pool manifest and excluded from every later calibration/test split.
+
+Writes fp16 plain state dicts, ``pool.yaml`` (architecture, members, preprocessing, sha256, training studies,
+validation numbers) and a model card. Seeded: the same command gives the same weights on the same machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))
+
+from medsamix.architecture import TINY256  # noqa: E402
+from medsamix.checkpoint import save_sam_checkpoint, sha256_file  # noqa: E402
+from medsamix.phantoms import shapes_image  # noqa: E402
+from medsamix.preprocess import Preprocessor, intensity_range, to_255  # noqa: E402
+from medsamix.training import PromptPolicy, Sample, box_dice, train_step  # noqa: E402
+
+
+def load_volume(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Image ``(I, J, K)`` and its affine through MONAI (NIfTI, NRRD or a DICOM series folder)."""
+    from monai.transforms import LoadImage
+
+    img, meta = LoadImage(image_only=False)(str(path))
+    return np.asarray(img, dtype=np.float32), np.asarray(meta["affine"], dtype=np.float64)
+
+
+def load_label_on(image_affine: np.ndarray, path: Path) -> np.ndarray:
+    """Label map reoriented (flips/permutations) onto the image grid given by ``image_affine``."""
+    import nibabel as nib
+    from nibabel.orientations import apply_orientation, io_orientation, ornt_transform
+
+    lab = nib.load(str(path))
+    t = ornt_transform(io_orientation(lab.affine), io_orientation(image_affine))
+    return np.asarray(apply_orientation(np.asanyarray(lab.dataobj), t)).astype(np.int16)
+
+
+def slice_samples(image255: np.ndarray, label: np.ndarray, slices: range | list[int], min_pixels: int,
+                  values: list[int] | None = None) -> list[Sample]:
+    """All (slice, label value) pairs along axis 2 with at least ``min_pixels`` foreground pixels."""
+    out = []
+    for k in slices:
+        lab = label[:, :, k]
+        for v in (values or [int(x) for x in np.unique(lab) if x > 0]):
+            m = lab == v
+            if m.sum() >= min_pixels:
+                out.append((image255[:, :, k], m))
+    return out
+
+
+def augment(sample: Sample, rng: np.random.Generator) -> Sample:
+    img, m = sample
+    k = int(rng.integers(4))
+    img, m = np.rot90(img, k), np.rot90(m, k)
+    if rng.random() < 0.5:
+        img, m = img[:, ::-1], m[:, ::-1]
+    gain = rng.uniform(0.9, 1.1)
+    return np.ascontiguousarray(np.clip(img * gain, 0, 255)), np.ascontiguousarray(m)
+
+
+def run_stage(name: str, model: torch.nn.Module, pool: list[Sample], val: list[Sample], prep: Preprocessor,
+              policy: PromptPolicy, steps: int, lr: float, batch: int, rng: np.random.Generator,
+              log_every: int = 100) -> dict:
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.01)
+    warmup = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
+    before = box_dice(model, val, prep)
+    model.train()
+    t0 = time.time()
+    running = 0.0
+    for step in range(1, steps + 1):
+        samples = [augment(pool[int(rng.integers(len(pool)))], rng) for _ in range(batch)]
+        loss = train_step(model, samples, prep, policy, rng)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        running += float(loss.detach())
+        if step % log_every == 0:
+            print(f"[{name}] step {step}/{steps} loss {running / log_every:.4f} "
+                  f"({time.time() - t0:.0f} s)", flush=True)
+            running = 0.0
+    after = box_dice(model, val, prep)
+    print(f"[{name}] validation box Dice {before:.3f} -> {after:.3f} ({time.time() - t0:.0f} s)", flush=True)
+    return {"steps": steps, "lr": lr, "batch": batch, "seconds": round(time.time() - t0),
+            "val_box_dice_before": round(before, 4), "val_box_dice_after": round(after, 4)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=Path("sample-data/pool"))
+    ap.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--base-steps", type=int, default=2500)
+    ap.add_argument("--specialist-steps", type=int, default=700)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--bank", type=int, default=1500, help="procedural images pre-generated for the base")
+    ap.add_argument("--mr-patients", type=int, default=40)
+    args = ap.parse_args()
+    if not args.data.is_dir():
+        sys.exit(f"error: {args.data}: real-image data folder not found (the specialists need real CT and MR)")
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    t_all = time.time()
+    spec = TINY256
+
+    # --- base on procedural shapes
+    bank_rng = np.random.default_rng(args.seed + 1)
+    bank = []
+    for _ in range(args.bank):
+        img, masks = shapes_image(bank_rng, spec.img_size)
+        bank.extend((img, m) for m in masks)
+    val_rng = np.random.default_rng(args.seed + 2)
+    shapes_val = [(img, masks[0]) for img, masks in (shapes_image(val_rng, spec.img_size) for _ in range(40))]
+    print(f"procedural bank: {len(bank)} objects on {args.bank} images", flush=True)
+    model = spec.build()
+    sam_prep = Preprocessor("sam", spec.img_size)
+    medsam_prep = Preprocessor("medsam", spec.img_size)
+    stats = {"sam_tiny": run_stage("sam_tiny", model, bank, shapes_val, sam_prep, PromptPolicy(0.5, 0.5, 1),
+                                   args.base_steps, 4e-4, args.batch, rng)}
+    base_state = {k: v.clone() for k, v in model.state_dict().items()}
+
+    # --- CT specialist (MedSAM-like): box prompts only, MedSAM preprocessing
+    ct_dir = args.data / "totalseg" / "example_ct_dicom"
+    ct, ct_affine = load_volume(ct_dir)
+    ct_label = load_label_on(ct_affine, args.data / "totalseg" / "example_seg_dicom.nii.gz")
+    ct255 = to_255(ct, *intensity_range(ct, "CT"))
+    k = ct.shape[2]
+    ct_train = slice_samples(ct255, ct_label, range(0, k - 4), min_pixels=50)
+    ct_val = slice_samples(ct255, ct_label, range(k - 4, k), min_pixels=50)
+    print(f"CT specialist data: {len(ct_train)} train / {len(ct_val)} val (slice, organ) pairs", flush=True)
+    model.load_state_dict(base_state)
+    stats["medsam_tiny"] = run_stage("medsam_tiny", model, ct_train, ct_val, medsam_prep,
+                                     PromptPolicy(1.0, 0.0, 0), args.specialist_steps, 1e-4, args.batch, rng)
+    stats["medsam_tiny"]["base_on_same_val"] = stats["medsam_tiny"]["val_box_dice_before"]
+    medsam_state = {k: v.clone() for k, v in model.state_dict().items()}
+
+    # --- MR specialist (MedicoSAM-like): box + point prompts with a correction round, SAM preprocessing
+    hippo = args.data / "hippocampus"
+    ids = sorted(p.name for p in (hippo / "images").glob("*.nii.gz"))[: args.mr_patients]
+    mr_train, mr_val = [], []
+    for i, name in enumerate(ids):
+        vol, _ = load_volume(hippo / "images" / name)
+        lab, _ = load_volume(hippo / "labels" / name)
+        samples = slice_samples(to_255(vol, *intensity_range(vol, "MR")), lab.astype(np.int16),
+                                range(vol.shape[2]), min_pixels=10)
+        (mr_val if i >= args.mr_patients - 5 else mr_train).extend(samples)
+    print(f"MR specialist data: {len(mr_train)} train / {len(mr_val)} val (slice, structure) pairs", flush=True)
+    model.load_state_dict(base_state)
+    stats["medicosam_tiny"] = run_stage("medicosam_tiny", model, mr_train, mr_val, sam_prep,
+                                        PromptPolicy(0.5, 0.5, 1), args.specialist_steps, 1e-4, args.batch, rng)
+    medicosam_state = {k: v.clone() for k, v in model.state_dict().items()}
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    members = []
+    for alias, state, style in (("sam_tiny", base_state, "sam"), ("medsam_tiny", medsam_state, "medsam"),
+                                ("medicosam_tiny", medicosam_state, "sam")):
+        path = args.out / f"{alias}.pth"
+        save_sam_checkpoint({k: v.half() for k, v in state.items()}, path)
+        members.append({"alias": alias, "file": path.name, "sha256": sha256_file(path),
+                        "preprocessing": {"style": style}, "training": stats[alias]})
+    manifest = {
+        "architecture": spec.to_dict(),
+        "base": members[0],
+        "models": members[1:],
+        "training_studies": {"hippocampus": [n.removesuffix(".nii.gz") for n in ids],
+                             "totalseg": ["example_ct_dicom"]},
+        "command": " ".join(sys.argv),
+        "seed": args.seed,
+        "total_seconds": round(time.time() - t_all),
+    }
+    (args.out / "pool.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False, width=120))
+    print(f"wrote {args.out} in {time.time() - t_all:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
