@@ -21,3 +21,7 @@ class PoolError(MedSAMixError):
 
 class ConfigError(MedSAMixError):
     """A merge configuration or recipe names an unknown group or method, or a parameter is out of range."""
+
+
+class StudyError(MedSAMixError):
+    """A study (image and label) is missing, unreadable, or its image and label do not fit together."""
