@@ -108,6 +108,65 @@ def run_stage(name: str, model: torch.nn.Module, pool: list[Sample], val: list[S
             "val_box_dice_before": round(before, 4), "val_box_dice_after": round(after, 4)}
 
 
+CARD = """# Model card: the tiny MedSAMix demonstration pool
+
+Three SAM-architecture models ({arch}: {img}px input, {depth} ViT blocks of width {width}, {params:.2f} M parameters
+each), stored as fp16 plain `segment_anything` state dicts. They exist so that the project runs and means something
+without the real SAM / MedSAM / MedicoSAM weights, which cannot be downloaded here. They are far weaker than the
+real models and are not for clinical use.
+
+Made by `{command}` (seed {seed}, {minutes:.0f} min on 2 CPU cores).
+
+| alias | role | initialisation | training data | prompts / objective | preprocessing | steps x batch | validation box Dice (before -> after) |
+|---|---|---|---|---|---|---|---|
+{rows}
+
+Objective (all three): SAM's interactive loss - focal (x20) + Dice on the low-resolution logits, IoU-head MSE,
+best-of-3 multimask for single-point prompts; correction rounds add a point from the error region and feed the
+previous logits back as the mask prompt. Box jitter 0-20 px at 1024 px scale (MedSAM). Optimiser AdamW, cosine
+schedule with 5% warm-up, gradient clipping 1.0; augmentation: rot90, flips, 10% intensity gain.
+
+Validation sets are held-out pieces of each model's own training source (procedural shapes from another seed; the
+last 4 slices of the CT series; the last 5 of the {mr_n} reserved hippocampus patients).
+
+Studies used for training, excluded from every calibration and test split (`training_studies` in pool.yaml):
+- hippocampus: {hippo}
+- totalseg: the DICOM CT series `example_ct_dicom` (with `example_seg_dicom.nii.gz`). Its patient is not documented;
+  it is a different acquisition from `example_ct.nii.gz` (other scanner frame and resolution), which is used for
+  testing, but that they are different patients cannot be verified.
+
+Held-out results on real data (test splits, tight boxes) are in `results/baseline.md`: each specialist beats the
+base on some tasks and loses on others.
+
+Data licences: MSD hippocampus (CC-BY-SA 4.0), TotalSegmentator test files (Apache-2.0).
+"""
+
+ROLES = {
+    "sam_tiny": ("generalist base (SAM-like)", "random", "procedural shapes and textures", "box or point, 1 correction"),
+    "medsam_tiny": ("CT specialist (MedSAM-like)", "sam_tiny", "real CT slices, 32 TotalSegmentator organs",
+                    "box only"),
+    "medicosam_tiny": ("MR specialist (MedicoSAM-like)", "sam_tiny", "real T1 MR slices, hippocampus (2 labels)",
+                       "box or point, 1 correction"),
+}
+
+
+def write_card(folder: Path) -> None:
+    m = yaml.safe_load((folder / "pool.yaml").read_text())
+    spec = TINY256
+    rows = []
+    for member in [m["base"], *m["models"]]:
+        role, init, data, prompts = ROLES[member["alias"]]
+        t = member["training"]
+        rows.append(f"| {member['alias']} | {role} | {init} | {data} | {prompts} | {member['preprocessing']['style']} "
+                    f"| {t['steps']} x {t['batch']} | {t['val_box_dice_before']:.3f} -> {t['val_box_dice_after']:.3f} |")
+    params = sum(p.numel() for p in spec.build().parameters()) / 1e6
+    hippo = m["training_studies"]["hippocampus"]
+    (folder / "MODEL_CARD.md").write_text(CARD.format(
+        arch=spec.name, img=spec.img_size, depth=spec.encoder_depth, width=spec.encoder_embed_dim, params=params,
+        command=m["command"], seed=m["seed"], minutes=m["total_seconds"] / 60, rows="\n".join(rows),
+        mr_n=len(hippo), hippo=", ".join(hippo)))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("sample-data/pool"))
@@ -118,7 +177,11 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--bank", type=int, default=1500, help="procedural images pre-generated for the base")
     ap.add_argument("--mr-patients", type=int, default=40)
+    ap.add_argument("--card-only", action="store_true", help="only (re)write MODEL_CARD.md from pool.yaml")
     args = ap.parse_args()
+    if args.card_only:
+        write_card(args.out)
+        return
     if not args.data.is_dir():
         sys.exit(f"error: {args.data}: real-image data folder not found (the specialists need real CT and MR)")
     torch.manual_seed(args.seed)
@@ -192,6 +255,7 @@ def main() -> None:
         "total_seconds": round(time.time() - t_all),
     }
     (args.out / "pool.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False, width=120))
+    write_card(args.out)
     print(f"wrote {args.out} in {time.time() - t_all:.0f} s", flush=True)
 
 

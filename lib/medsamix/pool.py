@@ -124,3 +124,59 @@ class ModelPool:
             members.append(PoolMember(alias, Path(path), digest, sd, report))
         assert spec is not None
         return cls(arch=spec, base=members[0], models=members[1:])
+
+
+@dataclasses.dataclass
+class PoolManifest:
+    """A pool folder's ``pool.yaml``: architecture, members with files, checksums and preprocessing.
+
+    Attributes:
+        folder: The folder holding ``pool.yaml`` and the checkpoint files.
+        arch: The pool's architecture.
+        base: Alias of the base model.
+        files: Alias -> checkpoint path (base first).
+        preprocessing: Alias -> preprocessing dict (``{"style": "sam"|"medsam"}``).
+        training_studies: Data source -> study ids used to train pool models (never to be used for calibration
+            or test).
+    """
+
+    folder: Path
+    arch: ArchSpec
+    base: str
+    files: dict[str, Path]
+    preprocessing: dict[str, dict[str, str]]
+    training_studies: dict[str, list[str]]
+    checksums: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike[str]) -> "PoolManifest":
+        import yaml
+
+        folder = Path(folder)
+        path = folder / "pool.yaml"
+        if not path.is_file():
+            raise PoolError(f"{path}: no pool manifest")
+        try:
+            d = yaml.safe_load(path.read_text())
+            members = [d["base"], *d["models"]]
+            return cls(
+                folder=folder,
+                arch=resolve_arch(d["architecture"]),
+                base=d["base"]["alias"],
+                files={m["alias"]: folder / m["file"] for m in members},
+                preprocessing={m["alias"]: dict(m.get("preprocessing") or {"style": "sam"}) for m in members},
+                training_studies={k: list(v) for k, v in (d.get("training_studies") or {}).items()},
+                checksums={m["alias"]: m["sha256"] for m in members if m.get("sha256")},
+            )
+        except (KeyError, TypeError, ValueError, yaml.YAMLError) as e:
+            raise PoolError(f"{path}: malformed pool manifest ({type(e).__name__}: {e})") from None
+
+    def load_pool(self) -> ModelPool:
+        """Load and validate the checkpoints; a file whose sha256 differs from the manifest is refused."""
+        actual = {a: sha256_file(p) for a, p in self.files.items() if p.is_file()}
+        bad = [f"{self.files[a]} (manifest {want[:12]}..., file {actual[a][:12]}...)"
+               for a, want in self.checksums.items() if a in actual and actual[a] != want]
+        if bad:
+            raise PoolError(f"{self.folder / 'pool.yaml'}: checkpoint checksum mismatch: {'; '.join(bad)}")
+        models = [(a, p) for a, p in self.files.items() if a != self.base]
+        return ModelPool.load((self.base, self.files[self.base]), models, arch=self.arch, checksums=actual)

@@ -20,7 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .evaluate import Evaluator
 from .preprocess import Preprocessor
+from .slices import SliceSample, tight_box
+from .tasks import Task
 
 Sample = tuple[np.ndarray, np.ndarray]  # (image 0-255 (H, W), mask (H, W) bool)
 Sampler = Callable[[np.random.Generator], Sample]
@@ -136,18 +139,10 @@ def train_step(model: nn.Module, batch: Sequence[Sample], prep: Preprocessor, po
     return total / len(batch)
 
 
-@torch.no_grad()
 def box_dice(model: nn.Module, samples: Sequence[Sample], prep: Preprocessor) -> float:
-    """Mean Dice of tight-box predictions at slice resolution (quick validation during training)."""
-    model.eval()
-    scores = []
-    for img, mask in samples:
-        emb = model.image_encoder(prep.images(img))
-        rows, cols = np.nonzero(mask)
-        box = prep.boxes(np.array([[cols.min(), rows.min(), cols.max(), rows.max()]], dtype=np.float32), mask.shape)
-        sparse, dense = model.prompt_encoder(points=None, boxes=box, masks=None)
-        logits, _ = model.mask_decoder(emb, model.prompt_encoder.get_dense_pe(), sparse, dense, False)
-        pred = (prep.masks(logits, mask.shape)[0, 0] > 0).numpy()
-        scores.append(2 * (pred & mask).sum() / (pred.sum() + mask.sum()))
+    """Mean slice Dice of tight-box predictions (validation during training), via :class:`Evaluator`."""
+    task = Task("validation", 1)
+    slices = [SliceSample(f"val{i}", task, 2, 0, img, mask, tight_box(mask)) for i, (img, mask) in enumerate(samples)]
+    result = Evaluator(slices).evaluate(model, prep)
     model.train()
-    return float(np.mean(scores))
+    return float(np.mean(result.per_sample))
