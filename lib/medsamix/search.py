@@ -1,0 +1,253 @@
+"""MedSAMix search: SMAC over layer-wise merge configurations, scored by calibration Dice.
+
+One code path serves both variants; they differ only in the objectives handed to SMAC:
+
+* MedSAMix-S (one task): ``HyperparameterOptimizationFacade`` (random-forest surrogate, expected improvement)
+  minimising ``1 - Dice`` of the task.
+* MedSAMix-M (several tasks): the same facade with ``ParEGO`` passed explicitly as the multi-objective algorithm
+  (random scalarisations of the per-task costs), giving a Pareto front; the selected configuration is the front
+  member with the best mean calibration Dice.
+
+Trials run through SMAC's ask/tell interface, so every finished trial is written to the output directory at once
+(SMAC saves its run history on every ``tell``): an interrupted search resumes where it stopped. A trial whose merge
+is non-finite or that raises is told to SMAC as crashed (cost 1 per task) and the search goes on. The initial design
+contains the uniform merges and each single pool model, so the search never ends worse on calibration than the best
+of them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from ConfigSpace import Configuration
+
+from .config import MergeConfig
+from .errors import MedSAMixError
+from .evaluate import Evaluator
+from .merger import MergeError, Merger
+from .preprocess import Preprocessor
+from .search_space import build_space, from_merge_config, to_merge_config
+
+log = logging.getLogger(__name__)
+
+
+class SearchError(MedSAMixError):
+    """A search cannot start (bad settings, incompatible output directory)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchSettings:
+    """What defines a search; an output directory only continues a search with equal settings.
+
+    Attributes:
+        tasks: Task names; one for MedSAMix-S, several for MedSAMix-M.
+        trials: Number of configurations to evaluate in total (initial design included).
+        granularity: ViT blocks per encoder group.
+        separate: Split encoder groups into attn / mlp / norm.
+        methods: Merge methods searched over.
+        seed: SMAC's seed.
+        preprocessing: Preprocessing style of the merged model.
+    """
+
+    tasks: tuple[str, ...]
+    trials: int = 120
+    granularity: int = 2
+    separate: bool = False
+    methods: tuple[str, ...] = ("dare", "linear", "pick", "slerp", "task_arithmetic", "ties")
+    seed: int = 0
+    preprocessing: str = "sam"
+
+    @property
+    def multi(self) -> bool:
+        return len(self.tasks) > 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def initial_configs(merger: Merger, settings: SearchSettings) -> list[MergeConfig]:
+    """The uniform merges and every single pool model (``pick``), as merge configurations."""
+    g, sep, groups, aliases = settings.granularity, settings.separate, merger.groups, merger.aliases
+    candidates = [
+        ("linear", {"weights": {a: 1.0 for a in aliases}}),
+        ("slerp", {"t": 0.5}),
+        ("task_arithmetic", {"scale": 0.5}),
+        ("ties", {"keep": 0.5, "scale": 0.5}),
+        ("dare", {"drop": 0.5, "scale": 0.5, "seed": 0}),
+    ] + [("pick", {"source": a}) for a in aliases]
+    return [MergeConfig.uniform(groups, m, p, g, sep) for m, p in candidates if m in settings.methods]
+
+
+@dataclasses.dataclass
+class Trial:
+    """One evaluated configuration."""
+
+    number: int
+    config: MergeConfig
+    dice: dict[str, float]
+    status: str  # "ok" or "crashed: <reason>"
+
+    @property
+    def mean_dice(self) -> float:
+        return float(sum(self.dice.values()) / len(self.dice)) if self.dice else 0.0
+
+
+@dataclasses.dataclass
+class SearchResult:
+    """Outcome of a search: every trial, the Pareto front (multi-task) and the selected configuration."""
+
+    trials: list[Trial]
+    pareto: list[Trial]
+    best: Trial
+    encoder_passes: int
+    aggregation: str | None = None  # SMAC's multi-objective algorithm (ParEGO for MedSAMix-M)
+
+
+def score(merger: Merger, evaluator: Evaluator, prep: Preprocessor, config: MergeConfig,
+          tasks: Sequence[str], indices: Sequence[int] | None = None) -> dict[str, float]:
+    """Calibration Dice per task of the merged model of ``config`` (embeddings reused by encoder fingerprint)."""
+    merger.apply(config, check_finite=True)
+    result = evaluator.evaluate(merger.model, prep, key=merger.encoder_fingerprint(config), indices=indices)
+    return {t: result.dice2d.get(t, 0.0) for t in tasks}
+
+
+def _settings_key(settings: SearchSettings, context: dict[str, Any]) -> str:
+    payload = json.dumps({"settings": settings.to_dict(), "context": context}, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def run_search(
+    merger: Merger,
+    evaluator: Evaluator,
+    settings: SearchSettings,
+    out_dir: str | Path,
+    context: dict[str, Any] | None = None,
+    restart: bool = False,
+    on_trial: Callable[[Trial, int], None] | None = None,
+) -> SearchResult:
+    """Run (or resume) a search and return its result.
+
+    Args:
+        merger: Merger over the pool, built with ``settings.granularity`` / ``separate``.
+        evaluator: Calibration slices of the tasks.
+        settings: The search definition.
+        out_dir: Output directory; SMAC's files go to ``out_dir/smac``.
+        context: Further facts that must match to resume (pool checksums, calibration study ids ...).
+        restart: Discard an existing, incompatible history instead of refusing.
+        on_trial: Called after every trial with the trial and the number of trials done.
+
+    Raises:
+        SearchError: unknown task, a task without calibration slices, or an output directory holding a search
+            with other settings (and not ``restart``).
+    """
+    from smac import HyperparameterOptimizationFacade as HPO
+    from smac import Scenario
+    from smac.multi_objective.parego import ParEGO
+    from smac.runhistory.dataclasses import TrialValue
+    from smac.runhistory.enumerations import StatusType
+
+    if (merger.granularity, merger.separate) != (settings.granularity, settings.separate):
+        raise SearchError("the merger's grouping differs from the search settings")
+    available = {s.task.name for s in evaluator.samples}
+    for t in settings.tasks:
+        if t not in available:
+            raise SearchError(f"task {t!r} has no calibration slices; available: {sorted(available)}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    key = _settings_key(settings, context or {})
+    stamp = out_dir / "search_settings.json"
+    overwrite = False
+    if stamp.exists():
+        old = json.loads(stamp.read_text())
+        if old.get("key") != key:
+            if not restart:
+                raise SearchError(f"{out_dir} holds a search with other settings or data ({old.get('settings')}); "
+                                  "use another output directory or restart to discard it")
+            overwrite = True
+    stamp.write_text(json.dumps({"key": key, "settings": settings.to_dict(), "context": context or {}},
+                                indent=2, default=str))
+
+    space = build_space(merger.groups, merger.aliases, settings.methods, seed=settings.seed)
+    scenario = Scenario(
+        space,
+        name="medsamix",
+        output_directory=out_dir / "smac",
+        deterministic=True,
+        objectives=[f"cost_{t}" for t in settings.tasks] if settings.multi else "cost",
+        n_trials=settings.trials,
+        seed=settings.seed,
+    )
+    initial = [from_merge_config(space, c, merger.aliases) for c in initial_configs(merger, settings)]
+    design = HPO.get_initial_design(scenario, n_configs=0, additional_configs=initial)
+    extra: dict[str, Any] = {}
+    if settings.multi:
+        extra["multi_objective_algorithm"] = ParEGO(scenario, seed=settings.seed)
+    smac = HPO(scenario, _unused_target, initial_design=design, overwrite=overwrite, logging_level=False,
+               intensifier=HPO.get_intensifier(scenario, max_config_calls=1), **extra)
+    prep = Preprocessor(settings.preprocessing, merger.pool.arch.img_size)
+    trials = _history(smac, merger, settings)
+    while len(trials) < settings.trials:
+        info = smac.ask()
+        config = to_merge_config(info.config, merger.groups, merger.aliases, settings.granularity, settings.separate)
+        try:
+            dice = score(merger, evaluator, prep, config, settings.tasks)
+            status = "ok"
+            value = TrialValue(cost=_costs(dice, settings), additional_info={"dice": dice})
+        except (MergeError, RuntimeError, ValueError) as e:  # NaN weights, out of memory, ...
+            log.warning("trial %d crashed: %s", len(trials), e)
+            dice, status = {}, f"crashed: {e}"
+            value = TrialValue(cost=_costs({t: 0.0 for t in settings.tasks}, settings), status=StatusType.CRASHED,
+                               additional_info={"error": str(e)})
+        smac.tell(info, value)
+        trials.append(Trial(len(trials), config, dice, status))
+        if on_trial:
+            on_trial(trials[-1], len(trials))
+    ok = [t for t in trials if t.status == "ok"]
+    if not ok:
+        raise SearchError("every trial crashed")
+    pareto = _pareto(ok) if settings.multi else [max(ok, key=lambda t: t.mean_dice)]
+    best = max(pareto, key=lambda t: t.mean_dice)
+    mo = smac.meta.get("multi_objective_algorithm")
+    return SearchResult(trials, pareto, best, evaluator.encoder_passes, mo.get("name") if mo else None)
+
+
+def _unused_target(config: Configuration, seed: int = 0) -> float:  # ask/tell only: SMAC never calls it
+    raise RuntimeError("the search drives SMAC through ask/tell")
+
+
+def _costs(dice: dict[str, float], settings: SearchSettings) -> float | list[float]:
+    costs = [1.0 - dice[t] for t in settings.tasks]
+    return costs if settings.multi else costs[0]
+
+
+def _history(smac: Any, merger: Merger, settings: SearchSettings) -> list[Trial]:
+    """Trials already in SMAC's run history (a resumed search), in order."""
+    out = []
+    rh = smac.runhistory
+    for k, v in rh.items():
+        cfg = rh.get_config(k.config_id)
+        mc = to_merge_config(cfg, merger.groups, merger.aliases, settings.granularity, settings.separate)
+        dice = dict(v.additional_info.get("dice", {})) if v.additional_info else {}
+        status = "ok" if dice else f"crashed: {v.additional_info.get('error', '') if v.additional_info else ''}"
+        out.append(Trial(len(out), mc, dice, status))
+    return out
+
+
+def _pareto(trials: Sequence[Trial]) -> list[Trial]:
+    """Trials not dominated in per-task Dice (higher is better)."""
+    front = []
+    for t in trials:
+        dominated = any(
+            all(o.dice[k] >= t.dice[k] for k in t.dice) and any(o.dice[k] > t.dice[k] for k in t.dice)
+            for o in trials if o is not t
+        )
+        if not dominated and not any(math.isclose(f.mean_dice, t.mean_dice) and f.dice == t.dice for f in front):
+            front.append(t)
+    return front

@@ -1,0 +1,101 @@
+"""The merge search space as a ConfigSpace ``ConfigurationSpace``, and conversions to and from merge configs.
+
+Per layer group ``G`` there is a categorical ``G:method`` and, for every method ``M``, its hyper-parameters
+``G:M:<param>`` active only when ``G:method == M`` (``EqualsCondition``). Per-source parameters are named by pool
+alias, never by file path: linear weights ``G:linear:w_<alias>``, the pick source ``G:pick:source``. Integer
+parameters that are not searched (DARE's seed) are fixed to their defaults. Floats span each parameter's search
+range (:class:`~medsamix.methods.ParamSpec`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from ConfigSpace import Categorical, Configuration, ConfigurationSpace, EqualsCondition, Float
+
+from .config import GroupSetting, MergeConfig
+from .groups import Group
+from .methods import REGISTRY, get_method
+
+SEP = ":"
+
+
+def _param_names(group: str, method: str, param: str, kind: str, aliases: Sequence[str]) -> list[str]:
+    if kind == "weights":
+        return [f"{group}{SEP}{method}{SEP}w_{a}" for a in aliases]
+    return [f"{group}{SEP}{method}{SEP}{param}"]
+
+
+def build_space(groups: Sequence[Group], aliases: Sequence[str], methods: Sequence[str] | None = None,
+                seed: int = 0) -> ConfigurationSpace:
+    """The search space over ``groups`` for a pool with ``aliases`` (base first), restricted to ``methods``."""
+    methods = sorted(methods or REGISTRY)
+    for m in methods:
+        get_method(m)
+    cs = ConfigurationSpace(seed=seed)
+    for g in groups:
+        choice = Categorical(f"{g.name}{SEP}method", methods)
+        cs.add(choice)
+        for m in methods:
+            for p in get_method(m).params:
+                lo = p.low if p.search_low is None else p.search_low
+                hi = p.high if p.search_high is None else p.search_high
+                if p.kind == "int":
+                    continue
+                if p.kind == "source":
+                    hps = [Categorical(_param_names(g.name, m, p.name, p.kind, aliases)[0], list(aliases))]
+                elif p.kind == "weights":
+                    hps = [Float(n, (0.0, 1.0), default=0.5) for n in _param_names(g.name, m, p.name, p.kind, aliases)]
+                else:
+                    default = p.default if p.default is not None and lo <= p.default <= hi else (lo + hi) / 2
+                    hps = [Float(_param_names(g.name, m, p.name, p.kind, aliases)[0], (lo, hi), default=default)]
+                for hp in hps:
+                    cs.add(hp)
+                    cs.add(EqualsCondition(hp, choice, m))
+    return cs
+
+
+def to_merge_config(values: Configuration | dict[str, Any], groups: Sequence[Group], aliases: Sequence[str],
+                    granularity: int, separate: bool = False) -> MergeConfig:
+    """A sampled configuration -> :class:`MergeConfig` (alias-keyed parameters, as in recipes).
+
+    Linear weights that are all zero are replaced by equal weights (a valid point the sampler can produce).
+    """
+    d = dict(values)
+    settings = {}
+    for g in groups:
+        method = d[f"{g.name}{SEP}method"]
+        params: dict[str, Any] = {}
+        for p in get_method(method).params:
+            if p.kind == "int":
+                params[p.name] = p.default
+            elif p.kind == "weights":
+                w = {a: float(d[f"{g.name}{SEP}{method}{SEP}w_{a}"]) for a in aliases}
+                params[p.name] = w if sum(w.values()) > 0 else {a: 1.0 for a in aliases}
+            else:
+                params[p.name] = d[f"{g.name}{SEP}{method}{SEP}{p.name}"]
+        settings[g.name] = GroupSetting(method, params)
+    return MergeConfig(granularity, separate, settings)
+
+
+def from_merge_config(cs: ConfigurationSpace, config: MergeConfig, aliases: Sequence[str]) -> Configuration:
+    """A :class:`MergeConfig` -> a ``Configuration`` of ``cs`` (e.g. to seed the initial design).
+
+    Raises:
+        ValueError: a value lies outside the space (for example a scale above the search range).
+    """
+    values: dict[str, Any] = {}
+    for name, s in config.groups.items():
+        values[f"{name}{SEP}method"] = s.method
+        for p in get_method(s.method).params:
+            if p.kind == "int":
+                continue
+            if p.kind == "weights":
+                w = s.params.get(p.name, {})
+                top = max(w.values()) if w else 1.0
+                for a in aliases:
+                    values[f"{name}{SEP}{s.method}{SEP}w_{a}"] = float(w.get(a, 0.0)) / top
+            else:
+                values[f"{name}{SEP}{s.method}{SEP}{p.name}"] = s.params[p.name]
+    return Configuration(cs, values=values)

@@ -1,0 +1,146 @@
+#!/usr/bin/env python
+"""MedSAMix search from the command line.
+
+    # one task (MedSAMix-S) on a MONAI Label datastore folder (images + labels/final)
+    .venv/bin/python scripts/merge_search.py --studies /data/studies --pool sample-data/pool \
+        --task label_1 --trials 120 --out runs/s1
+
+    # several tasks (MedSAMix-M, ParEGO) on a task set of the shared real-image data
+    .venv/bin/python scripts/merge_search.py --shared-set totalseg_ct --task liver --task spleen --out runs/m1
+
+Calibration = 20% of the patients (slabs of slices for single-volume sets), test = the rest. Writes into --out:
+``recipe.yaml`` (the selected configuration with calibration and test Dice), ``merged.pth`` (plain
+segment_anything layout, written atomically), ``history.csv`` and SMAC's state under ``smac/``. Re-running the same
+command resumes an interrupted search; a different command on the same --out is refused unless --restart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))
+
+from medsamix.checkpoint import save_sam_checkpoint  # noqa: E402
+from medsamix.errors import MedSAMixError  # noqa: E402
+from medsamix.evaluate import Evaluator  # noqa: E402
+from medsamix.merger import Merger  # noqa: E402
+from medsamix.pool import PoolManifest  # noqa: E402
+from medsamix.preprocess import Preprocessor  # noqa: E402
+from medsamix.recipe import ModelRef, Recipe  # noqa: E402
+from medsamix.search import SearchSettings, run_search, score  # noqa: E402
+from medsamix.shared_data import TaskSet, normalized, shared_task_sets  # noqa: E402
+from medsamix.slices import extract_slices  # noqa: E402
+from medsamix.studies import load_studies  # noqa: E402
+from medsamix.tasks import split_patients, tasks_from_labels  # noqa: E402
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def datastore_task_set(folder: Path, names: dict[int, str], seed: int) -> TaskSet:
+    studies, skipped = load_studies(folder)
+    for s in skipped:
+        logging.warning("skipped %s: %s", s.path, s.reason)
+    if len(studies) < 2:
+        raise MedSAMixError(f"{folder}: at least 2 labelled studies are needed (calibration and test), "
+                            f"found {len(studies)}")
+    tasks = tasks_from_labels(studies, names)
+    cal_ids, _ = split_patients([s.study_id for s in studies], 0.2, seed)
+    cal, test = [], []
+    for study in map(normalized, studies):
+        for t in tasks:
+            (cal if study.study_id in cal_ids else test).extend(extract_slices(study, t))
+    return TaskSet(folder.name, tasks, cal, test, f"patients: {len(cal_ids)} calibration / "
+                   f"{len(studies) - len(cal_ids)} test")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--studies", type=Path, help="MONAI Label datastore folder (images + labels/final)")
+    src.add_argument("--shared-set", help="a task set of the shared data: hippocampus, totalseg_ct, ...")
+    ap.add_argument("--shared-root", type=Path, default=SHARED)
+    ap.add_argument("--label-names", type=Path, help="JSON {value: name} for --studies labels")
+    ap.add_argument("--pool", type=Path, default=Path("sample-data/pool"))
+    ap.add_argument("--task", action="append", required=True, help="task name; repeat for MedSAMix-M")
+    ap.add_argument("--trials", type=int, default=120)
+    ap.add_argument("--granularity", type=int, default=2, choices=[1, 2, 3, 4])
+    ap.add_argument("--separate", action="store_true")
+    ap.add_argument("--preprocessing", choices=["sam", "medsam"], default=None,
+                    help="of the merged model (default: the base model's)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--restart", action="store_true", help="discard an incompatible history in --out")
+    ap.add_argument("--max-patients", type=int, default=None)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        manifest = PoolManifest.load(args.pool)
+        pool = manifest.load_pool()
+        exclude = [i for ids in manifest.training_studies.values() for i in ids]
+        if args.studies:
+            names = {int(k): v for k, v in json.loads(args.label_names.read_text()).items()} if args.label_names else {}
+            ts = datastore_task_set(args.studies, names, args.seed)
+        else:
+            ts = shared_task_sets(args.shared_root, exclude, args.seed, [args.shared_set], args.max_patients)[0]
+        known = {t.name for t in ts.tasks}
+        unknown = [t for t in args.task if t not in known]
+        if unknown:
+            raise MedSAMixError(f"unknown task(s) {unknown}; this data has {sorted(known)}")
+        cal = [s for s in ts.calibration if s.task.name in args.task]
+        test = [s for s in ts.test if s.task.name in args.task]
+        for t in args.task:
+            n = sum(s.task.name == t for s in cal)
+            if n < 3:
+                raise MedSAMixError(f"task {t!r} has only {n} calibration slices (at least 3 are needed)")
+        style = args.preprocessing or manifest.preprocessing[manifest.base]["style"]
+        settings = SearchSettings(tasks=tuple(args.task), trials=args.trials, granularity=args.granularity,
+                                  separate=args.separate, seed=args.seed, preprocessing=style)
+        merger = Merger(pool, args.granularity, args.separate)
+        evaluator = Evaluator(cal)
+        context = {"pool": pool.checksums, "calibration": sorted({s.study_id for s in cal}), "set": ts.split}
+        bar = tqdm(total=args.trials, desc="search", unit="trial")
+        best = [0.0]
+
+        def progress(trial, done):  # noqa: ANN001
+            best[0] = max(best[0], trial.mean_dice)
+            bar.n = done
+            bar.set_postfix(best=f"{best[0]:.3f}", last=f"{trial.mean_dice:.3f}")
+            bar.refresh()
+
+        t0 = time.time()
+        result = run_search(merger, evaluator, settings, args.out, context, args.restart, progress)
+        bar.close()
+        prep = Preprocessor(style, manifest.arch.img_size)
+        test_dice = score(merger, Evaluator(test), prep, result.best.config, settings.tasks) if test else {}
+        recipe = Recipe(
+            arch=manifest.arch, base=ModelRef(pool.base.alias, pool.base.sha256),
+            models=[ModelRef(m.alias, m.sha256) for m in pool.models], merge=result.best.config,
+            preprocessing={"style": style},
+            scores={"calibration_dice": result.best.dice, "test_dice": test_dice, "trials": len(result.trials),
+                    "split": ts.split},
+        )
+        recipe.save(args.out / "recipe.yaml")
+        save_sam_checkpoint(merger.apply(result.best.config).state_dict(), args.out / "merged.pth")
+        with open(args.out / "history.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["trial", "status", "mean_dice", *settings.tasks])
+            for t in result.trials:
+                w.writerow([t.number, t.status, f"{t.mean_dice:.4f}", *(f"{t.dice.get(k, 0):.4f}" for k in settings.tasks)])
+    except MedSAMixError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"best calibration Dice {result.best.dice}, test Dice {test_dice}, {len(result.trials)} trials, "
+          f"{result.encoder_passes} encoder passes, {time.time() - t0:.0f} s; wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""The merge search: space, conversions, SMAC loop (single and multi-task), resume and refusal."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import TINY, random_state
+from medsamix import MergeConfig, Merger, ModelPool
+from medsamix.evaluate import Evaluator
+from medsamix.search import SearchError, SearchSettings, initial_configs, run_search
+from medsamix.search_space import build_space, from_merge_config, to_merge_config
+from medsamix.slices import SliceSample, tight_box
+from medsamix.tasks import Task
+
+
+@pytest.fixture
+def merger(tmp_path):
+    files = {}
+    for i, alias in enumerate(["sam", "ct", "mr"]):
+        files[alias] = tmp_path / f"{alias}.pth"
+        torch.save(random_state(TINY, i), files[alias])
+    pool = ModelPool.load(("sam", files["sam"]), {"ct": files["ct"], "mr": files["mr"]}, arch=TINY)
+    return Merger(pool, granularity=2)
+
+
+@pytest.fixture
+def evaluator():
+    rng = np.random.default_rng(0)
+    samples = []
+    for study in range(3):
+        for index in range(2):
+            image = rng.uniform(0, 80, (40, 40)).astype(np.float32)
+            for value, name in ((1, "a"), (2, "b")):
+                mask = np.zeros((40, 40), bool)
+                mask[5 + 15 * (value - 1): 15 + 15 * (value - 1), 8 + index: 30] = True
+                image[mask] = 200
+                samples.append(SliceSample(f"s{study}", Task(name, value), 2, index, image, mask, tight_box(mask)))
+    return Evaluator(samples)
+
+
+def test_space_is_named_by_group_and_alias(merger):
+    cs = build_space(merger.groups, merger.aliases)
+    names = list(cs.keys())
+    assert "enc.blocks.0-1:method" in names
+    assert "dec.iou_head:linear:w_ct" in names and "enc.neck:pick:source" in names
+    assert all("/" not in n and ".pth" not in n for n in names)
+    cfg = cs.sample_configuration()
+    assert len(cfg.keys()) < len(names)  # conditional hyper-parameters are inactive
+
+
+def test_round_trip_preserves_the_merged_model(merger):
+    cs = build_space(merger.groups, merger.aliases)
+    for seed in range(3):
+        mc = MergeConfig.random(merger.groups, merger.aliases, random.Random(seed), granularity=2)
+        back = to_merge_config(from_merge_config(cs, mc, merger.aliases), merger.groups, merger.aliases, 2)
+        a = {k: v.clone() for k, v in merger.apply(mc).state_dict().items()}
+        b = merger.apply(back).state_dict()
+        for k in a:
+            assert torch.allclose(a[k], b[k], atol=1e-6), k
+    for c in initial_configs(merger, SearchSettings(tasks=("a",))):
+        from_merge_config(cs, c, merger.aliases)  # inside the space
+
+
+def test_single_task_search_never_worse_than_initial_design(merger, evaluator, tmp_path):
+    settings = SearchSettings(tasks=("a",), trials=14, granularity=2, seed=0)
+    seen = []
+    result = run_search(merger, evaluator, settings, tmp_path / "s", on_trial=lambda t, n: seen.append(n))
+    assert seen == list(range(1, 15)) and len(result.trials) == 14
+    initial = result.trials[: len(initial_configs(merger, settings))]
+    assert result.best.dice["a"] >= max(t.dice["a"] for t in initial)
+    assert result.aggregation is None
+    # single models are part of the initial design
+    assert any(t.config.groups["enc.neck"].method == "pick" for t in initial)
+
+
+def test_multi_task_uses_parego_and_returns_a_front(merger, evaluator, tmp_path):
+    settings = SearchSettings(tasks=("a", "b"), trials=12, granularity=2)
+    result = run_search(merger, evaluator, settings, tmp_path / "m")
+    assert result.aggregation == "ParEGO"
+    assert result.pareto and result.best in result.pareto
+    for t in result.pareto:  # nobody on the front is dominated
+        assert not any(all(o.dice[k] >= t.dice[k] for k in "ab") and any(o.dice[k] > t.dice[k] for k in "ab")
+                       for o in result.trials if o.status == "ok")
+
+
+def test_interrupted_search_resumes_without_losing_trials(merger, evaluator, tmp_path):
+    settings = SearchSettings(tasks=("a",), trials=12, granularity=2, seed=3)
+
+    class Stop(Exception):
+        pass
+
+    done = []
+
+    def interrupt(trial, n):
+        done.append(trial)
+        if n == 9:
+            raise Stop
+
+    with pytest.raises(Stop):
+        run_search(merger, evaluator, settings, tmp_path / "r", on_trial=interrupt)
+    result = run_search(merger, evaluator, settings, tmp_path / "r")
+    assert len(result.trials) == 12
+    for before, after in zip(done, result.trials[:9]):
+        assert before.config.to_dict() == after.config.to_dict()
+        assert before.dice == pytest.approx(after.dice)
+
+
+def test_changed_settings_are_refused_unless_restarted(merger, evaluator, tmp_path):
+    run_search(merger, evaluator, SearchSettings(tasks=("a",), trials=11, granularity=2), tmp_path / "x")
+    other = SearchSettings(tasks=("b",), trials=11, granularity=2)
+    with pytest.raises(SearchError, match="other settings"):
+        run_search(merger, evaluator, other, tmp_path / "x")
+    result = run_search(merger, evaluator, other, tmp_path / "x", restart=True)
+    assert len(result.trials) == 11 and set(result.best.dice) == {"b"}
+
+
+def test_unknown_task(merger, evaluator, tmp_path):
+    with pytest.raises(SearchError, match="no calibration slices"):
+        run_search(merger, evaluator, SearchSettings(tasks=("liver",), trials=5, granularity=2), tmp_path / "u")
