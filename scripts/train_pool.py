@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
+from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))
 
@@ -68,8 +69,15 @@ def slice_samples(image255: np.ndarray, label: np.ndarray, slices: range | list[
     return out
 
 
-def augment(sample: Sample, rng: np.random.Generator) -> Sample:
+def augment(sample: Sample, rng: np.random.Generator, rescale: tuple[float, float] | None = None) -> Sample:
+    """rot90, flip and a 10% intensity gain; with ``rescale``, also resample the slice to a random fraction of its
+    size (so that a specialist trained on 512 px slices also sees coarse 3 mm-like ones)."""
     img, m = sample
+    if rescale is not None:
+        f = rng.uniform(*rescale)
+        small = ndimage.zoom(m.astype(np.float32), f, order=1) > 0.5
+        if small.sum() >= 10:
+            img, m = ndimage.zoom(img, f, order=1), small
     k = int(rng.integers(4))
     img, m = np.rot90(img, k), np.rot90(m, k)
     if rng.random() < 0.5:
@@ -79,8 +87,13 @@ def augment(sample: Sample, rng: np.random.Generator) -> Sample:
 
 
 def run_stage(name: str, model: torch.nn.Module, pool: list[Sample], val: list[Sample], prep: Preprocessor,
-              policy: PromptPolicy, steps: int, lr: float, batch: int, rng: np.random.Generator,
-              log_every: int = 100) -> dict:
+              policy: PromptPolicy, steps: int, lr: float, batch: int, seed: int, log_every: int = 100,
+              rescale: tuple[float, float] | None = None, frozen: tuple[str, ...] = ()) -> dict:
+    """Train ``model`` in place; every stage has its own seed, so a stage can be re-run alone."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    for n, p in model.named_parameters():
+        p.requires_grad_(not n.startswith(frozen))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.01)
     warmup = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -90,7 +103,7 @@ def run_stage(name: str, model: torch.nn.Module, pool: list[Sample], val: list[S
     t0 = time.time()
     running = 0.0
     for step in range(1, steps + 1):
-        samples = [augment(pool[int(rng.integers(len(pool)))], rng) for _ in range(batch)]
+        samples = [augment(pool[int(rng.integers(len(pool)))], rng, rescale) for _ in range(batch)]
         loss = train_step(model, samples, prep, policy, rng)
         opt.zero_grad()
         loss.backward()
@@ -104,8 +117,11 @@ def run_stage(name: str, model: torch.nn.Module, pool: list[Sample], val: list[S
             running = 0.0
     after = box_dice(model, val, prep)
     print(f"[{name}] validation box Dice {before:.3f} -> {after:.3f} ({time.time() - t0:.0f} s)", flush=True)
+    for p in model.parameters():
+        p.requires_grad_(True)
     return {"steps": steps, "lr": lr, "batch": batch, "seconds": round(time.time() - t0),
-            "val_box_dice_before": round(before, 4), "val_box_dice_after": round(after, 4)}
+            "val_box_dice_before": round(before, 4), "val_box_dice_after": round(after, 4),
+            "frozen": list(frozen), "rescale": list(rescale) if rescale else None}
 
 
 CARD = """# Model card: the tiny MedSAMix demonstration pool
@@ -115,7 +131,8 @@ each), stored as fp16 plain `segment_anything` state dicts. They exist so that t
 without the real SAM / MedSAM / MedicoSAM weights, which cannot be downloaded here. They are far weaker than the
 real models and are not for clinical use.
 
-Made by `{command}` (seed {seed}, {minutes:.0f} min on 2 CPU cores).
+Made by `{base_command}` (base) and `{command}` (specialists), seed {seed}, {minutes:.0f} min on 2 CPU cores in
+all. The specialists start from the published fp16 base checkpoint.
 
 | alias | role | initialisation | training data | prompts / objective | preprocessing | steps x batch | validation box Dice (before -> after) |
 |---|---|---|---|---|---|---|---|
@@ -163,7 +180,7 @@ def write_card(folder: Path) -> None:
     hippo = m["training_studies"]["hippocampus"]
     (folder / "MODEL_CARD.md").write_text(CARD.format(
         arch=spec.name, img=spec.img_size, depth=spec.encoder_depth, width=spec.encoder_embed_dim, params=params,
-        command=m["command"], seed=m["seed"], minutes=m["total_seconds"] / 60, rows="\n".join(rows),
+        command=m["command"], base_command=m.get("base_command", m["command"]), seed=m["seed"], minutes=m["total_seconds"] / 60, rows="\n".join(rows),
         mr_n=len(hippo), hippo=", ".join(hippo)))
 
 
@@ -178,32 +195,41 @@ def main() -> None:
     ap.add_argument("--bank", type=int, default=1500, help="procedural images pre-generated for the base")
     ap.add_argument("--mr-patients", type=int, default=40)
     ap.add_argument("--card-only", action="store_true", help="only (re)write MODEL_CARD.md from pool.yaml")
+    ap.add_argument("--specialists-only", action="store_true",
+                    help="keep the base in --out (sam_tiny.pth, pool.yaml) and retrain the specialists from it")
     args = ap.parse_args()
     if args.card_only:
         write_card(args.out)
         return
     if not args.data.is_dir():
         sys.exit(f"error: {args.data}: real-image data folder not found (the specialists need real CT and MR)")
-    torch.manual_seed(args.seed)
-    rng = np.random.default_rng(args.seed)
     t_all = time.time()
     spec = TINY256
-
-    # --- base on procedural shapes
-    bank_rng = np.random.default_rng(args.seed + 1)
-    bank = []
-    for _ in range(args.bank):
-        img, masks = shapes_image(bank_rng, spec.img_size)
-        bank.extend((img, m) for m in masks)
-    val_rng = np.random.default_rng(args.seed + 2)
-    shapes_val = [(img, masks[0]) for img, masks in (shapes_image(val_rng, spec.img_size) for _ in range(40))]
-    print(f"procedural bank: {len(bank)} objects on {args.bank} images", flush=True)
     model = spec.build()
     sam_prep = Preprocessor("sam", spec.img_size)
     medsam_prep = Preprocessor("medsam", spec.img_size)
-    stats = {"sam_tiny": run_stage("sam_tiny", model, bank, shapes_val, sam_prep, PromptPolicy(0.5, 0.5, 1),
-                                   args.base_steps, 4e-4, args.batch, rng)}
-    base_state = {k: v.clone() for k, v in model.state_dict().items()}
+    base_path = args.out / "sam_tiny.pth"
+    if args.specialists_only:
+        old = yaml.safe_load((args.out / "pool.yaml").read_text())
+        stats = {"sam_tiny": old["base"]["training"]}
+        base_seconds = stats["sam_tiny"]["seconds"]
+    else:
+        # --- base on procedural shapes
+        bank_rng = np.random.default_rng(args.seed + 1)
+        bank = []
+        for _ in range(args.bank):
+            img, masks = shapes_image(bank_rng, spec.img_size)
+            bank.extend((img, m) for m in masks)
+        val_rng = np.random.default_rng(args.seed + 2)
+        shapes_val = [(img, masks[0]) for img, masks in (shapes_image(val_rng, spec.img_size) for _ in range(40))]
+        print(f"procedural bank: {len(bank)} objects on {args.bank} images", flush=True)
+        stats = {"sam_tiny": run_stage("sam_tiny", model, bank, shapes_val, sam_prep, PromptPolicy(0.5, 0.5, 1),
+                                       args.base_steps, 4e-4, args.batch, args.seed)}
+        base_seconds = 0
+        args.out.mkdir(parents=True, exist_ok=True)
+        save_sam_checkpoint({k: v.half() for k, v in model.state_dict().items()}, base_path)
+    # The specialists start from the published (fp16) base, as MedSAM started from the released SAM checkpoint.
+    base_state = {k: v.float() for k, v in torch.load(base_path, weights_only=True).items()}
 
     # --- CT specialist (MedSAM-like): box prompts only, MedSAM preprocessing
     ct_dir = args.data / "totalseg" / "example_ct_dicom"
@@ -216,7 +242,8 @@ def main() -> None:
     print(f"CT specialist data: {len(ct_train)} train / {len(ct_val)} val (slice, organ) pairs", flush=True)
     model.load_state_dict(base_state)
     stats["medsam_tiny"] = run_stage("medsam_tiny", model, ct_train, ct_val, medsam_prep,
-                                     PromptPolicy(1.0, 0.0, 0), args.specialist_steps, 1e-4, args.batch, rng)
+                                     PromptPolicy(1.0, 0.0, 0), args.specialist_steps, 5e-5, args.batch,
+                                     args.seed + 10, rescale=(0.2, 1.0), frozen=("prompt_encoder.",))
     stats["medsam_tiny"]["base_on_same_val"] = stats["medsam_tiny"]["val_box_dice_before"]
     medsam_state = {k: v.clone() for k, v in model.state_dict().items()}
 
@@ -233,15 +260,17 @@ def main() -> None:
     print(f"MR specialist data: {len(mr_train)} train / {len(mr_val)} val (slice, structure) pairs", flush=True)
     model.load_state_dict(base_state)
     stats["medicosam_tiny"] = run_stage("medicosam_tiny", model, mr_train, mr_val, sam_prep,
-                                        PromptPolicy(0.5, 0.5, 1), args.specialist_steps, 1e-4, args.batch, rng)
+                                        PromptPolicy(0.5, 0.5, 1), args.specialist_steps, 1e-4, args.batch,
+                                        args.seed + 20)
     medicosam_state = {k: v.clone() for k, v in model.state_dict().items()}
 
     args.out.mkdir(parents=True, exist_ok=True)
     members = []
-    for alias, state, style in (("sam_tiny", base_state, "sam"), ("medsam_tiny", medsam_state, "medsam"),
+    for alias, state, style in (("sam_tiny", None, "sam"), ("medsam_tiny", medsam_state, "medsam"),
                                 ("medicosam_tiny", medicosam_state, "sam")):
         path = args.out / f"{alias}.pth"
-        save_sam_checkpoint({k: v.half() for k, v in state.items()}, path)
+        if state is not None:
+            save_sam_checkpoint({k: v.half() for k, v in state.items()}, path)
         members.append({"alias": alias, "file": path.name, "sha256": sha256_file(path),
                         "preprocessing": {"style": style}, "training": stats[alias]})
     manifest = {
@@ -251,8 +280,9 @@ def main() -> None:
         "training_studies": {"hippocampus": [n.removesuffix(".nii.gz") for n in ids],
                              "totalseg": ["example_ct_dicom"]},
         "command": " ".join(sys.argv),
+        "base_command": (old.get("base_command", old["command"]) if args.specialists_only else " ".join(sys.argv)),
         "seed": args.seed,
-        "total_seconds": round(time.time() - t_all),
+        "total_seconds": round(time.time() - t_all + base_seconds),
     }
     (args.out / "pool.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False, width=120))
     write_card(args.out)

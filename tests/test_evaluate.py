@@ -51,7 +51,7 @@ def test_mask_round_trip(style):
     prep = Preprocessor(style, 256)
     mask = np.zeros((90, 150), dtype=bool)
     mask[20:60, 30:110] = True
-    logits = (target_lowres(mask, prep) - 0.5) * 20
+    logits = (target_lowres(mask, prep, 64) - 0.5) * 20
     back = prep.masks(logits, mask.shape)[0, 0].numpy() > 0
     assert back.shape == mask.shape
     assert dice_2d(back, mask) > 0.95

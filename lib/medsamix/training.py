@@ -47,13 +47,14 @@ class PromptPolicy:
     jitter_at_1024: float = 20.0
 
 
-def target_lowres(mask: np.ndarray, prep: Preprocessor) -> Tensor:
-    """Ground truth ``(H, W)`` -> soft target ``(1, 1, S/4, S/4)`` in the decoder's low-resolution frame."""
+def target_lowres(mask: np.ndarray, prep: Preprocessor, size: int) -> Tensor:
+    """Ground truth ``(H, W)`` -> soft target ``(1, 1, size, size)`` in the decoder's low-resolution frame
+    (``size`` = 4 x the image-embedding side: S/4 for SAM's 1024 px / 16 px patches)."""
     h, w = prep.resized_hw(mask.shape)
     m = torch.from_numpy(mask.astype(np.float32))[None, None]
     m = F.interpolate(m, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
     m = F.pad(m, (0, prep.img_size - w, 0, prep.img_size - h))
-    return F.avg_pool2d(m, 4)
+    return F.adaptive_avg_pool2d(m, size)
 
 
 def _first_prompt(mask: np.ndarray, prep: Preprocessor, policy: PromptPolicy,
@@ -76,7 +77,10 @@ def _first_prompt(mask: np.ndarray, prep: Preprocessor, policy: PromptPolicy,
     return box, coords, labels
 
 
-def _correction_point(logits: Tensor, target: Tensor, rng: np.random.Generator) -> tuple[Tensor, Tensor] | None:
+def _correction_point(logits: Tensor, target: Tensor, rng: np.random.Generator,
+                      scale: float = 4.0) -> tuple[Tensor, Tensor] | None:
+    """A point on the larger error (false negatives: positive, false positives: negative) in input pixels;
+    ``scale`` = input pixels per low-resolution pixel. None when the prediction is perfect."""
     pred = logits[0, 0] > 0
     gt = target[0, 0] > 0.5
     fn, fp = gt & ~pred, pred & ~gt
@@ -85,7 +89,7 @@ def _correction_point(logits: Tensor, target: Tensor, rng: np.random.Generator) 
     if len(idx) == 0:
         return None
     y, x = idx[int(rng.integers(len(idx)))].tolist()
-    return torch.tensor([[[x * 4 + 2.0, y * 4 + 2.0]]]), torch.tensor([[label]])
+    return torch.tensor([[[(x + 0.5) * scale, (y + 0.5) * scale]]]), torch.tensor([[label]])
 
 
 def mask_loss(logits: Tensor, target: Tensor) -> Tensor:
@@ -115,8 +119,9 @@ def train_step(model: nn.Module, batch: Sequence[Sample], prep: Preprocessor, po
     embeddings = model.image_encoder(images)
     dense_pe = model.prompt_encoder.get_dense_pe()
     total = torch.zeros(())
+    lowres = 4 * int(embeddings.shape[-1])
     for i, (_, mask) in enumerate(batch):
-        target = target_lowres(mask, prep)
+        target = target_lowres(mask, prep, lowres)
         box, coords, labels = _first_prompt(mask, prep, policy, rng)
         mask_input = None
         for round_ in range(1 + policy.corrections):
@@ -130,7 +135,7 @@ def train_step(model: nn.Module, batch: Sequence[Sample], prep: Preprocessor, po
             if round_ == policy.corrections:
                 break
             chosen = logits[:, best:best + 1].detach()
-            extra = _correction_point(chosen, target, rng)
+            extra = _correction_point(chosen, target, rng, prep.img_size / lowres)
             if extra is None:
                 break
             coords = extra[0] if coords is None else torch.cat([coords, extra[0]], dim=1)
