@@ -5,7 +5,6 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -14,7 +13,7 @@ from medsamix import TINY256, MergeConfig, Merger, PoolManifest
 from medsamix.errors import PoolError
 from medsamix.evaluate import Evaluator
 from medsamix.preprocess import Preprocessor
-from medsamix.shared_data import hippocampus, totalseg
+from medsamix.shared_data import dcmqi_ct, hippocampus, sammed2d, totalseg
 
 POOL = Path(__file__).resolve().parents[1] / "sample-data" / "pool"
 
@@ -49,25 +48,31 @@ def test_missing_manifest(tmp_path):
         PoolManifest.load(tmp_path)
 
 
-def _scores(task_set, manifest, merger):
-    ev = Evaluator(task_set.test)
-    out = {}
-    for alias in merger.aliases:
-        merger.apply(MergeConfig.uniform(merger.groups, "pick", {"source": alias}))
-        out[alias] = ev.evaluate(merger.model, Preprocessor(manifest.preprocessing[alias]["style"], 256)).mean2d
+def _per_task(task_sets, manifest, merger) -> dict[str, dict[str, float]]:
+    """alias -> {set/task: test Dice} with each model's own preprocessing."""
+    out: dict[str, dict[str, float]] = {}
+    for ts in task_sets:
+        ev = Evaluator(ts.test)
+        for alias in merger.aliases:
+            merger.apply(MergeConfig.uniform(merger.groups, "pick", {"source": alias}))
+            res = ev.evaluate(merger.model, Preprocessor(manifest.preprocessing[alias]["style"], 256))
+            out.setdefault(alias, {}).update({f"{ts.name}/{t}": d for t, d in res.dice2d.items()})
     return out
 
 
 @pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"{SHARED_DATA} (shared real-image data) is absent")
 def test_specialists_win_and_lose_on_real_held_out_data():
-    """The paper's premise (its Figure 1): each specialist beats the base somewhere and loses somewhere."""
+    """The paper's premise (its Figure 1): each specialist beats the base on some tasks and loses on others."""
     manifest = PoolManifest.load(POOL)
     merger = Merger(manifest.load_pool())
     excluded = manifest.training_studies["hippocampus"]
-    mr = _scores(hippocampus(SHARED_DATA, exclude=excluded, max_patients=12), manifest, merger)
-    ct = _scores(totalseg(SHARED_DATA, "CT"), manifest, merger)
-    assert ct["medsam_tiny"] > ct["sam_tiny"] + 0.02  # the CT specialist wins on CT
-    assert mr["medicosam_tiny"] > mr["sam_tiny"] + 0.02  # the MR specialist wins on MR
-    assert mr["medsam_tiny"] < mr["medicosam_tiny"]
-    assert ct["medicosam_tiny"] < ct["medsam_tiny"]
-    assert np.isfinite(list(mr.values()) + list(ct.values())).all()
+    sets = [hippocampus(SHARED_DATA, exclude=excluded, max_patients=12), totalseg(SHARED_DATA, "CT"),
+            dcmqi_ct(SHARED_DATA), sammed2d(SHARED_DATA)]
+    scores = _per_task(sets, manifest, merger)
+    base = scores["sam_tiny"]
+    for alias in ("medsam_tiny", "medicosam_tiny"):
+        wins = [t for t in base if scores[alias][t] > base[t] + 0.05]
+        losses = [t for t in base if scores[alias][t] < base[t] - 0.05]
+        assert wins and losses, (alias, wins, losses)
+    hippo = [t for t in base if t.startswith("hippocampus/")]
+    assert all(scores["medicosam_tiny"][t] > base[t] + 0.1 for t in hippo)  # the MR specialist wins on MR
