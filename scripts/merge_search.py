@@ -81,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-patients", type=int, default=None)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("smac").setLevel(logging.WARNING)  # SMAC's per-trial chatter would drown the progress bar
     try:
         manifest = PoolManifest.load(args.pool)
         pool = manifest.load_pool()

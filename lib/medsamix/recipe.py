@@ -31,7 +31,7 @@ from typing import Any
 
 import yaml
 
-from .architecture import VIT_B, ArchSpec, reference_param_names, resolve_arch
+from .architecture import PRESETS, TINY256, VIT_B, ArchSpec, reference_param_names, resolve_arch
 from .config import MergeConfig
 from .errors import ConfigError
 from .groups import group_parameters
@@ -94,7 +94,8 @@ class Recipe:
             raise ConfigError(f"{where}: merge.{e}") from None
 
     def to_dict(self) -> dict[str, Any]:
-        arch: Any = self.arch.name if self.arch.name in ("vit_b", "vit_l", "vit_h") else self.arch.to_dict()
+        named = {**PRESETS, TINY256.name: TINY256}
+        arch: Any = self.arch.name if named.get(self.arch.name) == self.arch else self.arch.to_dict()
         return {
             "medsamix_recipe": FORMAT_VERSION,
             "architecture": arch,

@@ -1,0 +1,61 @@
+"""scripts/merge_search.py end to end on a small generated datastore with the embedded tiny pool."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from medsamix import Recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+CLI = ROOT / "scripts" / "merge_search.py"
+
+
+@pytest.fixture(scope="module")
+def datastore(tmp_path_factory) -> Path:
+    """5 phantom 'patients': a bright ellipsoid (label 1) and a dark box (label 2) in noise."""
+    root = tmp_path_factory.mktemp("studies")
+    (root / "labels" / "final").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    zz, yy, xx = np.mgrid[0:40, 0:48, 0:12]
+    for i in range(5):
+        img = rng.normal(300, 40, (40, 48, 12)).astype(np.float32)
+        lab = np.zeros((40, 48, 12), np.uint8)
+        ell = ((zz - 15 - i) / 8) ** 2 + ((yy - 20) / 10) ** 2 < 1
+        lab[ell] = 1
+        lab[28:36, 30:44, 2:10] = 2
+        img[lab == 1] += 400
+        img[lab == 2] -= 200
+        affine = np.diag([1.0, 1.0, 3.0, 1.0])
+        nib.save(nib.Nifti1Image(img, affine), root / f"case{i}.nii.gz")
+        nib.save(nib.Nifti1Image(lab, affine), root / "labels" / "final" / f"case{i}.nii.gz")
+    return root
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(CLI), *args], capture_output=True, text=True, timeout=900, cwd=ROOT)
+
+
+def test_search_writes_recipe_checkpoint_history_and_refuses_other_settings(datastore, tmp_path):
+    out = tmp_path / "run"
+    res = run("--studies", str(datastore), "--task", "label_1", "--trials", "10", "--out", str(out))
+    assert res.returncode == 0, res.stderr[-2000:]
+    recipe = Recipe.load(out / "recipe.yaml")
+    assert recipe.scores["trials"] == 10
+    assert set(recipe.scores["calibration_dice"]) == {"label_1"} and set(recipe.scores["test_dice"]) == {"label_1"}
+    assert recipe.aliases == ["sam_tiny", "medsam_tiny", "medicosam_tiny"]
+    assert (out / "merged.pth").is_file()
+    assert len((out / "history.csv").read_text().splitlines()) == 11
+    again = run("--studies", str(datastore), "--task", "label_2", "--trials", "10", "--out", str(out))
+    assert again.returncode == 2 and "other settings" in again.stderr
+
+
+def test_unknown_task_is_a_clear_error(datastore, tmp_path):
+    res = run("--studies", str(datastore), "--task", "liver", "--trials", "5", "--out", str(tmp_path / "x"))
+    assert res.returncode == 2
+    assert "unknown task(s) ['liver']" in res.stderr and "label_1" in res.stderr
