@@ -70,8 +70,9 @@ def hippocampus(root: Path, exclude: Iterable[str] = (), seed: int = 0, max_pati
     """Patient-split task set of the MSD hippocampus volumes (``root/hippocampus``)."""
     tasks = [Task("hippocampus_anterior", 1), Task("hippocampus_posterior", 2)]
     excluded = set(exclude)
-    pairs = [(i, l) for i, l in find_studies(root / "hippocampus" / "images", labels_subdir="../labels")
-             if i.name.removesuffix(".nii.gz") not in excluded]
+    everything = find_studies(root / "hippocampus" / "images", labels_subdir="../labels")
+    pairs = [(i, l) for i, l in everything if i.name.removesuffix(".nii.gz") not in excluded]
+    n_excluded = len(everything) - len(pairs)
     if max_patients:
         pairs = pairs[:max_patients]
     ids = [i.name.removesuffix(".nii.gz") for i, _ in pairs]
@@ -82,7 +83,7 @@ def hippocampus(root: Path, exclude: Iterable[str] = (), seed: int = 0, max_pati
         (cal if study.study_id in cal_ids else test).extend(_slices(study, tasks))
     return TaskSet("hippocampus", tasks, cal, test,
                    f"patients: {len(cal_ids)} calibration / {len(ids) - len(cal_ids)} test "
-                   f"({len(excluded)} pool-training patients excluded)")
+                   f"({n_excluded} pool-training patients excluded)")
 
 
 def _largest_tasks(study: Study, names: dict[str, str], count: int, min_slices: int) -> list[Task]:
