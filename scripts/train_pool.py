@@ -35,25 +35,8 @@ from medsamix.architecture import TINY256  # noqa: E402
 from medsamix.checkpoint import save_sam_checkpoint, sha256_file  # noqa: E402
 from medsamix.phantoms import shapes_image  # noqa: E402
 from medsamix.preprocess import Preprocessor, intensity_range, to_255  # noqa: E402
+from medsamix.studies import load_study  # noqa: E402
 from medsamix.training import PromptPolicy, Sample, box_dice, train_step  # noqa: E402
-
-
-def load_volume(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Image ``(I, J, K)`` and its affine through MONAI (NIfTI, NRRD or a DICOM series folder)."""
-    from monai.transforms import LoadImage
-
-    img, meta = LoadImage(image_only=False)(str(path))
-    return np.asarray(img, dtype=np.float32), np.asarray(meta["affine"], dtype=np.float64)
-
-
-def load_label_on(image_affine: np.ndarray, path: Path) -> np.ndarray:
-    """Label map reoriented (flips/permutations) onto the image grid given by ``image_affine``."""
-    import nibabel as nib
-    from nibabel.orientations import apply_orientation, io_orientation, ornt_transform
-
-    lab = nib.load(str(path))
-    t = ornt_transform(io_orientation(lab.affine), io_orientation(image_affine))
-    return np.asarray(apply_orientation(np.asanyarray(lab.dataobj), t)).astype(np.int16)
 
 
 def slice_samples(image255: np.ndarray, label: np.ndarray, slices: range | list[int], min_pixels: int,
@@ -232,9 +215,9 @@ def main() -> None:
     base_state = {k: v.float() for k, v in torch.load(base_path, weights_only=True).items()}
 
     # --- CT specialist (MedSAM-like): box prompts only, MedSAM preprocessing
-    ct_dir = args.data / "totalseg" / "example_ct_dicom"
-    ct, ct_affine = load_volume(ct_dir)
-    ct_label = load_label_on(ct_affine, args.data / "totalseg" / "example_seg_dicom.nii.gz")
+    ct_study = load_study(args.data / "totalseg" / "example_ct_dicom",
+                          args.data / "totalseg" / "example_seg_dicom.nii.gz", modality="CT")
+    ct, ct_label = ct_study.image, ct_study.label
     ct255 = to_255(ct, *intensity_range(ct, "CT"))
     k = ct.shape[2]
     ct_train = slice_samples(ct255, ct_label, range(0, k - 4), min_pixels=50)
@@ -252,10 +235,10 @@ def main() -> None:
     ids = sorted(p.name for p in (hippo / "images").glob("*.nii.gz"))[: args.mr_patients]
     mr_train, mr_val = [], []
     for i, name in enumerate(ids):
-        vol, _ = load_volume(hippo / "images" / name)
-        lab, _ = load_volume(hippo / "labels" / name)
-        samples = slice_samples(to_255(vol, *intensity_range(vol, "MR")), lab.astype(np.int16),
-                                range(vol.shape[2]), min_pixels=10)
+        study = load_study(hippo / "images" / name, hippo / "labels" / name, modality="MR")
+        vol = study.image
+        samples = slice_samples(to_255(vol, *intensity_range(vol, "MR")), study.label, range(vol.shape[2]),
+                                min_pixels=10)
         (mr_val if i >= args.mr_patients - 5 else mr_train).extend(samples)
     print(f"MR specialist data: {len(mr_train)} train / {len(mr_val)} val (slice, structure) pairs", flush=True)
     model.load_state_dict(base_state)
