@@ -78,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--restart", action="store_true", help="discard an incompatible history in --out")
+    ap.add_argument("--naive", action="store_true",
+                    help="reference loop for comparison: reload checkpoints and re-encode every slice each trial")
     ap.add_argument("--max-patients", type=int, default=None)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -103,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise MedSAMixError(f"task {t!r} has only {n} calibration slices (at least 3 are needed)")
         style = args.preprocessing or manifest.preprocessing[manifest.base]["style"]
         settings = SearchSettings(tasks=tuple(args.task), trials=args.trials, granularity=args.granularity,
-                                  separate=args.separate, seed=args.seed, preprocessing=style)
+                                  separate=args.separate, seed=args.seed, preprocessing=style, naive=args.naive)
         merger = Merger(pool, args.granularity, args.separate)
         evaluator = Evaluator(cal)
         context = {"pool": pool.checksums, "calibration": sorted({s.study_id for s in cal}), "set": ts.split}

@@ -121,3 +121,27 @@ def test_changed_settings_are_refused_unless_restarted(merger, evaluator, tmp_pa
 def test_unknown_task(merger, evaluator, tmp_path):
     with pytest.raises(SearchError, match="no calibration slices"):
         run_search(merger, evaluator, SearchSettings(tasks=("liver",), trials=5, granularity=2), tmp_path / "u")
+
+
+def test_naive_mode_re_encodes_every_slice_and_scores_the_same(merger, tmp_path):
+    """The reference loop: same configurations and scores, but every trial re-encodes every calibration slice."""
+    def make():
+        rng = np.random.default_rng(0)
+        samples = []
+        for index in range(3):
+            image = rng.uniform(0, 80, (40, 40)).astype(np.float32)
+            mask = np.zeros((40, 40), bool)
+            mask[5:20, 8 + index:30] = True
+            image[mask] = 200
+            samples.append(SliceSample("s", Task("a", 1), 2, index, image, mask, tight_box(mask)))
+        return Evaluator(samples)
+
+    ours_ev, naive_ev = make(), make()
+    ours = run_search(merger, ours_ev, SearchSettings(tasks=("a",), trials=10, granularity=2), tmp_path / "o")
+    naive = run_search(merger, naive_ev, SearchSettings(tasks=("a",), trials=10, granularity=2, naive=True),
+                       tmp_path / "n")
+    assert naive.encoder_passes == 10 * 3
+    assert ours.encoder_passes <= naive.encoder_passes
+    for a, b in zip(ours.trials, naive.trials):
+        assert a.config.to_dict() == b.config.to_dict()
+        assert a.dice == pytest.approx(b.dice, abs=1e-6)

@@ -54,6 +54,8 @@ class SearchSettings:
         methods: Merge methods searched over.
         seed: SMAC's seed.
         preprocessing: Preprocessing style of the merged model.
+        naive: Reproduce the reference loop for comparison: every trial reloads the checkpoints from disk, builds
+            a new merger and re-encodes every calibration slice (no embedding reuse).
     """
 
     tasks: tuple[str, ...]
@@ -63,6 +65,7 @@ class SearchSettings:
     methods: tuple[str, ...] = ("dare", "linear", "pick", "slerp", "task_arithmetic", "ties")
     seed: int = 0
     preprocessing: str = "sam"
+    naive: bool = False
 
     @property
     def multi(self) -> bool:
@@ -111,11 +114,23 @@ class SearchResult:
 
 
 def score(merger: Merger, evaluator: Evaluator, prep: Preprocessor, config: MergeConfig,
-          tasks: Sequence[str], indices: Sequence[int] | None = None) -> dict[str, float]:
-    """Calibration Dice per task of the merged model of ``config`` (embeddings reused by encoder fingerprint)."""
+          tasks: Sequence[str], indices: Sequence[int] | None = None, cache: bool = True) -> dict[str, float]:
+    """Calibration Dice per task of the merged model of ``config``; with ``cache``, image embeddings are reused
+    for configurations with the same image-encoder settings (keyed by the encoder fingerprint)."""
     merger.apply(config, check_finite=True)
-    result = evaluator.evaluate(merger.model, prep, key=merger.encoder_fingerprint(config), indices=indices)
+    key = merger.encoder_fingerprint(config) if cache else None
+    result = evaluator.evaluate(merger.model, prep, key=key, indices=indices)
     return {t: result.dice2d.get(t, 0.0) for t in tasks}
+
+
+def _reloaded(merger: Merger) -> Merger:
+    """A new merger over the same checkpoint files, read again from disk (the naive reference loop)."""
+    from .pool import ModelPool
+
+    pool = merger.pool
+    fresh = ModelPool.load((pool.base.alias, pool.base.path), [(m.alias, m.path) for m in pool.models],
+                           arch=pool.arch, checksums=pool.checksums)
+    return Merger(fresh, merger.granularity, merger.separate, merger.device)
 
 
 def _settings_key(settings: SearchSettings, context: dict[str, Any]) -> str:
@@ -197,7 +212,10 @@ def run_search(
         info = smac.ask()
         config = to_merge_config(info.config, merger.groups, merger.aliases, settings.granularity, settings.separate)
         try:
-            dice = score(merger, evaluator, prep, config, settings.tasks)
+            if settings.naive:
+                dice = score(_reloaded(merger), evaluator, prep, config, settings.tasks, cache=False)
+            else:
+                dice = score(merger, evaluator, prep, config, settings.tasks)
             status = "ok"
             value = TrialValue(cost=_costs(dice, settings), additional_info={"dice": dice})
         except (MergeError, RuntimeError, ValueError) as e:  # NaN weights, out of memory, ...
