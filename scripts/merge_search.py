@@ -78,6 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--restart", action="store_true", help="discard an incompatible history in --out")
+    ap.add_argument("--min-budget", type=int, default=None,
+                    help="multi-fidelity (one task): fewest calibration slices per trial; Hyperband promotes the "
+                         "promising configurations up to all slices")
     ap.add_argument("--naive", action="store_true",
                     help="reference loop for comparison: reload checkpoints and re-encode every slice each trial")
     ap.add_argument("--max-patients", type=int, default=None)
@@ -105,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise MedSAMixError(f"task {t!r} has only {n} calibration slices (at least 3 are needed)")
         style = args.preprocessing or manifest.preprocessing[manifest.base]["style"]
         settings = SearchSettings(tasks=tuple(args.task), trials=args.trials, granularity=args.granularity,
-                                  separate=args.separate, seed=args.seed, preprocessing=style, naive=args.naive)
+                                  separate=args.separate, seed=args.seed, preprocessing=style, naive=args.naive,
+                                  min_budget=args.min_budget)
         merger = Merger(pool, args.granularity, args.separate)
         evaluator = Evaluator(cal)
         context = {"pool": pool.checksums, "calibration": sorted({s.study_id for s in cal}), "set": ts.split}

@@ -145,3 +145,22 @@ def test_naive_mode_re_encodes_every_slice_and_scores_the_same(merger, tmp_path)
     for a, b in zip(ours.trials, naive.trials):
         assert a.config.to_dict() == b.config.to_dict()
         assert a.dice == pytest.approx(b.dice, abs=1e-6)
+
+
+def test_multi_fidelity_scores_most_trials_on_fewer_slices(merger, evaluator, tmp_path):
+    settings = SearchSettings(tasks=("a", ), trials=16, granularity=2, min_budget=2)
+    result = run_search(merger, evaluator, settings, tmp_path / "mf")
+    budgets = [t.budget for t in result.trials]
+    assert any(b is not None and b < len(evaluator.samples) for b in budgets)
+    assert result.best.budget is None  # the selected configuration is scored on all calibration slices
+    # fewer encoder passes than scoring every trial on every slice
+    assert result.encoder_passes < len(result.trials) * evaluator.num_images
+    with pytest.raises(SearchError, match="single-task"):
+        run_search(merger, evaluator, SearchSettings(tasks=("a", "b"), trials=5, granularity=2, min_budget=2),
+                   tmp_path / "mf2")
+
+
+def test_budget_subsets_are_nested(evaluator):
+    small = set(evaluator.subset(4, seed=1))
+    large = set(evaluator.subset(8, seed=1))
+    assert small < large

@@ -89,16 +89,20 @@ class Evaluator:
         return len(self.images)
 
     def subset(self, count: int, seed: int = 0) -> list[int]:
-        """Indices of ``count`` samples drawn without replacement, stratified by task (for multi-fidelity)."""
-        rng = np.random.default_rng(seed)
+        """Indices of about ``count`` samples, stratified by task, for multi-fidelity evaluation.
+
+        Each task's samples are shuffled once per ``seed`` and the subset takes the same share of every task from
+        the front, so a smaller budget's subset is contained in a larger one's (embeddings computed at a low budget
+        are reused when a configuration is promoted)."""
         by_task: dict[str, list[int]] = collections.defaultdict(list)
         for i, s in enumerate(self.samples):
             by_task[s.task.name].append(i)
         share = max(1, count // max(1, len(by_task)))
         chosen = []
-        for idx in by_task.values():
-            chosen += list(rng.choice(idx, size=min(share, len(idx)), replace=False))
-        return sorted(int(i) for i in chosen)
+        for name in sorted(by_task):
+            order = np.random.default_rng([seed, len(by_task[name])]).permutation(by_task[name])
+            chosen += [int(i) for i in order[:share]]
+        return sorted(chosen)
 
     @torch.no_grad()
     def _embeddings(self, model: nn.Module, prep: Preprocessor, key: str | None,

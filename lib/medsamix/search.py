@@ -56,6 +56,9 @@ class SearchSettings:
         preprocessing: Preprocessing style of the merged model.
         naive: Reproduce the reference loop for comparison: every trial reloads the checkpoints from disk, builds
             a new merger and re-encodes every calibration slice (no embedding reuse).
+        min_budget: Multi-fidelity (single task only): the fewest calibration slices a trial is scored on;
+            SMAC's Hyperband (eta 3) raises promising configurations up to all slices. ``None`` = every trial on
+            all slices.
     """
 
     tasks: tuple[str, ...]
@@ -66,6 +69,7 @@ class SearchSettings:
     seed: int = 0
     preprocessing: str = "sam"
     naive: bool = False
+    min_budget: int | None = None
 
     @property
     def multi(self) -> bool:
@@ -96,6 +100,7 @@ class Trial:
     config: MergeConfig
     dice: dict[str, float]
     status: str  # "ok" or "crashed: <reason>"
+    budget: int | None = None  # calibration slices scored (None = all)
 
     @property
     def mean_dice(self) -> float:
@@ -163,6 +168,7 @@ def run_search(
             with other settings (and not ``restart``).
     """
     from smac import HyperparameterOptimizationFacade as HPO
+    from smac import MultiFidelityFacade as MF
     from smac import Scenario
     from smac.multi_objective.parego import ParEGO
     from smac.runhistory.dataclasses import TrialValue
@@ -174,6 +180,12 @@ def run_search(
     for t in settings.tasks:
         if t not in available:
             raise SearchError(f"task {t!r} has no calibration slices; available: {sorted(available)}")
+    full = len(evaluator.samples)
+    if settings.min_budget is not None:
+        if settings.multi:
+            raise SearchError("multi-fidelity is supported for single-task searches only")
+        if not 1 <= settings.min_budget < full:
+            raise SearchError(f"min_budget must lie in [1, {full}) calibration slices, got {settings.min_budget}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     key = _settings_key(settings, context or {})
@@ -198,24 +210,31 @@ def run_search(
         objectives=[f"cost_{t}" for t in settings.tasks] if settings.multi else "cost",
         n_trials=settings.trials,
         seed=settings.seed,
+        min_budget=settings.min_budget,
+        max_budget=full if settings.min_budget is not None else None,
     )
+    facade = MF if settings.min_budget is not None else HPO
     initial = [from_merge_config(space, c, merger.aliases) for c in initial_configs(merger, settings)]
-    design = HPO.get_initial_design(scenario, n_configs=0, additional_configs=initial)
+    design = facade.get_initial_design(scenario, n_configs=0, additional_configs=initial)
     extra: dict[str, Any] = {}
     if settings.multi:
         extra["multi_objective_algorithm"] = ParEGO(scenario, seed=settings.seed)
-    smac = HPO(scenario, _unused_target, initial_design=design, overwrite=overwrite, logging_level=False,
-               intensifier=HPO.get_intensifier(scenario, max_config_calls=1), **extra)
+    intensifier = (MF.get_intensifier(scenario, eta=3) if settings.min_budget is not None
+                   else HPO.get_intensifier(scenario, max_config_calls=1))
+    smac = facade(scenario, _unused_target, initial_design=design, overwrite=overwrite, logging_level=False,
+                  intensifier=intensifier, **extra)
     prep = Preprocessor(settings.preprocessing, merger.pool.arch.img_size)
     trials = _history(smac, merger, settings)
     while len(trials) < settings.trials:
         info = smac.ask()
         config = to_merge_config(info.config, merger.groups, merger.aliases, settings.granularity, settings.separate)
+        budget = _budget(info.budget, full)
+        indices = evaluator.subset(budget, settings.seed) if budget is not None else None
         try:
             if settings.naive:
-                dice = score(_reloaded(merger), evaluator, prep, config, settings.tasks, cache=False)
+                dice = score(_reloaded(merger), evaluator, prep, config, settings.tasks, indices, cache=False)
             else:
-                dice = score(merger, evaluator, prep, config, settings.tasks)
+                dice = score(merger, evaluator, prep, config, settings.tasks, indices)
             status = "ok"
             value = TrialValue(cost=_costs(dice, settings), additional_info={"dice": dice})
         except (MergeError, RuntimeError, ValueError) as e:  # NaN weights, out of memory, ...
@@ -224,10 +243,13 @@ def run_search(
             value = TrialValue(cost=_costs({t: 0.0 for t in settings.tasks}, settings), status=StatusType.CRASHED,
                                additional_info={"error": str(e)})
         smac.tell(info, value)
-        trials.append(Trial(len(trials), config, dice, status))
+        trials.append(Trial(len(trials), config, dice, status, budget))
         if on_trial:
             on_trial(trials[-1], len(trials))
-    ok = [t for t in trials if t.status == "ok"]
+    ok = [t for t in trials if t.status == "ok" and t.budget is None]
+    if not ok and any(t.status == "ok" for t in trials):  # multi-fidelity: no trial reached the full budget
+        top = max((t for t in trials if t.status == "ok"), key=lambda t: t.mean_dice)
+        ok = [Trial(len(trials), top.config, score(merger, evaluator, prep, top.config, settings.tasks), "ok")]
     if not ok:
         raise SearchError("every trial crashed")
     pareto = _pareto(ok) if settings.multi else [max(ok, key=lambda t: t.mean_dice)]
@@ -236,8 +258,16 @@ def run_search(
     return SearchResult(trials, pareto, best, evaluator.encoder_passes, mo.get("name") if mo else None)
 
 
-def _unused_target(config: Configuration, seed: int = 0) -> float:  # ask/tell only: SMAC never calls it
+def _unused_target(config: Configuration, seed: int = 0, budget: float | None = None) -> float:
+    # ask/tell only: SMAC checks the signature but never calls it
     raise RuntimeError("the search drives SMAC through ask/tell")
+
+
+def _budget(budget: float | None, full: int) -> int | None:
+    """SMAC's budget -> number of calibration slices (``None`` = all of them)."""
+    if budget is None or int(round(budget)) >= full:
+        return None
+    return max(1, int(round(budget)))
 
 
 def _costs(dice: dict[str, float], settings: SearchSettings) -> float | list[float]:
@@ -254,7 +284,8 @@ def _history(smac: Any, merger: Merger, settings: SearchSettings) -> list[Trial]
         mc = to_merge_config(cfg, merger.groups, merger.aliases, settings.granularity, settings.separate)
         dice = dict(v.additional_info.get("dice", {})) if v.additional_info else {}
         status = "ok" if dice else f"crashed: {v.additional_info.get('error', '') if v.additional_info else ''}"
-        out.append(Trial(len(out), mc, dice, status))
+        full = smac.scenario.max_budget
+        out.append(Trial(len(out), mc, dice, status, _budget(k.budget, int(full)) if full else None))
     return out
 
 
