@@ -110,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
         settings = SearchSettings(tasks=tuple(args.task), trials=args.trials, granularity=args.granularity,
                                   separate=args.separate, seed=args.seed, preprocessing=style, naive=args.naive,
                                   min_budget=args.min_budget)
+        if args.min_budget is not None and not 1 <= args.min_budget < len(cal):
+            raise MedSAMixError(f"--min-budget must lie in [1, {len(cal)}): the tasks have {len(cal)} "
+                                "calibration slices")
         merger = Merger(pool, args.granularity, args.separate)
         evaluator = Evaluator(cal)
         context = {"pool": pool.checksums, "calibration": sorted({s.study_id for s in cal}), "set": ts.split}

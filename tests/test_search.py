@@ -7,6 +7,7 @@ import random
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from conftest import TINY, random_state
 from medsamix import MergeConfig, Merger, ModelPool
@@ -73,6 +74,8 @@ def test_single_task_search_never_worse_than_initial_design(merger, evaluator, t
     initial = result.trials[: len(initial_configs(merger, settings))]
     assert result.best.dice["a"] >= max(t.dice["a"] for t in initial)
     assert result.aggregation is None
+    for t in result.trials:  # plain Python values: recipes are YAML
+        yaml.safe_dump(t.config.to_dict())
     # single models are part of the initial design
     assert any(t.config.groups["enc.neck"].method == "pick" for t in initial)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 from ConfigSpace import Categorical, Configuration, ConfigurationSpace, EqualsCondition, Float
 
 from .config import GroupSetting, MergeConfig
@@ -62,7 +63,7 @@ def to_merge_config(values: Configuration | dict[str, Any], groups: Sequence[Gro
 
     Linear weights that are all zero are replaced by equal weights (a valid point the sampler can produce).
     """
-    d = dict(values)
+    d = {k: _plain(v) for k, v in dict(values).items()}
     settings = {}
     for g in groups:
         method = d[f"{g.name}{SEP}method"]
@@ -77,6 +78,19 @@ def to_merge_config(values: Configuration | dict[str, Any], groups: Sequence[Gro
                 params[p.name] = d[f"{g.name}{SEP}{method}{SEP}{p.name}"]
         settings[g.name] = GroupSetting(method, params)
     return MergeConfig(granularity, separate, settings)
+
+
+def _plain(v: Any) -> Any:
+    """ConfigSpace values come as numpy scalars; recipes need plain Python (YAML-safe) values."""
+    if isinstance(v, str):
+        return str(v)
+    if isinstance(v, (bool, np.bool_)):
+        return bool(v)
+    if isinstance(v, (int, np.integer)):
+        return int(v)
+    if isinstance(v, (float, np.floating)):
+        return float(v)
+    return v
 
 
 def from_merge_config(cs: ConfigurationSpace, config: MergeConfig, aliases: Sequence[str]) -> Configuration:
