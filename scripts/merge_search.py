@@ -81,6 +81,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--min-budget", type=int, default=None,
                     help="multi-fidelity (one task): fewest calibration slices per trial; Hyperband promotes the "
                          "promising configurations up to all slices")
+    ap.add_argument("--workers", type=int, default=0,
+                    help="run trials in parallel on a local Dask cluster of this many worker processes")
+    ap.add_argument("--scheduler", default=None,
+                    help="address of an existing Dask scheduler (other GPUs or machines); overrides --workers")
     ap.add_argument("--naive", action="store_true",
                     help="reference loop for comparison: reload checkpoints and re-encode every slice each trial")
     ap.add_argument("--max-patients", type=int, default=None)
@@ -126,7 +130,17 @@ def main(argv: list[str] | None = None) -> int:
             bar.refresh()
 
         t0 = time.time()
-        result = run_search(merger, evaluator, settings, args.out, context, args.restart, progress)
+        client = None
+        if args.scheduler or args.workers > 0:
+            from distributed import Client, LocalCluster
+
+            client = Client(args.scheduler) if args.scheduler else Client(
+                LocalCluster(n_workers=args.workers, threads_per_worker=1, dashboard_address=None))
+        try:
+            result = run_search(merger, evaluator, settings, args.out, context, args.restart, progress, client)
+        finally:
+            if client is not None:
+                client.close()
         bar.close()
         prep = Preprocessor(style, manifest.arch.img_size)
         test_dice = score(merger, Evaluator(test), prep, result.best.config, settings.tasks) if test else {}

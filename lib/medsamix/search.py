@@ -128,6 +128,49 @@ def score(merger: Merger, evaluator: Evaluator, prep: Preprocessor, config: Merg
     return {t: result.dice2d.get(t, 0.0) for t in tasks}
 
 
+def _run_trial(merger: Merger, evaluator: Evaluator, prep: Preprocessor, settings: SearchSettings,
+               config: MergeConfig, budget: int | None) -> tuple[dict[str, float], str]:
+    """Score one configuration; a failure (NaN weights, out of memory, ...) becomes a "crashed: ..." status."""
+    indices = evaluator.subset(budget, settings.seed) if budget is not None else None
+    try:
+        if settings.naive:
+            return score(_reloaded(merger), evaluator, prep, config, settings.tasks, indices, cache=False), "ok"
+        return score(merger, evaluator, prep, config, settings.tasks, indices), "ok"
+    except (MergeError, RuntimeError, ValueError) as e:
+        return {}, f"crashed: {e}"
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerSetup:
+    """What a Dask worker needs to build its own merger once: pool files (base first), grouping, a cache key."""
+
+    members: tuple[tuple[str, str], ...]
+    arch: Any
+    granularity: int
+    separate: bool
+    key: str
+
+
+_WORKER_STATE: dict[str, tuple[Merger, Evaluator]] = {}
+
+
+def _dask_trial(setup: WorkerSetup, samples: list[Any], settings: SearchSettings, config: MergeConfig,
+                budget: int | None) -> tuple[dict[str, float], str, int]:
+    """Run one trial on a Dask worker; the pool is loaded once per worker process and search."""
+    from .pool import ModelPool
+
+    if setup.key not in _WORKER_STATE:
+        (base, *models) = setup.members
+        pool = ModelPool.load(base, list(models), arch=setup.arch)
+        _WORKER_STATE.clear()
+        _WORKER_STATE[setup.key] = (Merger(pool, setup.granularity, setup.separate), Evaluator(samples))
+    merger, evaluator = _WORKER_STATE[setup.key]
+    before = evaluator.encoder_passes
+    prep = Preprocessor(settings.preprocessing, merger.pool.arch.img_size)
+    dice, status = _run_trial(merger, evaluator, prep, settings, config, budget)
+    return dice, status, evaluator.encoder_passes - before
+
+
 def _reloaded(merger: Merger) -> Merger:
     """A new merger over the same checkpoint files, read again from disk (the naive reference loop)."""
     from .pool import ModelPool
@@ -151,6 +194,7 @@ def run_search(
     context: dict[str, Any] | None = None,
     restart: bool = False,
     on_trial: Callable[[Trial, int], None] | None = None,
+    client: Any | None = None,
 ) -> SearchResult:
     """Run (or resume) a search and return its result.
 
@@ -162,6 +206,8 @@ def run_search(
         context: Further facts that must match to resume (pool checksums, calibration study ids ...).
         restart: Discard an existing, incompatible history instead of refusing.
         on_trial: Called after every trial with the trial and the number of trials done.
+        client: A ``distributed.Client``: trials then run in parallel on its workers (one per worker at a time);
+            each worker loads the pool and builds its merger and evaluator once. ``None`` runs them here.
 
     Raises:
         SearchError: unknown task, a task without calibration slices, or an output directory holding a search
@@ -225,27 +271,53 @@ def run_search(
                   intensifier=intensifier, **extra)
     prep = Preprocessor(settings.preprocessing, merger.pool.arch.img_size)
     trials = _history(smac, merger, settings)
-    while len(trials) < settings.trials:
-        info = smac.ask()
-        config = to_merge_config(info.config, merger.groups, merger.aliases, settings.granularity, settings.separate)
-        budget = _budget(info.budget, full)
-        indices = evaluator.subset(budget, settings.seed) if budget is not None else None
-        try:
-            if settings.naive:
-                dice = score(_reloaded(merger), evaluator, prep, config, settings.tasks, indices, cache=False)
-            else:
-                dice = score(merger, evaluator, prep, config, settings.tasks, indices)
-            status = "ok"
+    remote_passes = 0
+
+    def record(info: Any, config: MergeConfig, budget: int | None, dice: dict[str, float], status: str) -> None:
+        if status == "ok":
             value = TrialValue(cost=_costs(dice, settings), additional_info={"dice": dice})
-        except (MergeError, RuntimeError, ValueError) as e:  # NaN weights, out of memory, ...
-            log.warning("trial %d crashed: %s", len(trials), e)
-            dice, status = {}, f"crashed: {e}"
+        else:
+            log.warning("trial %d %s", len(trials), status)
             value = TrialValue(cost=_costs({t: 0.0 for t in settings.tasks}, settings), status=StatusType.CRASHED,
-                               additional_info={"error": str(e)})
+                               additional_info={"error": status})
         smac.tell(info, value)
         trials.append(Trial(len(trials), config, dice, status, budget))
         if on_trial:
             on_trial(trials[-1], len(trials))
+
+    def next_job() -> tuple[Any, MergeConfig, int | None]:
+        info = smac.ask()
+        config = to_merge_config(info.config, merger.groups, merger.aliases, settings.granularity, settings.separate)
+        return info, config, _budget(info.budget, full)
+
+    if client is None:
+        while len(trials) < settings.trials:
+            info, config, budget = next_job()
+            record(info, config, budget, *_run_trial(merger, evaluator, prep, settings, config, budget))
+    else:
+        from distributed import wait
+
+        setup = WorkerSetup(tuple((m.alias, str(m.path)) for m in merger.pool.members), merger.pool.arch,
+                            settings.granularity, settings.separate, key)
+        samples = client.scatter(evaluator.samples, broadcast=True)
+        slots = max(1, len(client.scheduler_info()["workers"]))
+        running: dict[Any, tuple[Any, MergeConfig, int | None]] = {}
+        asked = len(trials)
+        while len(trials) < settings.trials:
+            while len(running) < slots and asked < settings.trials:
+                info, config, budget = next_job()
+                running[client.submit(_dask_trial, setup, samples, settings, config, budget, pure=False)] = (
+                    info, config, budget)
+                asked += 1
+            done, _ = wait(list(running), return_when="FIRST_COMPLETED")
+            for fut in done:
+                info, config, budget = running.pop(fut)
+                try:
+                    dice, status, passes = fut.result()
+                except Exception as e:  # noqa: BLE001 - a worker died or raised: the trial failed, the search goes on
+                    dice, status, passes = {}, f"crashed: worker error: {e}", 0
+                remote_passes += passes
+                record(info, config, budget, dice, status)
     ok = [t for t in trials if t.status == "ok" and t.budget is None]
     if not ok and any(t.status == "ok" for t in trials):  # multi-fidelity: no trial reached the full budget
         top = max((t for t in trials if t.status == "ok"), key=lambda t: t.mean_dice)
@@ -255,7 +327,7 @@ def run_search(
     pareto = _pareto(ok) if settings.multi else [max(ok, key=lambda t: t.mean_dice)]
     best = max(pareto, key=lambda t: t.mean_dice)
     mo = smac.meta.get("multi_objective_algorithm")
-    return SearchResult(trials, pareto, best, evaluator.encoder_passes, mo.get("name") if mo else None)
+    return SearchResult(trials, pareto, best, evaluator.encoder_passes + remote_passes, mo.get("name") if mo else None)
 
 
 def _unused_target(config: Configuration, seed: int = 0, budget: float | None = None) -> float:
