@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import random
+from random import Random
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -49,7 +49,7 @@ class MergeConfig:
         return cls(granularity, separate, {g.name: GroupSetting(method, dict(params)) for g in groups})
 
     @classmethod
-    def random(cls, groups: Sequence[Group], aliases: Sequence[str], rng: random.Random, granularity: int = 1,
+    def random(cls, groups: Sequence[Group], aliases: Sequence[str], rng: Random, granularity: int = 1,
                separate: bool = False, methods: Iterable[str] | None = None) -> "MergeConfig":
         """A random layer-wise configuration: per group a method drawn uniformly and parameters from its ranges."""
         names = sorted(methods or REGISTRY)
