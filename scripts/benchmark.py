@@ -25,19 +25,12 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))
 
-from medsamix.config import MergeConfig  # noqa: E402
+from medsamix.config import MergeConfig, uniform_merges  # noqa: E402
 from medsamix.evaluate import Evaluator  # noqa: E402
 from medsamix.merger import Merger  # noqa: E402
 from medsamix.pool import PoolManifest  # noqa: E402
 from medsamix.preprocess import Preprocessor  # noqa: E402
 from medsamix.shared_data import shared_task_sets  # noqa: E402
-
-UNIFORM = {
-    "linear": ("linear", None),
-    "slerp_0.5": ("slerp", {"t": 0.5}),
-    "task_arithmetic_0.5": ("task_arithmetic", {"scale": 0.5}),
-    "ties_0.5_0.5": ("ties", {"keep": 0.5, "scale": 0.5}),
-}
 
 
 def main() -> None:
@@ -67,9 +60,8 @@ def main() -> None:
     for alias in pool.aliases:
         cfg = MergeConfig.uniform(merger.groups, "pick", {"source": alias})
         models[alias] = (cfg, Preprocessor(manifest.preprocessing[alias]["style"], size))
-    for name, (method, params) in UNIFORM.items():
-        p = params if params is not None else {"weights": {a: 1.0 for a in pool.aliases}}
-        models[name] = (MergeConfig.uniform(merger.groups, method, p), Preprocessor(merged_style, size))
+    for name, cfg in uniform_merges(merger.groups, pool.aliases).items():
+        models[name] = (cfg, Preprocessor(merged_style, size))
 
     rows = []  # (set, task, model, dice2d, dice3d, n_slices)
     bar = tqdm(total=len(sets) * len(models), desc="evaluating", unit="model")

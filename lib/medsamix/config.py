@@ -137,3 +137,16 @@ def _plain(x: Any) -> Any:
     if isinstance(x, (list, tuple)):
         return [_plain(v) for v in x]
     return x
+
+
+def uniform_merges(groups: Sequence[Group], aliases: Sequence[str], granularity: int = 1,
+                   separate: bool = False) -> dict[str, MergeConfig]:
+    """The paper's uniform baselines, by name: linear with equal weights over all sources, SLERP t=0.5, task
+    arithmetic 0.5 and TIES keep 0.5 / scale 0.5, each applied to every group."""
+    table: dict[str, tuple[str, dict[str, Any]]] = {
+        "linear": ("linear", {"weights": {a: 1.0 for a in aliases}}),
+        "slerp_0.5": ("slerp", {"t": 0.5}),
+        "task_arithmetic_0.5": ("task_arithmetic", {"scale": 0.5}),
+        "ties_0.5_0.5": ("ties", {"keep": 0.5, "scale": 0.5}),
+    }
+    return {n: MergeConfig.uniform(groups, m, p, granularity, separate) for n, (m, p) in table.items()}

@@ -28,7 +28,7 @@ from typing import Any
 
 from ConfigSpace import Configuration
 
-from .config import MergeConfig
+from .config import MergeConfig, uniform_merges
 from .errors import MedSAMixError
 from .evaluate import Evaluator
 from .merger import MergeError, Merger
@@ -82,14 +82,10 @@ class SearchSettings:
 def initial_configs(merger: Merger, settings: SearchSettings) -> list[MergeConfig]:
     """The uniform merges and every single pool model (``pick``), as merge configurations."""
     g, sep, groups, aliases = settings.granularity, settings.separate, merger.groups, merger.aliases
-    candidates = [
-        ("linear", {"weights": {a: 1.0 for a in aliases}}),
-        ("slerp", {"t": 0.5}),
-        ("task_arithmetic", {"scale": 0.5}),
-        ("ties", {"keep": 0.5, "scale": 0.5}),
-        ("dare", {"drop": 0.5, "scale": 0.5, "seed": 0}),
-    ] + [("pick", {"source": a}) for a in aliases]
-    return [MergeConfig.uniform(groups, m, p, g, sep) for m, p in candidates if m in settings.methods]
+    configs = list(uniform_merges(groups, aliases, g, sep).values())
+    configs.append(MergeConfig.uniform(groups, "dare", {"drop": 0.5, "scale": 0.5, "seed": 0}, g, sep))
+    configs += [MergeConfig.uniform(groups, "pick", {"source": a}, g, sep) for a in aliases]
+    return [c for c in configs if next(iter(c.groups.values())).method in settings.methods]
 
 
 @dataclasses.dataclass
