@@ -1,0 +1,1 @@
+"""Train tasks of the MedSAMix app."""
