@@ -17,7 +17,6 @@ command resumes an interrupted search; a different command on the same --out is 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import logging
 import sys
@@ -28,37 +27,13 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))
 
-from medsamix.checkpoint import save_sam_checkpoint  # noqa: E402
 from medsamix.errors import MedSAMixError  # noqa: E402
-from medsamix.evaluate import Evaluator  # noqa: E402
-from medsamix.merger import Merger  # noqa: E402
+from medsamix.merge_run import datastore_task_set, run_merge, select_tasks  # noqa: E402
 from medsamix.pool import PoolManifest  # noqa: E402
-from medsamix.preprocess import Preprocessor  # noqa: E402
-from medsamix.recipe import ModelRef, Recipe  # noqa: E402
-from medsamix.search import SearchSettings, run_search, score  # noqa: E402
-from medsamix.shared_data import TaskSet, normalized, shared_task_sets  # noqa: E402
-from medsamix.slices import extract_slices  # noqa: E402
-from medsamix.studies import load_studies  # noqa: E402
-from medsamix.tasks import split_patients, tasks_from_labels  # noqa: E402
+from medsamix.search import SearchSettings  # noqa: E402
+from medsamix.shared_data import shared_task_sets  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-
-
-def datastore_task_set(folder: Path, names: dict[int, str], seed: int) -> TaskSet:
-    studies, skipped = load_studies(folder)
-    for s in skipped:
-        logging.warning("skipped %s: %s", s.path, s.reason)
-    if len(studies) < 2:
-        raise MedSAMixError(f"{folder}: at least 2 labelled studies are needed (calibration and test), "
-                            f"found {len(studies)}")
-    tasks = tasks_from_labels(studies, names)
-    cal_ids, _ = split_patients([s.study_id for s in studies], 0.2, seed)
-    cal, test = [], []
-    for study in map(normalized, studies):
-        for t in tasks:
-            (cal if study.study_id in cal_ids else test).extend(extract_slices(study, t))
-    return TaskSet(folder.name, tasks, cal, test, f"patients: {len(cal_ids)} calibration / "
-                   f"{len(studies) - len(cal_ids)} test")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,16 +75,7 @@ def main(argv: list[str] | None = None) -> int:
             ts = datastore_task_set(args.studies, names, args.seed)
         else:
             ts = shared_task_sets(args.shared_root, exclude, args.seed, [args.shared_set], args.max_patients)[0]
-        known = {t.name for t in ts.tasks}
-        unknown = [t for t in args.task if t not in known]
-        if unknown:
-            raise MedSAMixError(f"unknown task(s) {unknown}; this data has {sorted(known)}")
-        cal = [s for s in ts.calibration if s.task.name in args.task]
-        test = [s for s in ts.test if s.task.name in args.task]
-        for t in args.task:
-            n = sum(s.task.name == t for s in cal)
-            if n < 3:
-                raise MedSAMixError(f"task {t!r} has only {n} calibration slices (at least 3 are needed)")
+        cal, test = select_tasks(ts, args.task)
         style = args.preprocessing or manifest.preprocessing[manifest.base]["style"]
         settings = SearchSettings(tasks=tuple(args.task), trials=args.trials, granularity=args.granularity,
                                   separate=args.separate, seed=args.seed, preprocessing=style, naive=args.naive,
@@ -117,9 +83,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.min_budget is not None and not 1 <= args.min_budget < len(cal):
             raise MedSAMixError(f"--min-budget must lie in [1, {len(cal)}): the tasks have {len(cal)} "
                                 "calibration slices")
-        merger = Merger(pool, args.granularity, args.separate)
-        evaluator = Evaluator(cal)
-        context = {"pool": pool.checksums, "calibration": sorted({s.study_id for s in cal}), "set": ts.split}
         bar = tqdm(total=args.trials, desc="search", unit="trial")
         best = [0.0]
 
@@ -137,32 +100,19 @@ def main(argv: list[str] | None = None) -> int:
             client = Client(args.scheduler) if args.scheduler else Client(
                 LocalCluster(n_workers=args.workers, threads_per_worker=1, dashboard_address=None))
         try:
-            result = run_search(merger, evaluator, settings, args.out, context, args.restart, progress, client)
+            outcome = run_merge(pool, cal, test, settings, args.out, ts.split, manifest, args.restart, progress,
+                                client)
         finally:
             if client is not None:
                 client.close()
         bar.close()
-        prep = Preprocessor(style, manifest.arch.img_size)
-        test_dice = score(merger, Evaluator(test), prep, result.best.config, settings.tasks) if test else {}
-        recipe = Recipe(
-            arch=manifest.arch, base=ModelRef(pool.base.alias, pool.base.sha256),
-            models=[ModelRef(m.alias, m.sha256) for m in pool.models], merge=result.best.config,
-            preprocessing={"style": style},
-            scores={"calibration_dice": result.best.dice, "test_dice": test_dice, "trials": len(result.trials),
-                    "split": ts.split},
-        )
-        recipe.save(args.out / "recipe.yaml")
-        save_sam_checkpoint(merger.apply(result.best.config).state_dict(), args.out / "merged.pth")
-        with open(args.out / "history.csv", "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["trial", "status", "mean_dice", *settings.tasks])
-            for t in result.trials:
-                w.writerow([t.number, t.status, f"{t.mean_dice:.4f}", *(f"{t.dice.get(k, 0):.4f}" for k in settings.tasks)])
     except MedSAMixError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"best calibration Dice {result.best.dice}, test Dice {test_dice}, {len(result.trials)} trials, "
-          f"{result.encoder_passes} encoder passes, {time.time() - t0:.0f} s; wrote {args.out}")
+    result = outcome.result
+    print(f"best calibration Dice {result.best.dice}, test Dice {outcome.test_dice}, {len(result.trials)} trials, "
+          f"{result.encoder_passes} encoder passes, {time.time() - t0:.0f} s; {outcome.promotion.reason}; "
+          f"wrote {args.out}")
     return 0
 
 

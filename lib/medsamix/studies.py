@@ -317,7 +317,18 @@ def load_studies(
     Raises:
         StudyError: ``folder`` does not exist.
     """
-    pairs = find_studies(folder, labels_subdir)
+    return load_study_pairs(find_studies(folder, labels_subdir), labels_subdir, modality)
+
+
+def load_study_pairs(
+    pairs: list[tuple[Path, Path | None]], labels_subdir: str = "labels/final", modality: str | None = None
+) -> tuple[list[Study], list[Skipped]]:
+    """Load (image, label) path pairs (from ``find_studies`` or a MONAI Label datastore), skipping bad ones with
+    a logged reason instead of raising: see ``load_studies``. ``labels_subdir`` only words the "no label" reason.
+
+    Returns:
+        ``(studies, skipped)``: the loaded studies sorted by id, and the left-out images with the reason.
+    """
     ids = [study_id_of(image) for image, _ in pairs]
     studies: list[Study] = []
     skipped: list[Skipped] = []
@@ -332,4 +343,5 @@ def load_studies(
         except StudyError as e:
             log.warning("skipping study: %s", e)
             skipped.append(Skipped(image, str(e)))
+    studies.sort(key=lambda s: s.study_id)
     return studies, skipped
