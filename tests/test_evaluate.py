@@ -136,3 +136,35 @@ def test_subset_evaluation_is_stratified(model):
     assert np.isfinite(res.per_sample[idx]).all()
     assert np.isnan(np.delete(res.per_sample, idx)).all()
     assert ev.encoder_passes == len({ev.image_of[i] for i in idx})
+
+
+def test_cache_is_bounded_by_bytes_least_recently_used_first(model):
+    ev = Evaluator(_samples(), batch_size=4)
+    prep = Preprocessor("sam", TINY.img_size)
+    ev.evaluate(model, prep, key="enc-A")
+    one_set = ev.cached_bytes
+    assert one_set > 0
+    ev.cache_bytes = 2 * one_set
+    ev.evaluate(model, prep, key="enc-B")
+    ev.evaluate(model, prep, key="enc-A")  # A is now the most recently used
+    ev.evaluate(model, prep, key="enc-C")  # over budget: B goes, A stays
+    assert ev.cached_bytes <= 2 * one_set and ev.encoder_passes == 18
+    ev.evaluate(model, prep, key="enc-A")
+    assert ev.encoder_passes == 18
+    ev.evaluate(model, prep, key="enc-B")
+    assert ev.encoder_passes == 24
+    ev.cache_bytes = 0  # the set in use is never dropped
+    ev.evaluate(model, prep, key="enc-B")
+    assert ev.encoder_passes == 24 and ev.cached_bytes == one_set
+
+
+def test_promoted_subsets_reuse_the_embeddings_of_lower_budgets(model):
+    ev = Evaluator(_samples(), batch_size=4)
+    prep = Preprocessor("sam", TINY.img_size)
+    small, large = ev.subset(4), ev.subset(8)
+    assert set(small) <= set(large)
+    ev.evaluate(model, prep, key="enc-A", indices=small)
+    first = ev.encoder_passes
+    ev.evaluate(model, prep, key="enc-A", indices=large)
+    assert ev.encoder_passes == len({ev.image_of[i] for i in large})  # only the new slices were encoded
+    assert first < ev.encoder_passes

@@ -60,17 +60,20 @@ class Evaluator:
     Args:
         samples: The slices (0-255 images, masks, boxes); typically a task's calibration or test split.
         batch_size: Slices per image-encoder batch.
-        cache_size: Embedding sets kept (least recently used dropped first).
+        cache_size: Most embedding sets kept (one set per image-encoder key); ``None``: bounded by bytes only.
+        cache_bytes: Most bytes of cached embeddings; least recently used sets are dropped first (the set in use
+            is never dropped). Multi-fidelity searches need room for every configuration awaiting promotion.
         device: Where models run.
     """
 
-    def __init__(self, samples: Sequence[SliceSample], batch_size: int = 16, cache_size: int = 8,
-                 device: str | torch.device = "cpu") -> None:
+    def __init__(self, samples: Sequence[SliceSample], batch_size: int = 16, cache_size: int | None = None,
+                 cache_bytes: int = 2 * 2**30, device: str | torch.device = "cpu") -> None:
         if not samples:
             raise ValueError("an evaluator needs at least one slice sample")
         self.samples = list(samples)
         self.batch_size = batch_size
         self.cache_size = cache_size
+        self.cache_bytes = cache_bytes
         self.device = torch.device(device)
         self.encoder_passes = 0
         keys: dict[tuple[str, int, int], int] = {}
@@ -112,8 +115,6 @@ class Evaluator:
             full_key = f"{key}|{prep.style}|{prep.img_size}"
             cache = self._cache.setdefault(full_key, {})
             self._cache.move_to_end(full_key)
-            while len(self._cache) > self.cache_size:
-                self._cache.popitem(last=False)
         missing = [i for i in needed if i not in cache]
         by_shape: dict[tuple[int, ...], list[int]] = collections.defaultdict(list)
         for i in missing:
@@ -129,7 +130,21 @@ class Evaluator:
                     out[i] = e
                     if key is not None:
                         cache[i] = e
+        if key is not None:
+            self._evict()
         return out
+
+    @property
+    def cached_bytes(self) -> int:
+        return sum(e.numel() * e.element_size() for c in self._cache.values() for e in c.values())
+
+    def _evict(self) -> None:
+        """Drop least recently used embedding sets beyond ``cache_size`` sets or ``cache_bytes`` (never the newest)."""
+        size = self.cached_bytes
+        while len(self._cache) > 1 and (
+                (self.cache_size is not None and len(self._cache) > self.cache_size) or size > self.cache_bytes):
+            _, dropped = self._cache.popitem(last=False)
+            size -= sum(e.numel() * e.element_size() for e in dropped.values())
 
     @torch.no_grad()
     def predict(self, model: nn.Module, prep: Preprocessor, key: str | None = None,
