@@ -1,0 +1,141 @@
+"""MedSAMix MONAI Label app: the merged SAM model and each pool model as deepgrow-type infer tasks, and the merge
+search as the "merge" train task.
+
+Start (offline, nothing is downloaded)::
+
+    monailabel start_server --app apps/medsamix --studies .demo/studies --host 127.0.0.1 --port 8000
+
+Configuration (``--conf key value``):
+
+* ``pool``: folder with ``pool.yaml`` (default: the repository's ``sample-data/pool``).
+* ``models``: ``alias=path,alias=path`` checkpoint files instead of a pool folder (first = base);
+  ``preprocessing``: ``alias=style,...`` for them ("sam" or "medsam", default "sam").
+* ``merged_preprocessing``: preprocessing of the uniform merge served before anything is published (default: the
+  base model's).
+* ``model_dir``: the app's model folder (default ``apps/medsamix/model``); merged models are published to
+  ``<model_dir>/merged`` and picked up by the ``medsamix`` infer task without a restart.
+* ``labels``: comma-separated label names (default: ``<studies>/.medsamix-labels.json`` written by
+  ``scripts/make_sample_studies.py``, else "foreground").
+* ``iou_threshold`` (0.4), ``margin`` (2): defaults of 3D propagation.
+
+Bad requests (unknown model, image not in the datastore, a server file path as the image, a prompt outside the volume
+or empty, a 2D image) are answered with HTTP 4xx and the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from fastapi import HTTPException
+from monailabel.interfaces.app import MONAILabelApp
+from monailabel.interfaces.tasks.infer_v2 import InferTask
+from monailabel.interfaces.tasks.train import TrainTask
+
+from lib.infers.interactive import InteractiveInfer
+from medsamix.errors import MedSAMixError
+from medsamix.segmenter import DEFAULT_IOU_THRESHOLD, DEFAULT_MARGIN, EmbeddingCache
+from medsamix.serving import InteractiveService, MergedModelSource, load_served_pool, member_model
+from medsamix.volumes import VolumeCache
+
+logger = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parents[2]
+MERGED_TASK = "medsamix"
+LABELS_FILE = ".medsamix-labels.json"
+
+
+def _resolve(path: str) -> Path:
+    """A conf path: as given if it exists (absolute or relative to the working folder), else relative to the repo."""
+    p = Path(path).expanduser()
+    return p if p.is_absolute() or p.exists() else REPO / p
+
+
+def _labels(conf: dict[str, str], studies: str) -> list[str]:
+    if conf.get("labels"):
+        return [s.strip() for s in conf["labels"].split(",") if s.strip()]
+    f = Path(studies) / LABELS_FILE
+    if f.is_file():
+        try:
+            names = json.loads(f.read_text())
+            return [str(k) for k, _ in sorted(names.items(), key=lambda kv: kv[1])]
+        except (ValueError, AttributeError) as e:
+            logger.warning("%s: unreadable label names (%s); using 'foreground'", f, e)
+    return ["foreground"]
+
+
+class MedSAMixApp(MONAILabelApp):
+    """The MONAI Label app (see the module docstring)."""
+
+    def __init__(self, app_dir: str, studies: str, conf: dict[str, str]) -> None:
+        conf = dict(conf or {})
+        self.pool_dir = None if conf.get("models") else _resolve(conf.get("pool", "sample-data/pool"))
+        self.served = load_served_pool(self.pool_dir, conf.get("models"), conf.get("preprocessing"))
+        model_dir = Path(conf["model_dir"]).expanduser() if conf.get("model_dir") else Path(app_dir) / "model"
+        self.published_dir = model_dir / "merged"
+        self.published_dir.mkdir(parents=True, exist_ok=True)
+        self.label_names = _labels(conf, studies)
+        self.iou_threshold = float(conf.get("iou_threshold", DEFAULT_IOU_THRESHOLD))
+        self.margin = float(conf.get("margin", DEFAULT_MARGIN))
+        self.volumes = VolumeCache()
+        self.embeddings = EmbeddingCache()
+        self.merged = MergedModelSource(self.served, self.published_dir, MERGED_TASK, conf.get("merged_preprocessing"))
+        super().__init__(
+            app_dir=app_dir,
+            studies=studies,
+            conf=conf,
+            name="MedSAMix",
+            description="Layer-wise merged Segment-Anything models (MedSAMix) for box/point-prompt segmentation",
+            version="0.1.0",
+            labels=self.label_names,
+        )
+
+    def _service(self, name: str, source: Any, status: Any = None) -> InteractiveService:
+        return InteractiveService(name, source, self.volumes, self.embeddings, self.iou_threshold, self.margin,
+                                  status)
+
+    def init_infers(self) -> dict[str, InferTask]:
+        self.merged.get()  # build the uniform merge / load the published model now, not on the first click
+        infers: dict[str, InferTask] = {
+            MERGED_TASK: InteractiveInfer(self._service(MERGED_TASK, self.merged.get, lambda: self.merged.warning),
+                                          self.label_names, self.merged.describe)
+        }
+        for alias in self.served.pool.aliases:
+            served = member_model(self.served, alias)
+            infers[alias] = InteractiveInfer(self._service(alias, lambda s=served: s), self.label_names,
+                                             lambda s=served: s.description)
+        return infers
+
+    def init_trainers(self) -> dict[str, TrainTask]:
+        try:
+            from lib.trainers.merge import MergeTrain
+        except ImportError as e:
+            logger.warning("merge train task unavailable: %s", e)
+            return {}
+        return {"merge": MergeTrain(app_dir=self.app_dir, studies=self.studies,
+                                    pool_dir=str(self.pool_dir or ""), published_dir=str(self.published_dir),
+                                    conf=self.conf)}
+
+    def infer(self, request: dict[str, Any], datastore: Any = None) -> dict[str, Any]:
+        """MONAI Label's infer with input checks that answer HTTP 4xx with the reason instead of 500."""
+        model = request.get("model")
+        if model not in self._infers:
+            raise HTTPException(status_code=404,
+                                detail=f"unknown model {model!r}; available: {', '.join(sorted(self._infers))}")
+        image = request.get("image")
+        ds = datastore or self.datastore()
+        if not isinstance(image, str) or not image:
+            raise HTTPException(status_code=400, detail="no image: give the id of a datastore image")
+        if not ds.get_image_uri(image):
+            if os.path.isabs(image) or os.path.exists(image):
+                raise HTTPException(status_code=400, detail=(
+                    f"image {image!r} is a file path; only datastore image ids are accepted (upload the image to the "
+                    "datastore first: PUT /datastore/image)"))
+            raise HTTPException(status_code=404, detail=f"image {image!r} is not in the datastore")
+        try:
+            return super().infer(request, datastore)
+        except MedSAMixError as e:
+            raise HTTPException(status_code=400, detail=str(e)) from None

@@ -1,0 +1,114 @@
+"""Images served for interactive segmentation: reading them (MONAI readers), their 0-255 form, writing labels.
+
+Volumes are read exactly as :mod:`medsamix.studies` reads a datastore image (MONAI's ``NibabelReader``,
+``NrrdReader`` or ``ITKReader``): a ``(I, J, K)`` array in the file's voxel order, never re-oriented, and a
+``(4, 4)`` affine from voxel IJK to world RAS millimetres. A label written by :func:`write_label` uses that affine
+and that voxel order, so it overlays the image voxel for voxel in any viewer, whatever the image's orientation.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from .errors import StudyError
+from .preprocess import intensity_range, to_255
+from .studies import _dicom_modality, _read, guess_modality
+
+
+@dataclasses.dataclass(frozen=True)
+class Volume:
+    """An image prepared for the model.
+
+    Attributes:
+        key: Identifies the file and its content (path, size and modification time).
+        path: The image file or DICOM series folder.
+        image255: ``(I, J, K)`` float32 intensities mapped to 0-255 (CT window 40/400 HU, else percentiles).
+        affine: ``(4, 4)`` float64 voxel IJK -> world RAS (mm).
+        modality: "CT", "MR" or "other".
+    """
+
+    key: str
+    path: Path
+    image255: np.ndarray
+    affine: np.ndarray
+    modality: str
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (int(self.image255.shape[0]), int(self.image255.shape[1]), int(self.image255.shape[2]))
+
+
+def volume_key(path: str | os.PathLike[str]) -> str:
+    """``path|size|mtime_ns`` of a file (for a DICOM folder: of the folder entry)."""
+    p = Path(path)
+    st = p.stat()
+    return f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+
+
+def load_volume(path: str | os.PathLike[str], modality: str | None = None) -> Volume:
+    """Read an image and map it to 0-255.
+
+    Args:
+        path: NIfTI / NRRD file or DICOM series folder.
+        modality: "CT", "MR" or "other"; None: the DICOM Modality tag, else guessed from the intensities.
+
+    Raises:
+        StudyError: Missing or unreadable file, not a 3D image, non-finite values.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise StudyError(f"{p}: no such image")
+    key = volume_key(p)
+    image, affine = _read(p, "image")
+    image = image.astype(np.float32, copy=False)
+    if not np.all(np.isfinite(image)):
+        raise StudyError(f"{p}: image contains NaN or infinite values")
+    found = _dicom_modality(p) if p.is_dir() else None
+    mod = found or modality or guess_modality(image)
+    return Volume(key, p, to_255(image, *intensity_range(image, mod)), affine, mod)
+
+
+class VolumeCache:
+    """The last few loaded volumes, keyed by path and reloaded when the file changes."""
+
+    def __init__(self, size: int = 4) -> None:
+        self.size = size
+        self._items: collections.OrderedDict[str, Volume] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, path: str | os.PathLike[str], modality: str | None = None) -> Volume:
+        p = Path(path)
+        if not p.exists():
+            raise StudyError(f"{p}: no such image")
+        key = volume_key(p)
+        with self._lock:
+            v = self._items.get(key)
+            if v is not None:
+                self._items.move_to_end(key)
+                return v
+        v = load_volume(p, modality)
+        with self._lock:
+            self._items[v.key] = v
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+        return v
+
+
+def write_label(mask: np.ndarray, affine: np.ndarray, path: str | os.PathLike[str]) -> Path:
+    """Write a ``(I, J, K)`` label map as NIfTI (uint8) with the image's ``(4, 4)`` IJK->RAS affine."""
+    import nibabel as nib
+
+    if mask.ndim != 3:
+        raise ValueError(f"expected a (I, J, K) label map, got shape {mask.shape}")
+    img = nib.Nifti1Image(np.asarray(mask, dtype=np.uint8), np.asarray(affine, dtype=np.float64))
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    path = Path(path)
+    nib.save(img, str(path))
+    return path
