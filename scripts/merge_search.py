@@ -28,7 +28,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))
 
 from medsamix.errors import MedSAMixError  # noqa: E402
-from medsamix.merge_run import datastore_task_set, run_merge, select_tasks  # noqa: E402
+from medsamix.merge_run import datastore_task_set, manifest_styles, run_merge, select_tasks  # noqa: E402
 from medsamix.pool import PoolManifest  # noqa: E402
 from medsamix.search import SearchSettings  # noqa: E402
 from medsamix.shared_data import shared_task_sets  # noqa: E402
@@ -100,8 +100,8 @@ def main(argv: list[str] | None = None) -> int:
             client = Client(args.scheduler) if args.scheduler else Client(
                 LocalCluster(n_workers=args.workers, threads_per_worker=1, dashboard_address=None))
         try:
-            outcome = run_merge(pool, cal, test, settings, args.out, ts.split, manifest, args.restart, progress,
-                                client)
+            outcome = run_merge(pool, cal, test, settings, args.out, ts.split, manifest_styles(manifest),
+                                args.restart, progress, client)
         finally:
             if client is not None:
                 client.close()

@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -286,17 +287,22 @@ def decide_promotion(merged: Mapping[str, float], singles: Mapping[str, Mapping[
     return Promotion(ok, m, best, means[best], {a: dict(d) for a, d in singles.items()}, reason)
 
 
-def single_model_scores(merger: Merger, evaluator: Evaluator, manifest: PoolManifest | None,
+def single_model_scores(merger: Merger, evaluator: Evaluator, styles: Mapping[str, str] | None,
                         tasks: Sequence[str], default_style: str) -> dict[str, dict[str, float]]:
-    """Calibration Dice of each single pool model, each with its own preprocessing from the manifest
-    (``default_style`` for a model the manifest does not describe)."""
+    """Calibration Dice of each single pool model, each with its own preprocessing style (alias -> "sam" /
+    "medsam"; ``default_style`` for a model not in ``styles``)."""
     out = {}
     for alias in merger.aliases:
-        style = (manifest.preprocessing.get(alias, {}).get("style") if manifest else None) or default_style
+        style = (styles or {}).get(alias) or default_style
         prep = Preprocessor(style, merger.pool.arch.img_size)
         config = MergeConfig.uniform(merger.groups, "pick", {"source": alias}, merger.granularity, merger.separate)
         out[alias] = score(merger, evaluator, prep, config, tasks)
     return out
+
+
+def manifest_styles(manifest: PoolManifest) -> dict[str, str]:
+    """Alias -> preprocessing style of each model of a pool manifest."""
+    return {a: str(p.get("style", "sam")) for a, p in manifest.preprocessing.items()}
 
 
 @dataclasses.dataclass
@@ -319,7 +325,7 @@ def run_merge(
     settings: SearchSettings,
     out_dir: str | Path,
     split: str,
-    manifest: PoolManifest | None = None,
+    styles: Mapping[str, str] | None = None,
     restart: bool = False,
     on_trial: Callable[[Trial, int], None] | None = None,
     client: Any | None = None,
@@ -333,7 +339,8 @@ def run_merge(
         settings: The search settings.
         out_dir: Output folder; a search there with the same settings and data is resumed.
         split: How calibration and test were split (part of the resume check and of the recipe).
-        manifest: The pool manifest, for the single models' own preprocessing in the no-regression guard.
+        styles: Alias -> preprocessing style of each pool model (its own, as served alone), for the
+            no-regression guard; see :func:`manifest_styles`.
         restart: Discard an incompatible history in ``out_dir`` instead of refusing.
         on_trial: Called after each trial with the trial and the number of trials done (resumed ones included).
         client: Optional ``distributed.Client`` for parallel trials.
@@ -346,10 +353,17 @@ def run_merge(
     merger = Merger(pool, settings.granularity, settings.separate)
     evaluator = Evaluator(list(calibration))
     context = search_context(pool, calibration, split)
-    result = run_search(merger, evaluator, settings, out_dir, context, restart, on_trial, client)
+    restore_search_state(out_dir)
+
+    def after_trial(trial: Trial, done: int) -> None:
+        checkpoint_search_state(out_dir, done)
+        if on_trial is not None:
+            on_trial(trial, done)
+
+    result = run_search(merger, evaluator, settings, out_dir, context, restart, after_trial, client)
     prep = Preprocessor(settings.preprocessing, pool.arch.img_size)
     test_dice = score(merger, Evaluator(list(test)), prep, result.best.config, settings.tasks) if test else {}
-    singles = single_model_scores(merger, evaluator, manifest, settings.tasks, settings.preprocessing)
+    singles = single_model_scores(merger, evaluator, styles, settings.tasks, settings.preprocessing)
     promotion = decide_promotion(result.best.dice, singles)
     recipe = Recipe(
         arch=pool.arch, base=ModelRef(pool.base.alias, pool.base.sha256),
@@ -359,11 +373,75 @@ def run_merge(
                 "split": split, "single_models_calibration_dice": promotion.singles,
                 "promotion": promotion.reason},
     )
-    _atomic(out_dir / "recipe.yaml", recipe.save)
+    recipe.save(out_dir / "recipe.yaml")
     state = {k: v.detach().clone() for k, v in merger.apply(result.best.config).state_dict().items()}
     save_sam_checkpoint(state, out_dir / "merged.pth")
     _atomic(out_dir / "history.csv", lambda p: write_history(p, result.trials, settings.tasks))
     return MergeOutcome(out_dir, result, recipe, state, dict(result.best.dice), test_dice, promotion)
+
+
+SMAC_DIR = "smac"
+CHECKPOINT_PREFIX = "smac.checkpoint-"
+
+
+def _checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
+    found = []
+    for p in out_dir.glob(f"{CHECKPOINT_PREFIX}*"):
+        tail = p.name[len(CHECKPOINT_PREFIX):]
+        if p.is_dir() and tail.isdigit():
+            found.append((int(tail), p))
+    return sorted(found)
+
+
+def checkpoint_search_state(out_dir: str | Path, done: int) -> Path | None:
+    """Copy SMAC's state (``out_dir/smac``) to ``out_dir/smac.checkpoint-<done>`` atomically and drop older copies.
+
+    SMAC rewrites its JSON files in place after every trial; a process killed in the middle of that (a stop
+    request) could leave them cut off. Called after each trial, this keeps a complete copy of the state as it was
+    after the last finished trial, which :func:`restore_search_state` puts back before a resumed run.
+    """
+    out_dir = Path(out_dir)
+    src = out_dir / SMAC_DIR
+    if not src.is_dir():
+        return None
+    tmp = out_dir / f".{CHECKPOINT_PREFIX}tmp-{uuid.uuid4().hex}"
+    try:
+        shutil.copytree(src, tmp)
+        dst = out_dir / f"{CHECKPOINT_PREFIX}{done}"
+        if dst.exists():
+            shutil.rmtree(dst)
+        os.rename(tmp, dst)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    for n, p in _checkpoints(out_dir):
+        if n != done:  # older ones, or those of a search this one replaced (restart)
+            shutil.rmtree(p, ignore_errors=True)
+    for pattern in (f".{CHECKPOINT_PREFIX}tmp-*", f".{SMAC_DIR}.restore-*"):  # left by a killed run
+        for p in out_dir.glob(pattern):
+            shutil.rmtree(p, ignore_errors=True)
+    return dst
+
+
+def restore_search_state(out_dir: str | Path) -> int | None:
+    """Put the newest checkpoint of SMAC's state back in place (see :func:`checkpoint_search_state`).
+
+    Returns:
+        The number of trials of the restored state, or ``None`` when there is no checkpoint (a new run).
+    """
+    out_dir = Path(out_dir)
+    found = _checkpoints(out_dir)
+    if not found:
+        return None
+    done, ckpt = found[-1]
+    live = out_dir / SMAC_DIR
+    tmp = out_dir / f".{SMAC_DIR}.restore-{uuid.uuid4().hex}"
+    shutil.copytree(ckpt, tmp)
+    if live.exists():
+        shutil.rmtree(live)
+    os.rename(tmp, live)
+    log.info("%s: search state restored from the checkpoint after %d trials", out_dir, done)
+    return done
 
 
 def write_history(path: str | Path, trials: Sequence[Trial], tasks: Sequence[str]) -> None:
@@ -384,3 +462,224 @@ def _atomic(path: Path, write: Callable[[Path], None]) -> None:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+# --------------------------------------------------------------------------------------------------- options
+
+
+def _as_int(name: str, value: Any) -> int:
+    if isinstance(value, bool):
+        raise MergeRunError(f"{name}: expected an integer, got {value!r}")
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        raise MergeRunError(f"{name}: expected an integer, got {value!r}") from None
+    if not f.is_integer():
+        raise MergeRunError(f"{name}: expected an integer, got {value!r}")
+    return int(f)
+
+
+def _as_bool(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in ("true", "yes", "1", "on", "false", "no", "0", "off", ""):
+        return value.strip().lower() in ("true", "yes", "1", "on")
+    raise MergeRunError(f"{name}: expected true or false, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class MergeOptions:
+    """The options of a merge run as a user gives them (a MONAI Label train request, a form).
+
+    Attributes:
+        tasks: Task names; one -> MedSAMix-S, several -> MedSAMix-M, none -> every task of the data.
+        trials: Configurations to evaluate (the initial design included).
+        granularity: ViT blocks per encoder group (1-4).
+        separate: Split encoder groups into attn / mlp / norm.
+        min_budget: Multi-fidelity (one task only): fewest calibration slices per trial; ``None`` = off.
+        seed: Seed of the patient split and of SMAC.
+        restart: Discard the stored trials of these settings and start over.
+    """
+
+    tasks: tuple[str, ...] = ()
+    trials: int = 30
+    granularity: int = 2
+    separate: bool = False
+    min_budget: int | None = None
+    seed: int = 0
+    restart: bool = False
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], defaults: Mapping[str, Any] | None = None) -> "MergeOptions":
+        """Parse and check options; strings are accepted for every field ("10", "true"), ``task``/``tasks``/
+        ``labels`` name the tasks, and a ``min_budget`` of 0 or empty turns multi-fidelity off. Unrelated keys
+        are ignored.
+
+        Raises:
+            MergeRunError: a value of the wrong type or out of range, naming the option.
+        """
+        merged = {**(defaults or {}), **{k: v for k, v in values.items() if v is not None}}
+        tasks: tuple[str, ...] = ()
+        for key in ("task", "tasks", "labels"):
+            if merged.get(key) not in (None, "", [], ()):
+                tasks = parse_tasks(merged[key])
+                break
+        trials = _as_int("trials", merged.get("trials", cls.trials))
+        if trials < 1:
+            raise MergeRunError(f"trials: must be >= 1, got {trials}")
+        granularity = _as_int("granularity", merged.get("granularity", cls.granularity))
+        if granularity not in (1, 2, 3, 4):
+            raise MergeRunError(f"granularity: must be 1, 2, 3 or 4 ViT blocks per group, got {granularity}")
+        mb_raw = merged.get("min_budget")
+        min_budget = None if mb_raw in (None, "", "none", "None") else _as_int("min_budget", mb_raw)
+        if min_budget is not None and min_budget < 0:
+            raise MergeRunError(f"min_budget: must be >= 0 (0 = all calibration slices), got {min_budget}")
+        seed = _as_int("seed", merged.get("seed", cls.seed))
+        if seed < 0:
+            raise MergeRunError(f"seed: must be >= 0, got {seed}")
+        return cls(tasks, trials, granularity, _as_bool("separate", merged.get("separate", False)),
+                   min_budget or None, seed, _as_bool("restart", merged.get("restart", False)))
+
+    def settings(self, tasks: Sequence[str], preprocessing: str) -> SearchSettings:
+        """The search settings for ``tasks`` (the data's tasks when the options name none)."""
+        return SearchSettings(tasks=tuple(tasks), trials=self.trials, granularity=self.granularity,
+                              separate=self.separate, seed=self.seed, preprocessing=preprocessing,
+                              min_budget=self.min_budget)
+
+
+# --------------------------------------------------------------------------------------------------- planning
+
+
+@dataclasses.dataclass
+class RunPlan:
+    """A merge run ready to start: its settings, slices and stable output folder."""
+
+    name: str
+    out_dir: Path
+    settings: SearchSettings
+    calibration: list[SliceSample]
+    test: list[SliceSample]
+    split: str
+    available_tasks: list[str]
+
+    @property
+    def variant(self) -> str:
+        return "MedSAMix-M" if self.settings.multi else "MedSAMix-S"
+
+
+def plan_run(task_set: TaskSet, options: MergeOptions, pool: ModelPool, runs_dir: str | Path,
+             preprocessing: str) -> RunPlan:
+    """Choose tasks, slices, settings and the run folder ``runs_dir/<run_name>``.
+
+    Raises:
+        MergeRunError: unknown task, too few calibration slices, multi-fidelity with several tasks or a
+            ``min_budget`` not below the number of calibration slices.
+    """
+    available = [t.name for t in task_set.tasks]
+    tasks = options.tasks or tuple(available)
+    cal, test = select_tasks(task_set, tasks)
+    if options.min_budget is not None:
+        if len(tasks) > 1:
+            raise MergeRunError(f"min_budget (multi-fidelity) works with one task only; {len(tasks)} tasks were "
+                                f"asked for ({', '.join(tasks)})")
+        if not 1 <= options.min_budget < len(cal):
+            raise MergeRunError(f"min_budget must lie in [1, {len(cal)}): task {tasks[0]!r} has {len(cal)} "
+                                "calibration slices")
+    settings = options.settings(tasks, preprocessing)
+    name = run_name(settings, search_context(pool, cal, task_set.split))
+    return RunPlan(name, Path(runs_dir) / name, settings, cal, test, task_set.split, available)
+
+
+# --------------------------------------------------------------------------------------------------- monitoring
+
+
+TRIALS_LOG = "trials.jsonl"
+ACTIVE = ("preparing", "running", "finishing")
+
+
+class RunMonitor:
+    """Reports a run's progress in a :class:`ProgressFile` in the keys MONAI Label clients read (``epoch`` = trials
+    done, ``total_epochs`` = trials, ``best_metric`` = best calibration Dice so far) and appends every trial to
+    ``<out_dir>/trials.jsonl`` (so that a resumed run reports the trials it already has at once).
+
+    ``best_metric`` counts trials scored on all calibration slices only (multi-fidelity trials on a subset are not
+    comparable), unless no trial reached the full budget yet.
+    """
+
+    def __init__(self, progress: ProgressFile, out_dir: str | Path, total: int) -> None:
+        self.progress = progress
+        self.log_path = Path(out_dir) / TRIALS_LOG
+        self.total = total
+        self.done = 0
+        self.best_full: float | None = None
+        self.best_any: float | None = None
+        for rec in self._records():
+            self._count(float(rec.get("mean_dice", 0.0)), rec.get("status") == "ok", rec.get("budget"))
+            self.done = max(self.done, int(rec.get("trial", -1)) + 1)
+
+    def _records(self) -> list[dict[str, Any]]:
+        try:
+            lines = self.log_path.read_text().splitlines()
+        except OSError:
+            return []
+        out = []
+        for line in lines:
+            try:
+                out.append(json.loads(line))
+            except ValueError:  # a line cut by a kill: the trial itself is safe in SMAC's history
+                continue
+        return out
+
+    def _count(self, dice: float, ok: bool, budget: int | None) -> None:
+        if not ok:
+            return
+        self.best_any = dice if self.best_any is None else max(self.best_any, dice)
+        if budget is None:
+            self.best_full = dice if self.best_full is None else max(self.best_full, dice)
+
+    @property
+    def best(self) -> float | None:
+        return self.best_full if self.best_full is not None else self.best_any
+
+    def fields(self) -> dict[str, Any]:
+        return {"epoch": self.done, "total_epochs": self.total, "best_metric": self.best}
+
+    def on_trial(self, trial: Trial, done: int) -> None:
+        """``run_search``'s callback: log the trial and update the progress file."""
+        self.done = done
+        ok = trial.status == "ok"
+        self._count(trial.mean_dice, ok, trial.budget)
+        rec = {"trial": trial.number, "status": trial.status, "mean_dice": round(trial.mean_dice, 6),
+               "dice": trial.dice, "budget": trial.budget}
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        last = f"{trial.mean_dice:.4f}" if ok else trial.status
+        self.progress.update(**self.fields(), last_trial=rec,
+                             message=f"trial {done}/{self.total}: Dice {last}; best {self.best or 0.0:.4f}")
+
+
+def pid_alive(pid: int | None) -> bool:
+    """Whether a process with this id exists (on this machine)."""
+    if not pid:
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def effective_status(data: Mapping[str, Any]) -> dict[str, Any]:
+    """The progress file's content as it really stands: a run still marked active whose process is gone (killed
+    by a stop request, or crashed hard) is reported as ``stopped``, with what it had done."""
+    out = dict(data)
+    if out.get("status") in ACTIVE and not pid_alive(out.get("pid")):
+        out["status"] = "stopped"
+        out["message"] = (f"stopped after {out.get('epoch', 0)}/{out.get('total_epochs', '?')} trials (the run's "
+                          "process ended); ask again with the same settings to resume")
+    return out

@@ -1,26 +1,217 @@
-"""The "merge" train task: MedSAMix search on the datastore's labelled studies (first version, being written)."""
+"""The "merge" train task: a MedSAMix search on the datastore's labelled studies, published for the infer task.
+
+MONAI Label runs a train request in a subprocess (``POST /train/merge`` -> ``python -m monailabel.interfaces.utils.app
+-m train``), which builds the app and calls :meth:`MergeTrain.__call__`; ``GET /info`` / ``GET /train`` are answered by
+the server process, which calls :meth:`MergeTrain.stats`. Progress therefore goes through a small JSON file,
+``<runs_dir>/status.json``, replaced atomically after every trial. ``DELETE /train/`` kills the subprocess; every
+finished trial is already in the run's folder (``<runs_dir>/<run name>/``, one stable folder per combination of
+settings and data), so the same request resumes the search.
+
+Request options (all optional; strings are accepted): ``task`` (or ``tasks`` / ``labels``; one name -> MedSAMix-S,
+several comma-separated -> MedSAMix-M, empty -> every label of the data), ``trials``, ``granularity`` (ViT blocks per
+encoder group), ``separate``, ``min_budget`` (multi-fidelity, one task; 0 = off), ``seed``, ``restart``
+(discard the stored trials of these settings).
+
+App configuration (``--conf``): ``model_dir`` (runs go to ``<model_dir>/runs``; default: next to the published
+folder), ``labels`` (the app's label names: comma-separated for values 1, 2, ... or ``{"name": value}`` JSON; else
+``<studies>/.medsamix-labels.json``; else value 1 is "foreground"; unnamed values are ``label_<value>``),
+``models`` / ``preprocessing`` / ``pool`` (the pool, as for the app), ``merged_preprocessing`` (preprocessing of the
+merged model; default the base model's), ``merge_trials`` (default trials).
+
+Everything that does not depend on MONAI Label is in :mod:`medsamix.merge_run`; this class only maps the request
+and the datastore onto it and publishes with :mod:`medsamix.publish`.
+"""
 
 from __future__ import annotations
 
+import datetime
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
 from typing import Any
 
-from monailabel.interfaces.datastore import Datastore
+from medsamix.errors import MedSAMixError
+from medsamix.merge_run import (
+    MergeOptions,
+    MergeOutcome,
+    ProgressFile,
+    RunMonitor,
+    RunPlan,
+    effective_status,
+    label_names,
+    plan_run,
+    run_merge,
+    task_set_from_pairs,
+)
+from medsamix.publish import current, publish
+from medsamix.serving import ServedPool, load_served_pool
+from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
+from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
 from monailabel.interfaces.tasks.train import TrainTask
+
+logger = logging.getLogger(__name__)
+
+LABELS_FILE = ".medsamix-labels.json"  # label names of the sample studies (scripts/make_sample_studies.py)
 
 
 class MergeTrain(TrainTask):
-    """Search a layer-wise merge of the pool on the labelled studies and publish it (work in progress)."""
+    """Search a layer-wise merge of the model pool on the labelled studies and publish it if it is not worse than
+    the best single pool model on the calibration slices.
+
+    Args:
+        app_dir: The app folder.
+        studies: The datastore location given to the server.
+        pool_dir: Folder with ``pool.yaml`` and the pool checkpoints.
+        published_dir: Served model folder (:mod:`medsamix.publish`); the infer task reloads on a new version.
+        conf: App configuration (see the module docstring).
+    """
 
     def __init__(self, app_dir: str, studies: str, pool_dir: str, published_dir: str, conf: dict[str, str]) -> None:
-        super().__init__("MedSAMix merge search (SMAC) on the labelled studies")
-        self.app_dir, self.studies, self.pool_dir, self.published_dir, self.conf = (
-            app_dir, studies, pool_dir, published_dir, dict(conf))
+        super().__init__("MedSAMix: search a layer-wise merge of the model pool on the labelled studies (SMAC); "
+                         "one task -> MedSAMix-S, several -> MedSAMix-M")
+        self.app_dir = Path(app_dir)
+        self.studies = studies
+        self.pool_dir = Path(pool_dir) if pool_dir else None
+        self._served: ServedPool | None = None
+        self.published_dir = Path(published_dir)
+        self.conf = dict(conf or {})
+        model_dir = self.conf.get("model_dir")
+        self.runs_dir = Path(model_dir) / "runs" if model_dir else self.published_dir.parent / "runs"
+        self.progress = ProgressFile(self.runs_dir / "status.json")
+        self._defaults: dict[str, Any] = {"task": "", "trials": int(self.conf.get("merge_trials", 30)),
+                                          "granularity": 2, "separate": False, "min_budget": 0, "seed": 0,
+                                          "restart": False}
 
     def config(self) -> dict[str, Any]:
-        return {"task": "", "trials": 30, "granularity": 2, "min_budget": 0, "seed": 0, "restart": False}
+        """The options shown by Slicer / OHIF (and sent back with the train request)."""
+        return dict(self._defaults)
 
     def stats(self) -> dict[str, Any]:
-        return {}
+        """Progress of the current or last run: ``epoch`` (trials done), ``total_epochs``, ``best_metric`` (best
+        calibration Dice so far), ``status``, ``message``, ``start_ts`` and, when finished, ``total_time``."""
+        data = effective_status(self.progress.read())
+        if data.get("status") in ("preparing", "running", "finishing") and data.get("start_ts"):
+            data["current_time"] = str(datetime.timedelta(seconds=int(time.time() - float(data["start_ts"]))))
+        return data
 
     def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
-        raise NotImplementedError("merge training is being written")
+        """Run (or resume) the search of ``request`` on ``datastore``'s labelled studies; publish if promoted.
+
+        Raises:
+            MONAILabelException: bad options, too few labelled studies, unknown task ... (the reason is also in
+                :meth:`stats`); the process exits with an error and the server keeps running.
+        """
+        start = time.time()
+        self.progress.write({"status": "preparing", "pid": os.getpid(), "start_ts": int(start), "epoch": 0,
+                             "total_epochs": 0, "best_metric": None, "message": "reading the labelled studies",
+                             "request": {k: v for k, v in request.items() if k in self._defaults or k == "model"}})
+        try:
+            options = MergeOptions.from_mapping(request, self._defaults)
+            names = self._label_names()
+            plan = self._plan(options, names, datastore)
+            outcome = self._run(plan, options, start)
+            return self._finish(plan, outcome, start)
+        except MedSAMixError as e:
+            self.progress.update(status="failed", message=str(e), total_time=_elapsed(start))
+            logger.error("merge training failed: %s", e)
+            raise MONAILabelException(MONAILabelError.INVALID_INPUT, str(e)) from None
+        except Exception as e:
+            self.progress.update(status="failed", message=f"{type(e).__name__}: {e}", total_time=_elapsed(start))
+            logger.exception("merge training failed")
+            raise
+
+    def _label_names(self) -> dict[int, str]:
+        """Label value -> task name, as the app names its labels: ``--conf labels`` (comma-separated or JSON), else
+        ``<studies>/.medsamix-labels.json`` ({name: value}), else value 1 is "foreground" (the app's default)."""
+        if self.conf.get("labels"):
+            return label_names(self.conf["labels"])
+        f = Path(str(self.studies)) / LABELS_FILE
+        if f.is_file():
+            return label_names(f.read_text())
+        return {1: "foreground"}
+
+    def _plan(self, options: MergeOptions, names: dict[int, str], datastore: Datastore) -> RunPlan:
+        labelled = sorted(datastore.get_labeled_images())
+        unlabelled = sorted(set(datastore.list_images()) - set(labelled))
+        if not labelled:
+            raise MedSAMixError(f"no labelled studies: none of the {len(unlabelled)} images in the datastore has a "
+                                "final label; save (submit) at least 2 labels first")
+        pairs = [(datastore.get_image_uri(i), datastore.get_label_uri(i, DefaultLabelTag.FINAL)) for i in labelled]
+        task_set, skipped = task_set_from_pairs(Path(str(self.studies)).name or "datastore", pairs, names,
+                                                options.seed)
+        self._served = load_served_pool(self.pool_dir, self.conf.get("models"), self.conf.get("preprocessing"))
+        pool = self._served.pool
+        style = self.conf.get("merged_preprocessing") or self._served.styles[pool.base.alias]
+        plan = plan_run(task_set, options, pool, self.runs_dir, style)
+        notes = []
+        if unlabelled:
+            notes.append(f"{_count(len(unlabelled), 'study', 'studies')} without a final label not used")
+        if skipped:
+            notes.append(f"{_count(len(skipped), 'labelled study', 'labelled studies')} skipped: " + "; ".join(
+                f"{Path(s.path).name}: {s.reason}" for s in skipped[:3]))
+        self.progress.update(run=plan.name, variant=plan.variant, tasks=list(plan.settings.tasks),
+                             split=plan.split, calibration_slices=len(plan.calibration),
+                             test_slices=len(plan.test), notes=notes)
+        for n in notes:
+            logger.warning(n)
+        return plan
+
+    def _run(self, plan: RunPlan, options: MergeOptions, start: float) -> MergeOutcome:
+        if options.restart and plan.out_dir.exists():
+            logger.info("restart: discarding %s", plan.out_dir)
+            shutil.rmtree(plan.out_dir)
+        monitor = RunMonitor(self.progress, plan.out_dir, plan.settings.trials)
+        resumed = monitor.done
+        self.progress.update(status="running", **monitor.fields(), resumed_trials=resumed,
+                             message=(f"{plan.variant} on {', '.join(plan.settings.tasks)}: "
+                                      + (f"resuming after {resumed} trials" if resumed else "starting")))
+        logger.info("merge run %s (%s) in %s; %d trials already done", plan.name, plan.variant, plan.out_dir,
+                    resumed)
+        outcome = run_merge(self._served.pool, plan.calibration, plan.test, plan.settings, plan.out_dir, plan.split,
+                            self._served.styles, on_trial=monitor.on_trial)
+        self.progress.update(status="finishing", epoch=len(outcome.result.trials),
+                             best_metric=outcome.promotion.merged_dice, message="scoring and publishing")
+        return outcome
+
+    def _finish(self, plan: RunPlan, outcome: MergeOutcome, start: float) -> dict[str, Any]:
+        promotion = outcome.promotion
+        version = None
+        if promotion.promote:
+            version = self._publish(plan, outcome)
+            message = f"{promotion.reason}; published version {version}"
+        else:
+            message = promotion.reason
+        logger.info("merge run %s: %s", plan.name, message)
+        result = {
+            "run": plan.name, "variant": plan.variant, "tasks": list(plan.settings.tasks),
+            "trials": len(outcome.result.trials), "calibration_dice": outcome.calibration_dice,
+            "test_dice": outcome.test_dice, "promoted": promotion.promote, "promotion": promotion.to_dict(),
+            "published_version": version, "out_dir": str(plan.out_dir),
+        }
+        self.progress.update(status="done", epoch=len(outcome.result.trials), best_metric=promotion.merged_dice,
+                             total_time=_elapsed(start), message=message, promoted=promotion.promote,
+                             published_version=version, promotion=promotion.to_dict(),
+                             calibration_dice=outcome.calibration_dice, test_dice=outcome.test_dice)
+        return result
+
+    def _publish(self, plan: RunPlan, outcome: MergeOutcome) -> str:
+        """Publish the merged model; a run that is already the served model is not published twice."""
+        now = current(self.published_dir)
+        if now is not None and now.info.get("run") == plan.name and now.recipe.read_text() == outcome.recipe.dump():
+            logger.info("run %s is already published as version %s", plan.name, now.version)
+            return now.version
+        info = {"run": plan.name, "variant": plan.variant, "tasks": list(plan.settings.tasks),
+                "trials": len(outcome.result.trials), "calibration_dice": outcome.calibration_dice,
+                "test_dice": outcome.test_dice, "best_single": outcome.promotion.best_single,
+                "best_single_dice": outcome.promotion.best_single_dice}
+        return publish(self.published_dir, outcome.recipe, outcome.state_dict, info).version
+
+
+def _elapsed(start: float) -> str:
+    return str(datetime.timedelta(seconds=int(time.time() - start)))
+
+
+def _count(n: int, one: str, many: str) -> str:
+    return f"{n} {one if n == 1 else many}"
