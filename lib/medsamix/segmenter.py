@@ -10,7 +10,8 @@ slice ``k`` is ``volume[:, :, k]`` with shape ``(H, W) = (I, J)``; boxes are XYX
 
 3D propagation: after the seed slice, each next slice outward (k+1, k+2, ... then k-1, k-2, ...) is prompted with
 the tight box of the previous slice's mask, widened by ``margin`` pixels and clipped to the user's box, plus the
-user's points on that slice. Propagation in a direction stops at the end of the range, at an empty prediction, or
+user's points on that slice. Masks are confined to the user's box (a box prompt says where the structure is).
+Propagation in a direction stops at the end of the range, at an empty prediction, or
 when the IoU of the new mask with the previous slice's mask falls below ``iou_threshold`` (that slice is dropped).
 """
 
@@ -79,6 +80,17 @@ class Segmentation:
     slices: list[int]
     stop_reasons: dict[str, str]
     latency: Latency
+
+
+def confine(mask: np.ndarray, box: np.ndarray | None) -> np.ndarray:
+    """Zero an ``(H, W)`` mask outside an XYXY box (x = column, y = row, max inclusive); None leaves it as is."""
+    if box is None:
+        return mask
+    x0, y0 = max(int(np.floor(box[0])), 0), max(int(np.floor(box[1])), 0)
+    x1, y1 = int(np.ceil(box[2])), int(np.ceil(box[3]))
+    out = np.zeros_like(mask)
+    out[y0:y1 + 1, x0:x1 + 1] = mask[y0:y1 + 1, x0:x1 + 1]
+    return out
 
 
 def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -215,7 +227,8 @@ class Segmenter:
         stops: dict[str, str] = {}
         with self._lock:
             for seed in prompt.seeds:
-                mask[:, :, seed.index] |= self.predict_slice(image_key, volume, seed, lat)
+                pred = confine(self.predict_slice(image_key, volume, seed, lat), prompt.roi_box)
+                mask[:, :, seed.index] |= pred.astype(np.uint8)
                 done.append(seed.index)
             if prompt.propagate is not None:
                 k_lo, k_hi = prompt.propagate
@@ -238,7 +251,7 @@ class Segmenter:
             box = np.array([max(box[0], lo[0]), max(box[1], lo[1]), min(box[2], lo[2]), min(box[3], lo[3])],
                            dtype=np.float32)
             pts, lab = prompt.points.get(k, (np.zeros((0, 2), np.float32), np.zeros(0, np.int64)))
-            pred = self.predict_slice(image_key, volume, SlicePrompt(k, box, pts, lab), lat)
+            pred = confine(self.predict_slice(image_key, volume, SlicePrompt(k, box, pts, lab), lat), prompt.roi_box)
             if not pred.any():
                 return f"empty prediction on slice {k}"
             iou = mask_iou(pred, prev)
@@ -250,4 +263,4 @@ class Segmenter:
         return "end of the box's slice range"
 
 
-__all__ = ["EmbeddingCache", "Latency", "Segmentation", "Segmenter", "mask_iou", "SLICE_AXIS"]
+__all__ = ["EmbeddingCache", "Latency", "Segmentation", "Segmenter", "confine", "mask_iou", "SLICE_AXIS"]
