@@ -1,0 +1,140 @@
+#!/usr/bin/env python
+"""Interactive latency: the first prompt on a slice versus repeated prompts on the same (already embedded) slice.
+
+    .venv/bin/python scripts/bench_infer.py [--repeats 10] [--vit-b-firsts 2] [--out results/bench_infer.md]
+
+On one synthetic volume (``sample_studies.phantom_volume``, 96 x 80 x 32), the server's own segmenter
+(``medsamix.segmenter.Segmenter``, the code behind every infer task) is timed in one run for
+
+* the embedded tiny pool's base model (``sample-data/pool``, 256 px), and
+* a randomly initialised SAM ViT-B (``segment_anything.sam_model_registry["vit_b"]()``, 1024 px; the image encoder
+  takes about 16 s per slice on 2 CPU cores, so only a few first prompts).
+
+Each model gets one untimed warm-up prompt first.
+
+A first prompt on a slice pays the image encoder; a repeated prompt (another box on the same slice) finds the slice's
+embedding in the cache and pays only the prompt encoder and mask decoder plus post-processing. Figures are the
+segmenter's server-side latencies (``total_ms`` of a 2D box request, ``decoder_ms`` its prompt encoder + mask
+decoder part); medians over the repetitions. The last line (ViT-B figures) is
+``first_ms=<ms> repeat_ms=<ms> decoder_ms=<ms> repeat_over_decoder=<repeat_ms / decoder_ms>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "lib"))
+
+from medsamix.preprocess import Preprocessor  # noqa: E402
+from medsamix.prompts import parse_prompt  # noqa: E402
+from medsamix.sample_studies import phantom_volume  # noqa: E402
+from medsamix.segmenter import Segmenter  # noqa: E402
+from medsamix.serving import load_served_pool, member_model  # noqa: E402
+
+
+def _boxes(rng: np.random.Generator, shape: tuple[int, int, int], k: int, n: int) -> list[list[int]]:
+    """``n`` random rois on slice ``k`` (Slicer's [i_a, i_b, j_a, j_b, k, k])."""
+    out = []
+    for _ in range(n):
+        i0, j0 = rng.integers(0, shape[0] // 2), rng.integers(0, shape[1] // 2)
+        i1, j1 = i0 + rng.integers(8, shape[0] // 2), j0 + rng.integers(8, shape[1] // 2)
+        out.append([int(i0), int(i1), int(j0), int(j1), k, k])
+    return out
+
+
+def bench(name: str, seg: Segmenter, volume: np.ndarray, firsts: int, repeats: int, seed: int) -> dict[str, float]:
+    """Time ``firsts`` first prompts (each on a new slice) and ``repeats`` repeated prompts on the last one.
+
+    One untimed warm-up prompt (under another image key) runs first, so one-time costs (allocator, kernel selection)
+    are not counted as a first prompt."""
+    rng = np.random.default_rng(seed)
+    shape = tuple(int(s) for s in volume.shape)
+    seg.segment(f"{name}-warm-up", volume, parse_prompt({"roi": _boxes(rng, shape, 0, 1)[0]}, shape))
+    first_ms, first_enc = [], []
+    k = shape[2] // 2
+    for n in range(firsts):
+        k = shape[2] // 2 + n
+        roi = _boxes(rng, shape, k, 1)[0]
+        r = seg.segment(name, volume, parse_prompt({"roi": roi}, shape)).latency
+        assert not r.cache_hit, "a first prompt must run the image encoder"
+        first_ms.append(r.total_ms)
+        first_enc.append(r.encoder_ms)
+    rep_total, rep_dec = [], []
+    for roi in _boxes(rng, shape, k, repeats):
+        r = seg.segment(name, volume, parse_prompt({"roi": roi}, shape)).latency
+        assert r.cache_hit and r.encoder_ms == 0, "a repeated prompt must not run the image encoder"
+        rep_total.append(r.total_ms)
+        rep_dec.append(r.decoder_ms)
+    return {"first_ms": statistics.median(first_ms), "encoder_ms": statistics.median(first_enc),
+            "repeat_ms": statistics.median(rep_total), "decoder_ms": statistics.median(rep_dec),
+            "firsts": firsts, "repeats": repeats}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--pool", type=Path, default=REPO / "sample-data" / "pool")
+    ap.add_argument("--repeats", type=int, default=10, help="repeated prompts per model (default 10)")
+    ap.add_argument("--tiny-firsts", type=int, default=8, help="first prompts for the tiny model (default 8)")
+    ap.add_argument("--vit-b-firsts", type=int, default=2, help="first prompts for ViT-B (default 2, ~16 s each)")
+    ap.add_argument("--out", type=Path, default=None, help="also write the figures as Markdown to this file")
+    args = ap.parse_args()
+    if args.repeats < 1 or args.tiny_firsts < 1 or args.vit_b_firsts < 1:
+        print("error: --repeats, --tiny-firsts and --vit-b-firsts must be >= 1", file=sys.stderr)
+        return 2
+    torch.manual_seed(0)
+    image, _ = phantom_volume(np.random.default_rng(0))
+    volume = (image / image.max() * 255).astype(np.float32)
+    rows = []
+    t0 = time.perf_counter()
+    served = member_model(load_served_pool(args.pool), "sam_tiny")
+    rows.append(("tiny pool base (sam_tiny, 256 px)",
+                 bench("tiny", Segmenter(served.model, served.prep, served.version), volume, args.tiny_firsts,
+                       args.repeats, 1)))
+    from segment_anything import sam_model_registry
+
+    vit_b = sam_model_registry["vit_b"]().eval()
+    rows.append(("random ViT-B (1024 px)",
+                 bench("vit_b", Segmenter(vit_b, Preprocessor("sam", 1024), "vit_b-random"), volume,
+                       args.vit_b_firsts, args.repeats, 2)))
+    lines = [
+        "# Interactive latency: first prompt vs repeated prompts on the same slice",
+        "",
+        "Command: `.venv/bin/python scripts/bench_infer.py"
+        + (f" --repeats {args.repeats}" if args.repeats != 10 else "")
+        + (f" --out {args.out}" if args.out else "") + "`",
+        "",
+        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch "
+        f"{torch.__version__}, {torch.get_num_threads()} threads; image {volume.shape[0]} x {volume.shape[1]} "
+        f"x {volume.shape[2]} (2D box prompts). Medians of the segmenter's server-side latencies.",
+        "",
+        "| model | first prompt ms (n) | of which encoder ms | repeated prompt ms (n) | decoder ms | repeat / decoder |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, r in rows:
+        lines.append(f"| {name} | {r['first_ms']:.1f} ({r['firsts']}) | {r['encoder_ms']:.1f} | "
+                     f"{r['repeat_ms']:.1f} ({r['repeats']}) | {r['decoder_ms']:.1f} | "
+                     f"{r['repeat_ms'] / r['decoder_ms']:.3f} |")
+    v = rows[-1][1]
+    lines += ["", f"Total benchmark time {time.perf_counter() - t0:.0f} s.", "",
+              f"first_ms={v['first_ms']:.1f} repeat_ms={v['repeat_ms']:.1f} decoder_ms={v['decoder_ms']:.1f} "
+              f"repeat_over_decoder={v['repeat_ms'] / v['decoder_ms']:.3f}"]
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
