@@ -228,6 +228,10 @@ def run_search(
             raise SearchError("multi-fidelity is supported for single-task searches only")
         if not 1 <= settings.min_budget < full:
             raise SearchError(f"min_budget must lie in [1, {full}) calibration slices, got {settings.min_budget}")
+    n_initial = len(initial_configs(merger, settings))
+    if settings.trials < n_initial:
+        raise SearchError(f"trials must be at least {n_initial}: the initial design alone (the uniform merges and "
+                          f"each single pool model) has {n_initial} configurations; got {settings.trials}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     key = _settings_key(settings, context or {})
