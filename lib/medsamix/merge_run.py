@@ -44,7 +44,8 @@ from .evaluate import Evaluator
 from .merger import Merger
 from .pool import ModelPool, PoolManifest
 from .preprocess import Preprocessor
-from .recipe import ModelRef, Recipe
+from .recipe import PREPROCESSING_STYLES, ModelRef, Recipe
+from .report import uniform_scores, write_report
 from .search import SearchResult, SearchSettings, Trial, _settings_key, run_search, score
 from .shared_data import TaskSet, normalized
 from .slices import SliceSample, extract_slices
@@ -260,12 +261,14 @@ class Promotion:
 
 
 def decide_promotion(merged: Mapping[str, float], singles: Mapping[str, Mapping[str, float]],
-                     tolerance: float = 1e-9) -> Promotion:
-    """Promote when the merged model's mean calibration Dice is >= the best single model's (minus ``tolerance``).
+                     min_gain: float = 0.0, tolerance: float = 1e-9) -> Promotion:
+    """Promote when the merged model's mean calibration Dice is >= the best single model's + ``min_gain``
+    (up to ``tolerance`` for rounding).
 
     Args:
         merged: Task -> calibration Dice of the merged model.
         singles: Alias -> task -> calibration Dice of each single pool model (at least one).
+        min_gain: Required margin over the best single model (0: not worse is enough).
     """
     if not singles:
         raise ValueError("no single pool model to compare with")
@@ -276,14 +279,15 @@ def decide_promotion(merged: Mapping[str, float], singles: Mapping[str, Mapping[
     m = mean(merged)
     means = {a: mean(d) for a, d in singles.items()}
     best = max(means, key=lambda a: means[a])
-    ok = m >= means[best] - tolerance
+    ok = m >= means[best] + min_gain - tolerance
+    gain = f" + required gain {min_gain:g}" if min_gain else ""
     if ok:
         reason = (f"promoted: merged calibration Dice {m:.4f} >= best single pool model {best!r} "
-                  f"{means[best]:.4f}")
+                  f"{means[best]:.4f}{gain}")
     else:
         reason = (f"not promoted: merged calibration Dice {m:.4f} is below the best single pool model {best!r} "
-                  f"({means[best]:.4f}, own preprocessing) on the same calibration slices; the served model is "
-                  "unchanged")
+                  f"({means[best]:.4f}, own preprocessing, on the same calibration slices){gain}; the served "
+                  "model is unchanged")
     return Promotion(ok, m, best, means[best], {a: dict(d) for a, d in singles.items()}, reason)
 
 
@@ -329,6 +333,8 @@ def run_merge(
     restart: bool = False,
     on_trial: Callable[[Trial, int], None] | None = None,
     client: Any | None = None,
+    report: bool = True,
+    min_gain: float = 0.0,
 ) -> MergeOutcome:
     """Run (or resume) a search into ``out_dir`` and write its recipe, merged checkpoint and history there.
 
@@ -344,6 +350,9 @@ def run_merge(
         restart: Discard an incompatible history in ``out_dir`` instead of refusing.
         on_trial: Called after each trial with the trial and the number of trials done (resumed ones included).
         client: Optional ``distributed.Client`` for parallel trials.
+        report: Also score the single models and uniform merges on calibration and test slices and write
+            ``report.md`` (best-so-far curve, Pareto front, per-group method map, per-task tables).
+        min_gain: Calibration Dice the merged model must gain over the best single model to be promoted.
 
     Returns:
         The outcome; ``recipe.yaml``, ``merged.pth`` and ``history.csv`` are in ``out_dir`` (each written
@@ -362,9 +371,10 @@ def run_merge(
 
     result = run_search(merger, evaluator, settings, out_dir, context, restart, after_trial, client)
     prep = Preprocessor(settings.preprocessing, pool.arch.img_size)
-    test_dice = score(merger, Evaluator(list(test)), prep, result.best.config, settings.tasks) if test else {}
+    test_ev = Evaluator(list(test)) if test else None
+    test_dice = score(merger, test_ev, prep, result.best.config, settings.tasks) if test_ev else {}
     singles = single_model_scores(merger, evaluator, styles, settings.tasks, settings.preprocessing)
-    promotion = decide_promotion(result.best.dice, singles)
+    promotion = decide_promotion(result.best.dice, singles, min_gain)
     recipe = Recipe(
         arch=pool.arch, base=ModelRef(pool.base.alias, pool.base.sha256),
         models=[ModelRef(m.alias, m.sha256) for m in pool.models], merge=result.best.config,
@@ -377,7 +387,25 @@ def run_merge(
     state = {k: v.detach().clone() for k, v in merger.apply(result.best.config).state_dict().items()}
     save_sam_checkpoint(state, out_dir / "merged.pth")
     _atomic(out_dir / "history.csv", lambda p: write_history(p, result.trials, settings.tasks))
+    if report:
+        write_comparison_report(out_dir, merger, evaluator, test_ev, settings, result, singles, test_dice, styles,
+                                [f"Data: {split}."])
     return MergeOutcome(out_dir, result, recipe, state, dict(result.best.dice), test_dice, promotion)
+
+
+def write_comparison_report(out_dir: Path, merger: Merger, calibration: Evaluator, test: Evaluator | None,
+                            settings: SearchSettings, result: SearchResult, singles: Mapping[str, Mapping[str, float]],
+                            test_dice: Mapping[str, float], styles: Mapping[str, str] | None,
+                            header: Sequence[str] = ()) -> Path:
+    """Score the single models (own preprocessing) and the uniform merges on calibration and test slices and
+    write ``report.md`` with its figures (see :mod:`medsamix.report`). ``merger``'s model is overwritten."""
+    cal = {"medsamix": dict(result.best.dice), **singles, **uniform_scores(merger, calibration, settings, result.trials)}
+    tst: dict[str, dict[str, float]] = {}
+    if test is not None:
+        tst = {"medsamix": dict(test_dice),
+               **single_model_scores(merger, test, styles, settings.tasks, settings.preprocessing),
+               **uniform_scores(merger, test, settings)}
+    return write_report(out_dir, result, settings, cal, tst, header)
 
 
 SMAC_DIR = "smac"
@@ -501,6 +529,10 @@ class MergeOptions:
         min_budget: Multi-fidelity (one task only): fewest calibration slices per trial; ``None`` = off.
         seed: Seed of the patient split and of SMAC.
         restart: Discard the stored trials of these settings and start over.
+        preprocessing: Preprocessing style of the merged model ("sam" / "medsam"); ``None`` = the default
+            (the base model's).
+        min_gain: Promote only when the merged model's mean calibration Dice exceeds the best single pool
+            model's by at least this much (0 = not worse is enough). Not part of the search settings.
     """
 
     tasks: tuple[str, ...] = ()
@@ -510,6 +542,8 @@ class MergeOptions:
     min_budget: int | None = None
     seed: int = 0
     restart: bool = False
+    preprocessing: str | None = None
+    min_gain: float = 0.0
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any], defaults: Mapping[str, Any] | None = None) -> "MergeOptions":
@@ -539,13 +573,24 @@ class MergeOptions:
         seed = _as_int("seed", merged.get("seed", cls.seed))
         if seed < 0:
             raise MergeRunError(f"seed: must be >= 0, got {seed}")
+        style = merged.get("preprocessing") or None
+        if style is not None and style not in PREPROCESSING_STYLES:
+            raise MergeRunError(f"preprocessing: must be one of {list(PREPROCESSING_STYLES)} (or empty for the "
+                                f"default), got {style!r}")
+        try:
+            min_gain = float(merged.get("min_gain") or 0.0)
+        except (TypeError, ValueError):
+            raise MergeRunError(f"min_gain: expected a number, got {merged.get('min_gain')!r}") from None
+        if not -1.0 <= min_gain <= 1.0:
+            raise MergeRunError(f"min_gain: must lie in [-1, 1] (a Dice difference), got {min_gain}")
         return cls(tasks, trials, granularity, _as_bool("separate", merged.get("separate", False)),
-                   min_budget or None, seed, _as_bool("restart", merged.get("restart", False)))
+                   min_budget or None, seed, _as_bool("restart", merged.get("restart", False)), style, min_gain)
 
     def settings(self, tasks: Sequence[str], preprocessing: str) -> SearchSettings:
-        """The search settings for ``tasks`` (the data's tasks when the options name none)."""
+        """The search settings for ``tasks``; ``preprocessing`` is the default style, used unless the options
+        name one."""
         return SearchSettings(tasks=tuple(tasks), trials=self.trials, granularity=self.granularity,
-                              separate=self.separate, seed=self.seed, preprocessing=preprocessing,
+                              separate=self.separate, seed=self.seed, preprocessing=self.preprocessing or preprocessing,
                               min_budget=self.min_budget)
 
 

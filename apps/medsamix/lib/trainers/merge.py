@@ -10,7 +10,9 @@ settings and data), so the same request resumes the search.
 Request options (all optional; strings are accepted): ``task`` (or ``tasks`` / ``labels``; one name -> MedSAMix-S,
 several comma-separated -> MedSAMix-M, empty -> every label of the data), ``trials``, ``granularity`` (ViT blocks per
 encoder group), ``separate``, ``min_budget`` (multi-fidelity, one task; 0 = off), ``seed``, ``restart``
-(discard the stored trials of these settings).
+(discard the stored trials of these settings), ``preprocessing`` of the merged model ("sam" / "medsam"; empty = the
+app's ``merged_preprocessing`` or the base model's), ``min_gain`` (calibration Dice the merged model must gain over
+the best single pool model to be published; 0 = not worse is enough).
 
 App configuration (``--conf``): ``model_dir`` (runs go to ``<model_dir>/runs``; default: next to the published
 folder), ``labels`` (the app's label names: comma-separated for values 1, 2, ... or ``{"name": value}`` JSON; else
@@ -82,7 +84,7 @@ class MergeTrain(TrainTask):
         self.progress = ProgressFile(self.runs_dir / "status.json")
         self._defaults: dict[str, Any] = {"task": "", "trials": int(self.conf.get("merge_trials", 30)),
                                           "granularity": 2, "separate": False, "min_budget": 0, "seed": 0,
-                                          "restart": False}
+                                          "restart": False, "preprocessing": "", "min_gain": 0.0}
 
     def config(self) -> dict[str, Any]:
         """The options shown by Slicer / OHIF (and sent back with the train request)."""
@@ -170,7 +172,7 @@ class MergeTrain(TrainTask):
         logger.info("merge run %s (%s) in %s; %d trials already done", plan.name, plan.variant, plan.out_dir,
                     resumed)
         outcome = run_merge(self._served.pool, plan.calibration, plan.test, plan.settings, plan.out_dir, plan.split,
-                            self._served.styles, on_trial=monitor.on_trial)
+                            self._served.styles, on_trial=monitor.on_trial, min_gain=options.min_gain)
         self.progress.update(status="finishing", epoch=len(outcome.result.trials),
                              best_metric=outcome.promotion.merged_dice, message="scoring and publishing")
         return outcome
