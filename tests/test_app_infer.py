@@ -138,7 +138,7 @@ def test_second_prompt_on_the_same_slice_needs_no_encoder_pass(tiny_segmenter_pa
         assert calls["n"] == 3
         seg.set_model(model, prep, "v2")  # new weights: old embeddings are not reused
         seg.segment("img", vol, parse_prompt({"roi": [5, 30, 5, 40, 2, 2]}, vol.shape))
-        assert calls["n"] == 4 and all(k[2] == "v2" for k in seg.cache._items)
+        assert calls["n"] == 4 and all(k[2] == "v2" for k in seg.cache.keys())
     finally:
         hook.remove()
 
@@ -412,3 +412,24 @@ def test_publishing_a_merge_is_served_without_restart(client, server):
     assert "unusable" in out2.get("warning", "") and out2["model_version"] == pub.version
     np.testing.assert_array_equal(still, ref)
     shutil.rmtree(model_dir / "merged")
+
+
+def test_server_on_checkpoint_files_given_as_models(tiny_pool_files, studies):
+    """``--conf models alias=path,...`` (first = base) instead of a pool folder, with per-model preprocessing."""
+    from monailabel.client import MONAILabelClient
+
+    spec = ",".join(f"{a}={p}" for a, p in tiny_pool_files.items())
+    with running_server(studies, {"models": spec, "preprocessing": "medsam=medsam"}) as url:
+        c = MONAILabelClient(url)
+        models = c.info()["models"]
+        assert set(models) == {"medsamix", "sam", "medsam", "medicosam"}
+        assert "medsam preprocessing" in models["medsam"]["description"]
+        path, out = c.infer("medsam", "phantom_000", {"roi": [30, 60, 10, 70, 15, 15]})
+        Path(path).unlink()
+        assert out["model_version"].startswith("medsam@") and out["slices"] == [15]
+
+
+def test_bad_models_conf_is_reported(tiny_pool_files, studies):
+    with pytest.raises(RuntimeError, match="alias=path"):
+        with running_server(studies, {"models": f"sam={tiny_pool_files['sam']}"}, timeout_s=60):
+            pass

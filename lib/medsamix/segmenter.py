@@ -100,37 +100,49 @@ def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
 
 
 class EmbeddingCache:
-    """LRU cache of image embeddings ``(C, h, w)`` bounded by their total size in bytes."""
+    """LRU cache of image embeddings ``(C, h, w)`` bounded by their total size in bytes.
+
+
+    Keys are ``(image key, slice index, model version)``. Thread-safe: several infer tasks may share one cache.
+    """
 
     def __init__(self, max_bytes: int = DEFAULT_CACHE_BYTES) -> None:
         self.max_bytes = max_bytes
         self._items: collections.OrderedDict[tuple[str, int, str], Tensor] = collections.OrderedDict()
         self._bytes = 0
+        self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self._items)
 
+    def keys(self) -> list[tuple[str, int, str]]:
+        with self._lock:
+            return list(self._items)
+
     def get(self, key: tuple[str, int, str]) -> Tensor | None:
-        t = self._items.get(key)
-        if t is not None:
-            self._items.move_to_end(key)
-        return t
+        with self._lock:
+            t = self._items.get(key)
+            if t is not None:
+                self._items.move_to_end(key)
+            return t
 
     def put(self, key: tuple[str, int, str], value: Tensor) -> None:
-        old = self._items.pop(key, None)
-        if old is not None:
-            self._bytes -= old.element_size() * old.nelement()
-        self._items[key] = value
-        self._bytes += value.element_size() * value.nelement()
-        while self._bytes > self.max_bytes and len(self._items) > 1:
-            _, dropped = self._items.popitem(last=False)
-            self._bytes -= dropped.element_size() * dropped.nelement()
+        with self._lock:
+            old = self._items.pop(key, None)
+            if old is not None:
+                self._bytes -= old.element_size() * old.nelement()
+            self._items[key] = value
+            self._bytes += value.element_size() * value.nelement()
+            while self._bytes > self.max_bytes and len(self._items) > 1:
+                _, dropped = self._items.popitem(last=False)
+                self._bytes -= dropped.element_size() * dropped.nelement()
 
     def drop_version(self, version: str) -> None:
         """Forget the embeddings computed with model version ``version``."""
-        for key in [k for k in self._items if k[2] == version]:
-            t = self._items.pop(key)
-            self._bytes -= t.element_size() * t.nelement()
+        with self._lock:
+            for key in [k for k in self._items if k[2] == version]:
+                t = self._items.pop(key)
+                self._bytes -= t.element_size() * t.nelement()
 
 
 class Segmenter:

@@ -74,11 +74,15 @@ def load_volume(path: str | os.PathLike[str], modality: str | None = None) -> Vo
     return Volume(key, p, to_255(image, *intensity_range(image, mod)), affine, mod)
 
 
-class VolumeCache:
-    """The last few loaded volumes, keyed by path and reloaded when the file changes."""
+DEFAULT_VOLUME_CACHE_BYTES = 1 << 30
 
-    def __init__(self, size: int = 4) -> None:
-        self.size = size
+
+class VolumeCache:
+    """The most recently used volumes (at most ``max_bytes`` of 0-255 arrays, and always the last one), keyed by path
+    and file state, so a changed file is read again."""
+
+    def __init__(self, max_bytes: int = DEFAULT_VOLUME_CACHE_BYTES) -> None:
+        self.max_bytes = max_bytes
         self._items: collections.OrderedDict[str, Volume] = collections.OrderedDict()
         self._lock = threading.Lock()
 
@@ -95,7 +99,7 @@ class VolumeCache:
         v = load_volume(p, modality)
         with self._lock:
             self._items[v.key] = v
-            while len(self._items) > self.size:
+            while len(self._items) > 1 and sum(x.image255.nbytes for x in self._items.values()) > self.max_bytes:
                 self._items.popitem(last=False)
         return v
 
