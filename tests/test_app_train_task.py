@@ -1,0 +1,128 @@
+"""The app's "merge" train task in-process, on a MONAI Label LocalDatastore and a tiny random pool given as files.
+
+(The same task through the real server, with stop and resume, is in test_app_train.py.)
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+
+from conftest import TINY, random_state
+from medsamix.publish import current
+from test_merge_run import make_datastore
+
+APP = Path(__file__).resolve().parents[1] / "apps" / "medsamix"
+
+
+def _merge_module() -> ModuleType:
+    """apps/medsamix/lib/trainers/merge.py, loaded by path (the app's ``lib`` package is not on sys.path here)."""
+    spec = importlib.util.spec_from_file_location("medsamix_app_merge", APP / "lib" / "trainers" / "merge.py")
+    assert spec and spec.loader
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+merge = _merge_module()
+
+
+@pytest.fixture(scope="module")
+def models_spec(tmp_path_factory) -> str:
+    d = tmp_path_factory.mktemp("pool")
+    out = []
+    for i, alias in enumerate(["sam", "medsam", "medicosam"]):
+        torch.save(random_state(TINY, i), d / f"{alias}.pth")
+        out.append(f"{alias}={d / f'{alias}.pth'}")
+    return ",".join(out)
+
+
+def _datastore(root: Path, labelled: int):
+    from monailabel.datastore.local import LocalDatastore
+
+    make_datastore(root, n=5, labelled=labelled)
+    return LocalDatastore(str(root), extensions=("*.nii.gz",), auto_reload=False)
+
+
+@pytest.fixture(scope="module")
+def studies(tmp_path_factory):
+    root = tmp_path_factory.mktemp("studies")
+    return root, _datastore(root, labelled=4)
+
+
+def _task(studies_root: Path, model_dir: Path, models_spec: str, **conf: str):
+    return merge.MergeTrain(str(APP), str(studies_root), "", str(model_dir / "merged"),
+                            {"models": models_spec, "model_dir": str(model_dir), "labels": "ellipsoid", **conf})
+
+
+def test_config_lists_the_options_clients_show():
+    t = merge.MergeTrain(str(APP), "/nowhere", "", "/nowhere/model/merged", {})
+    assert set(t.config()) == {"task", "trials", "granularity", "separate", "min_budget", "seed", "restart",
+                               "preprocessing", "min_gain"}
+    assert t.stats() == {} and t.runs_dir == Path("/nowhere/model/runs")
+
+
+def test_train_publishes_reports_progress_and_a_second_request_resumes(studies, models_spec, tmp_path):
+    root, ds = studies
+    task = _task(root, tmp_path / "model", models_spec)
+    res = task({"model": "merge", "task": "ellipsoid", "trials": "8"}, ds)
+    assert res["variant"] == "MedSAMix-S" and res["trials"] == 8 and res["promoted"] is True
+    pub = current(tmp_path / "model" / "merged")
+    assert pub is not None and pub.version == res["published_version"]
+    assert pub.info["run"] == res["run"] and pub.info["calibration_dice"] == res["calibration_dice"]
+    assert pub.load_recipe().scores["calibration_dice"] == res["calibration_dice"]
+    st = task.stats()
+    assert st["status"] == "done" and st["epoch"] == 8 and st["total_epochs"] == 8 and st["total_time"]
+    assert st["best_metric"] == pytest.approx(res["calibration_dice"]["ellipsoid"])
+    assert st["published_version"] == pub.version and st["message"].startswith("promoted:")
+    assert st["notes"] == ["1 study without a final label not used"]
+    run_dir = Path(res["out_dir"])
+    assert run_dir.parent == tmp_path / "model" / "runs"
+    assert len((run_dir / "trials.jsonl").read_text().splitlines()) == 8
+    # the same request again: nothing to evaluate, nothing published twice
+    again = task({"model": "merge", "task": "ellipsoid", "trials": 8}, ds)
+    assert again["run"] == res["run"] and again["published_version"] == pub.version
+    assert task.stats()["resumed_trials"] == 8
+    assert len(list((tmp_path / "model" / "merged" / "versions").iterdir())) == 1
+    # restart discards the stored trials
+    task({"model": "merge", "task": "ellipsoid", "trials": 8, "restart": True}, ds)
+    assert task.stats()["resumed_trials"] == 0
+
+
+def test_several_tasks_run_medsamix_m_and_a_required_gain_blocks_promotion(studies, models_spec, tmp_path):
+    root, ds = studies
+    task = _task(root, tmp_path / "model", models_spec)
+    res = task({"model": "merge", "task": "", "trials": 8, "min_gain": 0.5}, ds)
+    assert res["variant"] == "MedSAMix-M" and res["tasks"] == ["ellipsoid", "label_2"]
+    assert res["promoted"] is False and res["published_version"] is None
+    assert res["promotion"]["reason"].startswith("not promoted") and "required gain 0.5" in res["promotion"]["reason"]
+    assert current(tmp_path / "model" / "merged") is None
+    st = task.stats()
+    assert st["status"] == "done" and not st["promoted"] and "served model is unchanged" in st["message"]
+
+
+@pytest.mark.parametrize("labelled, request_, needle", [
+    (4, {"task": "liver"}, "unknown task(s) ['liver']; this data has ['ellipsoid', 'label_2']"),
+    (4, {"trials": 3}, "trials must be at least 8"),
+    (4, {"granularity": 7}, "granularity: must be 1, 2, 3 or 4"),
+    (4, {"task": "ellipsoid,label_2", "min_budget": 3}, "one task only"),
+    (1, {}, "at least 2 labelled studies are needed (calibration and test), found 1"),
+    (0, {}, "no labelled studies: none of the 5 images in the datastore has a final label"),
+])
+def test_bad_requests_fail_with_the_reason_in_stats(labelled, request_, needle, models_spec, tmp_path):
+    from monailabel.interfaces.exception import MONAILabelException
+
+    ds = _datastore(tmp_path / "studies", labelled)
+    task = _task(tmp_path / "studies", tmp_path / "model", models_spec)
+    with pytest.raises(MONAILabelException) as e:
+        task({"model": "merge", "trials": 8, **request_}, ds)
+    assert needle in e.value.msg
+    st = task.stats()
+    assert st["status"] == "failed" and needle in st["message"]
+    assert current(tmp_path / "model" / "merged") is None
+    json.dumps(st)
