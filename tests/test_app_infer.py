@@ -62,6 +62,9 @@ def test_points_map_ijk_to_xy_and_group_by_slice():
     assert p.ignored_points == 1  # the point on slice 9
     q = parse_prompt({"foreground": [[30, 12, 5], [31, 13, 9]]}, SHAPE)  # no slice: every slice with points
     assert [s.index for s in q.seeds] == [5, 9]
+    o = parse_prompt({"pos_points": [[30, 12, 5]], "neg_points": [[2, 3, 5]]}, SHAPE)  # OHIF-AI names
+    np.testing.assert_array_equal(o.seeds[0].points, p.seeds[0].points)
+    np.testing.assert_array_equal(o.seeds[0].labels, p.seeds[0].labels)
 
 
 def test_3d_box_seeds_the_middle_or_given_slice_and_pos_boxes_match_roi():
@@ -95,6 +98,8 @@ def test_roi_sticking_out_is_clipped_and_flagged():
     ({"roi": [20, 50, 10, 40, 7, 7], "pos_boxes": [[[1, 2, 3], [4, 5, 6]]]}, "not both"),
     ({"pos_boxes": [[[1, 2, 3], [4, 5, 6]], [[1, 2, 3], [4, 5, 6]]]}, "exactly one box"),
     ({"roi": [20, 50, 10, 40, 7, 7], "mode": "4d"}, "mode must be"),
+    ({"roi": [20, 50, 10, 40, 7, 7], "neg_boxes": [[[1, 2, 3], [4, 5, 6]]]}, "not supported"),
+    ({"pos_points": [[1, 2, 3, 4]]}, r"pos_points\[0\]"),
 ])
 def test_bad_prompts_are_refused_with_the_reason(request_, reason):
     with pytest.raises(PromptError, match=reason):

@@ -16,8 +16,9 @@ Accepted request fields (all optional, at least one prompt needed):
   because Slicer maps the RAS min/max corners, which swap on flipped axes). A roi that sticks out of the volume is
   clipped to it; one entirely outside, or with no extent in I or J, is an error. ``[]`` or all zeros mean "no roi".
 * ``pos_boxes``: OHIF-AI style ``[[[i, j, k], [i, j, k]]]``: one box given by two opposite IJK corners.
-* ``foreground`` / ``background``: lists of IJK points ``[i, j, k]`` (Slicer's control points). Points outside the
-  volume are an error.
+* ``foreground`` / ``background``: lists of IJK points ``[i, j, k]`` (Slicer's control points); OHIF-AI's
+  ``pos_points`` / ``neg_points`` are added to them. Points outside the volume are an error. ``neg_boxes`` is not
+  supported (an error says so).
 * ``slice``: the K index to segment in 2D mode (Slicer's current slice); ``-1`` or ``None``: not given.
 * ``mode``: ``"2d"`` or ``"3d"``; default: 3D when a box spans several K slices, else 2D.
 
@@ -220,8 +221,12 @@ def parse_prompt(request: Mapping[str, Any], shape: Sequence[int], mode: str | N
         if mode not in MODES:
             raise PromptError(f"mode must be one of {MODES}, got {mode!r}")
     ranges, clipped = _roi(request, shp)
-    fg = _points(request.get("foreground"), "foreground", shp)
-    bg = _points(request.get("background"), "background", shp)
+    if request.get("neg_boxes"):
+        raise PromptError("neg_boxes is not supported: SAM takes one positive box; use background points instead")
+    fg = np.concatenate([_points(request.get("foreground"), "foreground", shp),
+                         _points(request.get("pos_points"), "pos_points", shp)])
+    bg = np.concatenate([_points(request.get("background"), "background", shp),
+                         _points(request.get("neg_points"), "neg_points", shp)])
     k_given = _slice(request, shp)
     all_pts = np.concatenate([fg, bg])
     all_lab = np.concatenate([np.ones(len(fg), np.int64), np.zeros(len(bg), np.int64)])

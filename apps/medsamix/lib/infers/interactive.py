@@ -7,6 +7,7 @@ and writes the label map (NIfTI, the image's affine) to a temporary file that MO
 from __future__ import annotations
 
 import tempfile
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -48,8 +49,12 @@ class InteractiveInfer(InferTask):
         return True
 
     def __call__(self, request: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        t0 = time.perf_counter()
         result = self.service.run(request["image"], request)
         with tempfile.NamedTemporaryFile(suffix=".nii.gz", prefix="medsamix-", delete=False) as f:
             path = f.name
+        t1 = time.perf_counter()
         write_label(result.mask, result.affine, path)
+        t2 = time.perf_counter()
+        result.params["latencies"].update(write_ms=round((t2 - t1) * 1e3, 3), task_ms=round((t2 - t0) * 1e3, 3))
         return path, result.params
