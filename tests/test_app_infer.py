@@ -434,7 +434,12 @@ def test_server_on_checkpoint_files_given_as_models(tiny_pool_files, studies):
         assert out["model_version"].startswith("medsam@") and out["slices"] == [15]
 
 
-def test_bad_models_conf_is_reported(tiny_pool_files, studies):
-    with pytest.raises(RuntimeError, match="alias=path"):
-        with running_server(studies, {"models": f"sam={tiny_pool_files['sam']}"}, timeout_s=60):
+@pytest.mark.parametrize("case", ["one model", "corrupt file"])
+def test_bad_models_conf_stops_the_server_with_the_reason(tiny_pool_files, studies, tmp_path, case):
+    bad = tmp_path / "bad.pth"
+    bad.write_text("not a checkpoint")
+    spec, reason = {"one model": (f"sam={tiny_pool_files['sam']}", "alias=path,alias=path"),
+                    "corrupt file": (f"sam={tiny_pool_files['sam']},bad={bad}", "not a readable PyTorch checkpoint")}[case]
+    with pytest.raises(RuntimeError, match=reason):
+        with running_server(studies, {"models": spec}, timeout_s=60):
             pass

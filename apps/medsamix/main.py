@@ -38,7 +38,7 @@ from monailabel.interfaces.tasks.train import TrainTask
 from lib.infers.interactive import InteractiveInfer
 from medsamix.errors import MedSAMixError
 from medsamix.segmenter import DEFAULT_IOU_THRESHOLD, DEFAULT_MARGIN, EmbeddingCache
-from medsamix.serving import InteractiveService, MergedModelSource, load_served_pool, member_model
+from medsamix.serving import InteractiveService, MergedModelSource, PoolLoader
 from medsamix.volumes import VolumeCache
 
 logger = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ class MedSAMixApp(MONAILabelApp):
     def __init__(self, app_dir: str, studies: str, conf: dict[str, str]) -> None:
         conf = dict(conf or {})
         self.pool_dir = None if conf.get("models") else _resolve(conf.get("pool", "sample-data/pool"))
-        self.served = load_served_pool(self.pool_dir, conf.get("models"), conf.get("preprocessing"))
+        self.pool = PoolLoader(self.pool_dir, conf.get("models"), conf.get("preprocessing"))
         model_dir = Path(conf["model_dir"]).expanduser() if conf.get("model_dir") else Path(app_dir) / "model"
         self.published_dir = model_dir / "merged"
         self.published_dir.mkdir(parents=True, exist_ok=True)
@@ -82,7 +82,7 @@ class MedSAMixApp(MONAILabelApp):
         self.margin = float(conf.get("margin", DEFAULT_MARGIN))
         self.volumes = VolumeCache()
         self.embeddings = EmbeddingCache()
-        self.merged = MergedModelSource(self.served, self.published_dir, MERGED_TASK, conf.get("merged_preprocessing"))
+        self.merged = MergedModelSource(self.pool, self.published_dir, MERGED_TASK, conf.get("merged_preprocessing"))
         super().__init__(
             app_dir=app_dir,
             studies=studies,
@@ -98,16 +98,24 @@ class MedSAMixApp(MONAILabelApp):
                                   status)
 
     def init_infers(self) -> dict[str, InferTask]:
-        self.merged.get()  # build the uniform merge / load the published model now, not on the first click
+        # Models are built on first use (MONAI Label also builds the app in each training subprocess, which never
+        # segments); the server preloads them in on_init_complete.
         infers: dict[str, InferTask] = {
             MERGED_TASK: InteractiveInfer(self._service(MERGED_TASK, self.merged.get, lambda: self.merged.warning),
                                           self.label_names, self.merged.describe)
         }
-        for alias in self.served.pool.aliases:
-            served = member_model(self.served, alias)
-            infers[alias] = InteractiveInfer(self._service(alias, lambda s=served: s), self.label_names,
-                                             lambda s=served: s.description)
+        for alias in self.pool.aliases:
+            infers[alias] = InteractiveInfer(self._service(alias, lambda a=alias: self.pool.member(a)),
+                                             self.label_names, lambda a=alias: self.pool.describe(a))
         return infers
+
+    def on_init_complete(self) -> None:
+        """Server start-up (not run in training subprocesses): load the pool and build every model now, so the
+        first click does not pay for it; a broken pool stops the server here with the reason."""
+        self.merged.get()
+        for alias in self.pool.aliases:
+            self.pool.member(alias)
+        super().on_init_complete()
 
     def init_trainers(self) -> dict[str, TrainTask]:
         try:

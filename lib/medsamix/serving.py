@@ -2,7 +2,8 @@
 
 * :func:`load_served_pool` reads the pool from a ``pool.yaml`` folder (:class:`~medsamix.pool.PoolManifest`) or from
   ``alias=path`` pairs (first = base), with each member's preprocessing style.
-* :func:`member_model` builds a ``Sam`` module holding one member's weights.
+* :func:`member_model` builds a ``Sam`` module holding one member's weights; :class:`PoolLoader` describes a pool
+  without reading its weights and loads it (and each member's module) once, on demand.
 * :class:`MergedModelSource` serves whatever :func:`medsamix.publish.current` names in the published folder; it
   checks that pointer on every :meth:`~MergedModelSource.get` (one small file read) and loads a new version when it
   changed. Before anything is published it serves the pool's uniform linear merge
@@ -29,7 +30,7 @@ from torch import nn
 
 from .checkpoint import load_sam_checkpoint
 from .config import uniform_merges
-from .errors import ConfigError, MedSAMixError, PoolError
+from .errors import CheckpointError, ConfigError, MedSAMixError, PoolError
 from .merger import Merger
 from .pool import ModelPool, PoolManifest
 from .preprocess import STYLES, Preprocessor
@@ -147,29 +148,95 @@ def member_model(served: ServedPool, alias: str) -> ServedModel:
     m = members[alias]
     model = served.pool.arch.build()
     model.load_state_dict(m.state_dict)
-    role = "base model" if alias == served.pool.base.alias else "fine-tuned pool model"
     style = served.styles[alias]
     return ServedModel(alias, model.eval(), Preprocessor(style, served.pool.arch.img_size), f"{alias}@{m.sha256[:12]}",
-                       f"{alias}: {role} of the pool ({served.pool.arch.name}, {style} preprocessing), "
-                       "box/point prompts, 2D or 3D propagation")
+                       f"{alias}: {_role(alias, served.pool.base.alias)} of the pool ({served.pool.arch.name}, "
+                       f"{style} preprocessing), box/point prompts, 2D or 3D propagation")
+
+
+def _role(alias: str, base: str) -> str:
+    return "base model" if alias == base else "fine-tuned pool model"
+
+
+class PoolLoader:
+    """A server's pool described up front (aliases, base, styles; files checked to exist) and loaded once, on demand.
+
+    MONAI Label builds the app in every training subprocess too; describing the pool without reading the weights
+    keeps those processes light, while the server preloads everything once it has started.
+
+    Args: as :func:`load_served_pool`.
+
+    Raises:
+        PoolError, CheckpointError: Malformed ``models`` / ``preprocessing``, unreadable manifest, missing files.
+    """
+
+    def __init__(self, pool_dir: str | os.PathLike[str] | None = None, models: str | None = None,
+                 preprocessing: str | None = None) -> None:
+        self.pool_dir, self.models, self.preprocessing = pool_dir, models, preprocessing
+        if models:
+            pairs = parse_models_spec(models)
+            files = dict(pairs)
+            self.styles = parse_styles(preprocessing, list(files))
+            self.source = ", ".join(str(p) for p in files.values())
+        elif pool_dir is not None:
+            manifest = PoolManifest.load(pool_dir)
+            files = dict(manifest.files)
+            self.styles = {a: str(manifest.preprocessing.get(a, {}).get("style", "sam")) for a in files}
+            self.source = str(Path(pool_dir))
+        else:
+            raise PoolError("no pool: give a pool folder (pool.yaml) or models alias=path,alias=path")
+        missing = [f"{p} ({a})" for a, p in files.items() if not Path(p).is_file()]
+        if missing:
+            raise CheckpointError(f"pool checkpoint file(s) not found: {', '.join(missing)}")
+        self.aliases: list[str] = list(files)
+        self.base = self.aliases[0]
+        self._served: ServedPool | None = None
+        self._members: dict[str, ServedModel] = {}
+        self._lock = threading.Lock()
+
+    def load(self) -> ServedPool:
+        """The loaded pool (read and validated on the first call)."""
+        with self._lock:
+            if self._served is None:
+                t0 = time.perf_counter()
+                self._served = load_served_pool(self.pool_dir, self.models, self.preprocessing)
+                log.info("loaded the pool (%s) in %.1f s", ", ".join(self.aliases), time.perf_counter() - t0)
+            return self._served
+
+    def member(self, alias: str) -> ServedModel:
+        """One member's model (built on the first call)."""
+        if alias not in self.aliases:
+            raise PoolError(f"no pool member {alias!r}; members: {self.aliases}")
+        served = self.load()
+        with self._lock:
+            if alias not in self._members:
+                self._members[alias] = member_model(served, alias)
+            return self._members[alias]
+
+    def describe(self, alias: str) -> str:
+        """A member's description, without loading anything."""
+        return (f"{alias}: {_role(alias, self.base)} of the pool ({self.styles[alias]} preprocessing), "
+                "box/point prompts, 2D or 3D propagation")
 
 
 class MergedModelSource:
     """The merged model: the currently published version, or the pool's uniform linear merge before any.
 
     Args:
-        served: The pool (used for the uniform merge).
+        loader: The pool (loaded when the uniform merge is first needed).
         published_dir: Folder written by :func:`medsamix.publish.publish`.
         name: Task name used in descriptions.
         style: Preprocessing of the uniform merge (default: the base model's).
     """
 
-    def __init__(self, served: ServedPool, published_dir: str | os.PathLike[str], name: str = "medsamix",
+    def __init__(self, loader: PoolLoader, published_dir: str | os.PathLike[str], name: str = "medsamix",
                  style: str | None = None) -> None:
-        self.served = served
+        if style is not None and style not in STYLES:
+            raise PoolError(f"merged_preprocessing must be one of {STYLES}, got {style!r}")
+        self.loader = loader
         self.published_dir = Path(published_dir)
         self.name = name
-        self.style = style or served.styles[served.pool.base.alias]
+        self.style = style or loader.styles[loader.base]
         self.warning: str | None = None
         self._lock = threading.Lock()
         self._uniform: ServedModel | None = None
@@ -178,7 +245,7 @@ class MergedModelSource:
     def uniform(self) -> ServedModel:
         """The uniform linear merge of the whole pool (built once)."""
         if self._uniform is None:
-            pool = self.served.pool
+            pool = self.loader.load().pool
             digest = hashlib.sha256("|".join(f"{a}:{s}" for a, s in pool.checksums.items()).encode()).hexdigest()
             merger = Merger(pool)
             merger.apply(uniform_merges(merger.groups, pool.aliases)["linear"], check_finite=True)
@@ -243,7 +310,7 @@ class MergedModelSource:
             return f"{self.name}: published model unusable ({e})"
         if pub is None:
             return (f"{self.name}: merged model - nothing published yet, serving the uniform linear merge of the pool "
-                    f"({', '.join(self.served.pool.aliases)})")
+                    f"({', '.join(self.loader.aliases)})")
         return f"{self.name}: merged model, published version {pub.version} ({pub.published_at})"
 
 
