@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any, Callable
 
@@ -139,3 +141,14 @@ def test_a_bad_request_fails_with_the_reason_and_the_server_keeps_running(client
     st = _stats(client)
     assert st["status"] == "failed" and "unknown task(s) ['liver']; this data has ['ellipsoid', 'label_2']" in st["message"]
     assert "merge" in client.info()["trainers"]
+
+
+def test_a_synchronous_bad_request_is_answered_with_400_and_the_reason(client, server):
+    req = urllib.request.Request(f"{server[0]}/train/merge?run_sync=true", method="POST",
+                                 data=json.dumps({"task": "liver", "trials": 8}).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=120)
+    assert e.value.code == 400
+    assert "unknown task(s) ['liver']" in json.loads(e.value.read())["detail"]
+    assert _stats(client)["status"] == "failed"

@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fastapi import HTTPException
 from medsamix.errors import MedSAMixError
 from medsamix.merge_run import (
     MergeOptions,
@@ -50,7 +51,6 @@ from medsamix.merge_run import (
 from medsamix.publish import current, publish
 from medsamix.serving import ServedPool, load_served_pool
 from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
-from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
 from monailabel.interfaces.tasks.train import TrainTask
 
 logger = logging.getLogger(__name__)
@@ -102,8 +102,10 @@ class MergeTrain(TrainTask):
         """Run (or resume) the search of ``request`` on ``datastore``'s labelled studies; publish if promoted.
 
         Raises:
-            MONAILabelException: bad options, too few labelled studies, unknown task ... (the reason is also in
-                :meth:`stats`); the process exits with an error and the server keeps running.
+            HTTPException: 400 for bad options, too few labelled studies, an unknown task ... with the reason
+                (also in :meth:`stats`). In MONAI Label's train subprocess this ends the process with an error
+                (task status ERROR, the reason in its details) and the server keeps running; with
+                ``POST /train/merge?run_sync=true`` the client gets the 400 itself.
         """
         start = time.time()
         self.progress.write({"status": "preparing", "pid": os.getpid(), "start_ts": int(start), "epoch": 0,
@@ -118,7 +120,7 @@ class MergeTrain(TrainTask):
         except MedSAMixError as e:
             self.progress.update(status="failed", message=str(e), total_time=_elapsed(start))
             logger.error("merge training failed: %s", e)
-            raise MONAILabelException(MONAILabelError.INVALID_INPUT, str(e)) from None
+            raise HTTPException(status_code=400, detail=str(e)) from None
         except Exception as e:
             self.progress.update(status="failed", message=f"{type(e).__name__}: {e}", total_time=_elapsed(start))
             logger.exception("merge training failed")
@@ -191,6 +193,7 @@ class MergeTrain(TrainTask):
             "trials": len(outcome.result.trials), "calibration_dice": outcome.calibration_dice,
             "test_dice": outcome.test_dice, "promoted": promotion.promote, "promotion": promotion.to_dict(),
             "published_version": version, "out_dir": str(plan.out_dir),
+            "report": str(plan.out_dir / "report.md") if (plan.out_dir / "report.md").is_file() else None,
         }
         self.progress.update(status="done", epoch=len(outcome.result.trials), best_metric=promotion.merged_dice,
                              total_time=_elapsed(start), message=message, promoted=promotion.promote,
