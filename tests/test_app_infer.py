@@ -233,6 +233,9 @@ def studies(tmp_path_factory) -> Path:
     nib.save(nib.Nifti1Image(label, LPS_AFFINE), str(root / "labels" / "final" / "twin_oblique.nii.gz"))
     _write_itk_lps_nrrd(root / "twin_lps.nrrd", image)
     nib.save(nib.Nifti1Image(np.zeros((64, 64), np.float32), np.eye(4)), str(root / "flat.nii.gz"))
+    from PIL import Image
+
+    Image.fromarray(np.zeros((64, 64), np.uint8)).save(root / "photo.png")
     return root
 
 
@@ -374,7 +377,8 @@ def test_saving_a_result_as_label(client, studies):
     ("sam_tiny", "phantom_000", {"foreground": [[10, 10, 99]]}, 400, "outside the volume"),
     ("sam_tiny", "phantom_000", {}, 400, "no prompt"),
     ("sam_tiny", "phantom_000", {"roi": [30, 60, 10, 70, 15, 15], "iou_threshold": 3}, 400, "iou_threshold"),
-    ("sam_tiny", "flat", {"roi": [3, 30, 3, 30, 0, 0]}, 400, "3D"),
+    ("sam_tiny", "flat", {"roi": [3, 30, 3, 30, 0, 0]}, 400, "expected a 3D image"),
+    ("sam_tiny", "photo", {"roi": [3, 30, 3, 30, 0, 0]}, 400, "2D images (PNG, JPEG, TIFF) are not supported"),
 ])
 def test_bad_requests_get_4xx_with_the_reason_and_the_server_keeps_running(client, model, image, params, status,
                                                                            reason):

@@ -18,7 +18,7 @@ import numpy as np
 
 from .errors import StudyError
 from .preprocess import intensity_range, to_255
-from .studies import _dicom_modality, _read, guess_modality
+from .studies import FILE_SUFFIXES, _dicom_modality, _read, guess_modality
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,11 +59,14 @@ def load_volume(path: str | os.PathLike[str], modality: str | None = None) -> Vo
         modality: "CT", "MR" or "other"; None: the DICOM Modality tag, else guessed from the intensities.
 
     Raises:
-        StudyError: Missing or unreadable file, not a 3D image, non-finite values.
+        StudyError: Missing or unreadable file, another format (PNG, JPEG ...), not a 3D image, non-finite values.
     """
     p = Path(path)
     if not p.exists():
         raise StudyError(f"{p}: no such image")
+    if p.is_file() and not p.name.lower().endswith(FILE_SUFFIXES):
+        raise StudyError(f"{p.name}: not a 3D image format: interactive segmentation reads NIfTI (.nii, .nii.gz), "
+                         "NRRD (.nrrd) or a DICOM series folder; 2D images (PNG, JPEG, TIFF) are not supported")
     key = volume_key(p)
     image, affine = _read(p, "image")
     image = image.astype(np.float32, copy=False)
