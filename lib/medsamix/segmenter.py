@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from .preprocess import Preprocessor
-from .prompts import SLICE_AXIS, SlicePrompt, VolumePrompt
+from .prompts import SlicePrompt, VolumePrompt
 from .slices import tight_box
 
 DEFAULT_CACHE_BYTES = 512 * 1024 * 1024
@@ -275,4 +275,4 @@ class Segmenter:
         return "end of the box's slice range"
 
 
-__all__ = ["EmbeddingCache", "Latency", "Segmentation", "Segmenter", "confine", "mask_iou", "SLICE_AXIS"]
+__all__ = ["EmbeddingCache", "Latency", "Segmentation", "Segmenter", "confine", "mask_iou"]
