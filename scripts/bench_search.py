@@ -44,8 +44,8 @@ def main() -> int:
     ap.add_argument("--pool", type=Path, default=ROOT / "sample-data" / "pool")
     ap.add_argument("--shared-root", type=Path, default=SHARED)
     ap.add_argument("--task", default="hippocampus_anterior")
-    ap.add_argument("--max-patients", type=int, default=80, help="hippocampus patients used (before the split)")
-    ap.add_argument("--trials", type=int, default=40)
+    ap.add_argument("--max-patients", type=int, default=60, help="hippocampus patients used (before the split)")
+    ap.add_argument("--trials", type=int, default=120)
     ap.add_argument("--min-budget-fraction", type=float, default=1 / 27,
                     help="ours: the smallest budget as a fraction of the calibration slices")
     ap.add_argument("--seed", type=int, default=0)

@@ -77,8 +77,15 @@ def test_single_task_search_never_worse_than_initial_design(merger, evaluator, t
     assert result.aggregation is None
     for t in result.trials:  # plain Python values: recipes are YAML
         yaml.safe_dump(t.config.to_dict())
-    # single models are part of the initial design
-    assert any(t.config.groups["enc.neck"].method == "pick" for t in initial)
+    # single models are part of the initial design, as one-hot linear merges that reproduce them exactly
+    for alias in merger.aliases:
+        one_hot = [t for t in initial if t.config.groups["enc.neck"].params.get("weights") ==
+                   {a: float(a == alias) for a in merger.aliases}]
+        assert len(one_hot) == 1
+        picked = MergeConfig.uniform(merger.groups, "pick", {"source": alias}, 2)
+        a = {k: v.clone() for k, v in merger.apply(one_hot[0].config).state_dict().items()}
+        for k, v in merger.apply(picked).state_dict().items():
+            assert torch.equal(a[k], v), k
 
 
 def test_multi_task_uses_parego_and_returns_a_front(merger, evaluator, tmp_path):

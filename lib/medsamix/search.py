@@ -80,11 +80,16 @@ class SearchSettings:
 
 
 def initial_configs(merger: Merger, settings: SearchSettings) -> list[MergeConfig]:
-    """The uniform merges and every single pool model (``pick``), as merge configurations."""
+    """The uniform merges and every single pool model, as merge configurations.
+
+    A single model is a one-hot linear merge (weight 1 on it, 0 on the others; bit-identical to the model). As a
+    point of the continuous weight space it has continuous neighbours, so SMAC's local search around a strong single
+    model proposes small moves away from it rather than only jumps to other methods (as ``pick`` would)."""
     g, sep, groups, aliases = settings.granularity, settings.separate, merger.groups, merger.aliases
     configs = list(uniform_merges(groups, aliases, g, sep).values())
     configs.append(MergeConfig.uniform(groups, "dare", {"drop": 0.5, "scale": 0.5, "seed": 0}, g, sep))
-    configs += [MergeConfig.uniform(groups, "pick", {"source": a}, g, sep) for a in aliases]
+    configs += [MergeConfig.uniform(groups, "linear", {"weights": {b: float(a == b) for b in aliases}}, g, sep)
+                for a in aliases]
     return [c for c in configs if next(iter(c.groups.values())).method in settings.methods]
 
 
