@@ -319,13 +319,15 @@ def test_points_and_pos_boxes(client, studies):
 def test_3d_box_propagates_within_the_roi(client, studies):
     gt = np.asarray(nib.load(str(studies / "labels" / "final" / "phantom_000.nii.gz")).dataobj) == 1
     ii, jj, kk = np.nonzero(gt)
-    roi = [int(ii.max()) + 2, int(ii.min()) - 2, int(jj.min()) - 2, int(jj.max()) + 2, int(kk.min()), int(kk.max())]
+    k_mid = (int(kk.min()) + int(kk.max())) // 2
+    k_lo, k_hi = k_mid - 3, k_mid + 3  # part of the structure: 7 slices keep the test fast
+    roi = [int(ii.max()) + 2, int(ii.min()) - 2, int(jj.min()) - 2, int(jj.max()) + 2, k_hi, k_lo]
     mask, _, out = _infer(client, "medsamix", "phantom_000", {"roi": roi})
     assert out["mode"] == "3d" and set(out["stop_reasons"]) == {"up", "down"}
     ks = out["slices"]
     assert ks == list(range(min(ks), max(ks) + 1)) and len(ks) > 1  # contiguous around the seed
     outside = np.ones_like(mask, bool)
-    outside[ii.min() - 2:ii.max() + 3, jj.min() - 2:jj.max() + 3, kk.min():kk.max() + 1] = False
+    outside[ii.min() - 2:ii.max() + 3, jj.min() - 2:jj.max() + 3, k_lo:k_hi + 1] = False
     assert mask.sum() > 0 and mask[outside].sum() == 0
     assert out["latencies"]["cache_misses"] + out["latencies"]["cache_hits"] >= len(ks)
 
@@ -438,12 +440,35 @@ def test_server_on_checkpoint_files_given_as_models(tiny_pool_files, studies):
         assert out["model_version"].startswith("medsam@") and out["slices"] == [15]
 
 
-@pytest.mark.parametrize("case", ["one model", "corrupt file"])
-def test_bad_models_conf_stops_the_server_with_the_reason(tiny_pool_files, studies, tmp_path, case):
+@pytest.mark.parametrize("kwargs, reason", [
+    ({"models": "sam=a.pth"}, "alias=path,alias=path"),
+    ({"models": "sam=a.pth,sam=b.pth"}, "duplicate aliases"),
+    ({"models": "sam=a.pth,medsam"}, "expected alias=path"),
+    ({"models": "sam=/nonexistent/a.pth,medsam=/nonexistent/b.pth"}, "not found"),
+    ({"pool_dir": "/nonexistent"}, "no pool manifest"),
+])
+def test_bad_pool_settings_are_refused_with_the_reason(kwargs, reason):
+    from medsamix.errors import MedSAMixError
+    from medsamix.serving import PoolLoader
+
+    with pytest.raises(MedSAMixError, match=reason):
+        PoolLoader(**kwargs)
+
+
+def test_bad_styles_are_refused(tiny_pool_files):
+    from medsamix.errors import PoolError
+    from medsamix.serving import PoolLoader
+
+    spec = ",".join(f"{a}={p}" for a, p in tiny_pool_files.items())
+    with pytest.raises(PoolError, match="must be one of"):
+        PoolLoader(models=spec, preprocessing="medsam=ct")
+    with pytest.raises(PoolError, match="expected alias=style"):
+        PoolLoader(models=spec, preprocessing="nobody=sam")
+
+
+def test_corrupt_checkpoint_stops_the_server_with_the_reason(tiny_pool_files, studies, tmp_path):
     bad = tmp_path / "bad.pth"
     bad.write_text("not a checkpoint")
-    spec, reason = {"one model": (f"sam={tiny_pool_files['sam']}", "alias=path,alias=path"),
-                    "corrupt file": (f"sam={tiny_pool_files['sam']},bad={bad}", "not a readable PyTorch checkpoint")}[case]
-    with pytest.raises(RuntimeError, match=reason):
-        with running_server(studies, {"models": spec}, timeout_s=60):
+    with pytest.raises(RuntimeError, match="not a readable PyTorch checkpoint"):
+        with running_server(studies, {"models": f"sam={tiny_pool_files['sam']},bad={bad}"}, timeout_s=60):
             pass

@@ -95,13 +95,16 @@ def task_set_from_studies(name: str, studies: Sequence[Study], names: Mapping[in
 
 
 def task_set_from_pairs(name: str, pairs: Iterable[tuple[str | Path, str | Path | None]],
-                        names: Mapping[int, str] | None = None, seed: int = 0) -> tuple[TaskSet, list[Skipped]]:
+                        names: Mapping[int, str] | None = None, seed: int = 0,
+                        sub_blocks: bool = False) -> tuple[TaskSet, list[Skipped]]:
     """:func:`task_set_from_studies` of (image, label) path pairs; unreadable or unlabelled ones are skipped.
+    ``sub_blocks``: accept labels covering only a block of the image grid (DICOM SEG; ``studies.load_study``).
 
     Returns:
         ``(task_set, skipped)``: skipped studies with the reason (also logged).
     """
-    studies, skipped = load_study_pairs([(Path(i), Path(lab) if lab else None) for i, lab in pairs])
+    studies, skipped = load_study_pairs([(Path(i), Path(lab) if lab else None) for i, lab in pairs],
+                                        sub_blocks=sub_blocks)
     for s in skipped:
         log.warning("skipped %s: %s", s.path, s.reason)
     if len(studies) < 2:

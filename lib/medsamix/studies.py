@@ -22,7 +22,9 @@ index K grows with that position whatever the file names or instance numbers say
 Labels must lie on the image's voxel grid: the loader checks shape and affine (``np.allclose``, atol 1e-3) and never
 resamples. One exception is exact: a label whose affine equals the image's with some IJK axes reversed (a NIfTI
 converted from the DICOM series by a tool that stores J the other way round, for example) is the same grid in another
-index order, and is flipped onto the image's. Any other difference, an LPS/RAS mix-up included, is an error.
+index order, and is flipped onto the image's. With ``sub_blocks=True`` (labels read back from DICOM SEG, which keeps
+only the frames it needs, typically the non-empty slices) a label that covers only a block of the image's voxels is
+zero-padded onto the image grid (``sub_block``). Any other difference, an LPS/RAS mix-up included, is an error.
 """
 
 from __future__ import annotations
@@ -201,6 +203,42 @@ def _flipped_axes(
     return None
 
 
+def sub_block(image_affine: np.ndarray, image_shape: tuple[int, ...], label_affine: np.ndarray,
+              label_shape: tuple[int, ...]) -> tuple[tuple[int, int, int], tuple[int, ...]] | None:
+    """Where a label that holds only a block of the image's voxel grid lies in it, or None if it does not.
+
+    A DICOM SEG stores only the frames it needs (typically the non-empty slices), so the label volume read from it
+    starts at its first frame and can be shorter than the image along any axis. Such a label still lies exactly on
+    the image's voxels: every label axis is the image's axis (or the image's axis reversed; an axis of length 1 can
+    point anywhere) and its first voxel is an image voxel. No resampling is involved.
+
+    Returns:
+        ``(start, reversed_axes)``: ``label`` flipped along ``reversed_axes`` fills the image voxels
+        ``start[a] .. start[a] + label_shape[a] - 1`` on every axis ``a``; None when the grids differ otherwise or the
+        block does not fit inside the image.
+    """
+    if len(label_shape) != 3 or len(image_shape) != 3:
+        return None
+    corner = np.linalg.solve(image_affine, label_affine[:, 3])[:3]  # image voxel of the label's first voxel
+    index = np.round(corner)
+    if not np.allclose(image_affine[:3, :3] @ index + image_affine[:3, 3], label_affine[:3, 3], atol=AFFINE_ATOL):
+        return None
+    start, flipped = [], []
+    for a in range(3):
+        if label_shape[a] > 1 and np.allclose(label_affine[:3, a], image_affine[:3, a], atol=AFFINE_ATOL):
+            start.append(int(index[a]))
+        elif label_shape[a] > 1 and np.allclose(label_affine[:3, a], -image_affine[:3, a], atol=AFFINE_ATOL):
+            start.append(int(index[a]) - (label_shape[a] - 1))
+            flipped.append(a)
+        elif label_shape[a] == 1:
+            start.append(int(index[a]))
+        else:
+            return None
+        if start[a] < 0 or start[a] + label_shape[a] > image_shape[a]:
+            return None
+    return (start[0], start[1], start[2]), tuple(flipped)
+
+
 def _affine_mismatch(image_affine: np.ndarray, label_affine: np.ndarray) -> str:
     """Explain how two affines differ, naming a world LPS<->RAS flip when that is the cause."""
     text = f"label affine differs from image affine (max difference {np.abs(image_affine - label_affine).max():.4g})"
@@ -244,7 +282,8 @@ def _to_label_map(label: np.ndarray, path: Path) -> np.ndarray:
     return label.astype(np.int16)
 
 
-def load_study(image_path: str | Path, label_path: str | Path | None, modality: str | None = None) -> Study:
+def load_study(image_path: str | Path, label_path: str | Path | None, modality: str | None = None,
+               sub_blocks: bool = False) -> Study:
     """Load one study and check that image and label fit together.
 
     Args:
@@ -253,6 +292,8 @@ def load_study(image_path: str | Path, label_path: str | Path | None, modality: 
         modality: "CT", "MR" or "other" for non-DICOM images; None guesses it from the intensities
             (``guess_modality``). For a DICOM series the Modality tag wins when present (anything but CT or MR
             becomes "other").
+        sub_blocks: Accept a label that covers only a block of the image's voxel grid (a DICOM SEG read back with
+            only its stored frames) and zero-pad it onto the image grid; off: its shape differs, an error.
 
     Returns:
         The study, with a float32 image and an int16 label.
@@ -271,14 +312,25 @@ def load_study(image_path: str | Path, label_path: str | Path | None, modality: 
 
     image, affine = _read(image_path, "image")
     label, label_affine = _read(label_path, "label")
-    if label.shape != image.shape:
-        raise StudyError(f"{label_path}: label shape {label.shape} differs from image shape {image.shape}")
-    if not np.allclose(label_affine, affine, atol=AFFINE_ATOL):
-        axes = _flipped_axes(affine, label_affine, image.shape)
-        if axes is None:
-            raise StudyError(f"{label_path}: {_affine_mismatch(affine, label_affine)}")
-        log.info("%s: label voxel axes %s run opposite to the image's; flipped onto the image grid", label_path, axes)
-        label = np.flip(label, axes)
+    same_shape = label.shape == image.shape
+    if not (same_shape and np.allclose(label_affine, affine, atol=AFFINE_ATOL)):
+        axes = _flipped_axes(affine, label_affine, image.shape) if same_shape else None
+        if axes is not None:
+            log.info("%s: label voxel axes %s run opposite to the image's; flipped onto the image grid", label_path,
+                     axes)
+            label = np.flip(label, axes)
+        else:
+            block = sub_block(affine, image.shape, label_affine, label.shape) if sub_blocks else None
+            if block is None:
+                if not same_shape:
+                    raise StudyError(f"{label_path}: label shape {label.shape} differs from image shape {image.shape}")
+                raise StudyError(f"{label_path}: {_affine_mismatch(affine, label_affine)}")
+            start, flipped = block
+            log.info("%s: label covers image voxels %s + %s only (axes %s reversed); placed on the image grid",
+                     label_path, start, label.shape, flipped)
+            full = np.zeros(image.shape, label.dtype)
+            full[tuple(slice(s, s + n) for s, n in zip(start, label.shape))] = np.flip(label, flipped)
+            label = full
     label = _to_label_map(label, label_path)
     if not label.any():
         raise StudyError(f"{label_path}: empty label (all zero)")
@@ -321,10 +373,12 @@ def load_studies(
 
 
 def load_study_pairs(
-    pairs: list[tuple[Path, Path | None]], labels_subdir: str = "labels/final", modality: str | None = None
+    pairs: list[tuple[Path, Path | None]], labels_subdir: str = "labels/final", modality: str | None = None,
+    sub_blocks: bool = False,
 ) -> tuple[list[Study], list[Skipped]]:
     """Load (image, label) path pairs (from ``find_studies`` or a MONAI Label datastore), skipping bad ones with
-    a logged reason instead of raising: see ``load_studies``. ``labels_subdir`` only words the "no label" reason.
+    a logged reason instead of raising: see ``load_studies``. ``labels_subdir`` only words the "no label" reason;
+    ``sub_blocks`` goes to ``load_study``.
 
     Returns:
         ``(studies, skipped)``: the loaded studies sorted by id, and the left-out images with the reason.
@@ -339,7 +393,7 @@ def load_study_pairs(
                 raise StudyError(f"{image}: study id {study_id!r} is shared by {names}")
             if label is None:
                 raise StudyError(f"{image}: no label in {labels_subdir}")
-            studies.append(load_study(image, label, modality))
+            studies.append(load_study(image, label, modality, sub_blocks))
         except StudyError as e:
             log.warning("skipping study: %s", e)
             skipped.append(Skipped(image, str(e)))

@@ -50,7 +50,7 @@ from medsamix.merge_run import (
 )
 from medsamix.publish import current, publish
 from medsamix.serving import ServedPool, load_served_pool
-from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
+from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.train import TrainTask
 
 logger = logging.getLogger(__name__)
@@ -142,9 +142,12 @@ class MergeTrain(TrainTask):
         if not labelled:
             raise MedSAMixError(f"no labelled studies: none of the {len(unlabelled)} images in the datastore has a "
                                 "final label; save (submit) at least 2 labels first")
-        pairs = [(datastore.get_image_uri(i), datastore.get_label_uri(i, DefaultLabelTag.FINAL)) for i in labelled]
+        # datalist(): image/label files of the studies with a final label, for any datastore (a DICOMweb one fetches
+        # the DICOM SEGs from the PACS and converts them; there a label id is the SEG's series, not the image id).
+        # A SEG keeps only the frames it needs, so its label may cover a block of the image grid (sub_blocks).
+        pairs = [(d["image"], d["label"]) for d in datastore.datalist()]
         task_set, skipped = task_set_from_pairs(Path(str(self.studies)).name or "datastore", pairs, names,
-                                                options.seed)
+                                                options.seed, sub_blocks=True)
         self._served = load_served_pool(self.pool_dir, self.conf.get("models"), self.conf.get("preprocessing"))
         pool = self._served.pool
         style = self.conf.get("merged_preprocessing") or self._served.styles[pool.base.alias]

@@ -1,0 +1,264 @@
+"""The MedSAMix MONAI Label server on a real PACS: Orthanc with its DICOMweb plugin, DICOM SEG output.
+
+One Orthanc and one server (``--studies http://127.0.0.1:<port>/dicom-web``) are started for the module, both inside
+a private network namespace with only loopback (see ``tests/orthanc.py``; if namespaces cannot be made, plain
+loopback with Orthanc's ``RemoteAccessAllowed: false``). A real 3-slice CT series (``../shared/data/dcmqi_ct3slice``)
+is uploaded through Orthanc's REST API, then MONAI Label's own client lists it, segments it with a box, points and a
+3D box, and saves the result as the final label: a DICOM SEG arrives in Orthanc, referencing the series, with the
+saved mask; the datastore reads it back as the study's label.
+
+Needs the Debian packages ``orthanc`` and ``orthanc-dicomweb`` (``.ci/run`` installs them) and the PyPI package
+``dcmqi`` (``itkimage2segimage``, requirements.txt); skips with the reason otherwise.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import urllib.request
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from conftest import SHARED_DATA
+from orthanc import Sandbox, missing_requirements, running_dicomweb_server, running_orthanc
+
+REPO = Path(__file__).resolve().parents[1]
+POOL = REPO / "sample-data" / "pool"
+SERIES_DIR = SHARED_DATA / "dcmqi_ct3slice" / "ct-3slice"
+
+pytestmark = pytest.mark.data
+
+
+def _series_files() -> list[Path]:
+    return sorted(SERIES_DIR.glob("*.dcm"))
+
+
+@pytest.fixture(scope="module")
+def source():
+    """The original series: files, SeriesInstanceUID, and the volume as SimpleITK reads it (as MONAI Label does)."""
+    if not SERIES_DIR.is_dir():
+        pytest.skip(f"{SERIES_DIR} is absent (../shared/data is only in the development workplace)")
+    import pydicom
+    import SimpleITK as sitk
+
+    files = _series_files()
+    uid = str(pydicom.dcmread(str(files[0]), stop_before_pixels=True).SeriesInstanceUID)
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(SERIES_DIR)))
+    image = reader.Execute()
+    ipp = {f.name: np.array([float(v) for v in pydicom.dcmread(str(f), stop_before_pixels=True).ImagePositionPatient])
+           for f in files}
+    # voxel slice k -> DICOM file (by position)
+    k_file = {}
+    for k in range(image.GetSize()[2]):
+        p = np.array(image.TransformIndexToPhysicalPoint((0, 0, k)))
+        k_file[k] = min(ipp, key=lambda n: np.abs(ipp[n] - p).max())
+        assert np.abs(ipp[k_file[k]] - p).max() < 1e-3
+    return {"files": files, "uid": uid, "image": image, "k_file": k_file}
+
+
+@pytest.fixture(scope="module")
+def pacs(source, tmp_path_factory):
+    why = missing_requirements()
+    if why:
+        pytest.skip(why)
+    work = tmp_path_factory.mktemp("orthanc")
+    with Sandbox() as sandbox, running_orthanc(sandbox, work) as orthanc:
+        uploaded = orthanc.upload(source["files"])
+        assert all(u["Status"] == "Success" for u in uploaded), uploaded
+        with running_dicomweb_server(sandbox, orthanc.dicomweb, work,
+                                     {"pool": str(POOL), "labels": "liver"}) as url:
+            yield {"sandbox": sandbox, "orthanc": orthanc, "url": url, "work": work}
+
+
+@pytest.fixture(scope="module")
+def client(pacs, tmp_path_factory):
+    from monailabel.client import MONAILabelClient
+
+    return MONAILabelClient(pacs["url"], tmpdir=str(tmp_path_factory.mktemp("client")))
+
+
+def _call(pacs, fn, *args, **kwargs):
+    return pacs["sandbox"].call(fn, *args, **kwargs)
+
+
+def _get_json(pacs, path: str):
+    def go():
+        with urllib.request.urlopen(pacs["url"] + path, timeout=60) as r:
+            return json.loads(r.read())
+    return _call(pacs, go)
+
+
+def _infer(pacs, client, model: str, image: str, params: dict):
+    path, out = _call(pacs, client.infer, model, image, params)
+    img = nib.load(path)
+    return path, np.asarray(img.dataobj), img, out
+
+
+def _assert_on_the_series_grid(path: str, source) -> None:
+    """The label file has the DICOM series' geometry as ITK (and so 3D Slicer) reads both."""
+    import SimpleITK as sitk
+
+    lab, img = sitk.ReadImage(path), source["image"]
+    assert lab.GetSize() == img.GetSize()
+    np.testing.assert_allclose(lab.GetOrigin(), img.GetOrigin(), atol=1e-3)
+    np.testing.assert_allclose(lab.GetSpacing(), img.GetSpacing(), atol=1e-5)
+    np.testing.assert_allclose(lab.GetDirection(), img.GetDirection(), atol=1e-5)
+
+
+# ---------------------------------------------------------------- isolation
+
+def test_orthanc_and_the_server_run_in_a_private_loopback_only_namespace(pacs):
+    sandbox = pacs["sandbox"]
+    if not sandbox.isolated:
+        pytest.skip(f"no network namespace here ({sandbox.reason}): plain loopback, RemoteAccessAllowed false")
+    ifaces = _call(pacs, lambda: [ln.split(":")[0].strip()
+                                  for ln in Path("/proc/thread-self/net/dev").read_text().splitlines()[2:]])
+    assert ifaces == ["lo"]
+    ns_inode = os.stat(f"/var/run/netns/{sandbox.name}").st_ino
+    procs = [p for p in sandbox._procs if p.poll() is None]
+    assert len(procs) == 2
+    for p in procs:  # `ip netns exec` execs the command itself: same pid
+        assert os.stat(f"/proc/{p.pid}/ns/net").st_ino == ns_inode
+    assert os.stat("/proc/self/ns/net").st_ino != ns_inode  # the test process itself stays outside
+    system = pacs["orthanc"].get("/system")
+    assert system["Name"] == "MedSAMixTest" and "dicom-web" in json.dumps(pacs["orthanc"].get("/plugins"))
+
+
+# ---------------------------------------------------------------- listing and info
+
+def test_datastore_lists_the_series_from_orthanc(pacs, client, source):
+    info = _call(pacs, client.info)
+    assert set(info["models"]) == {"medsamix", "sam_tiny", "medsam_tiny", "medicosam_tiny"}
+    assert info["labels"] == ["liver"] and "merge" in info["trainers"]
+    stats = _get_json(pacs, "/datastore/?output=stats")
+    assert stats["total"] == 1 and stats["completed"] == 0
+    nxt = _call(pacs, client.next_sample, "random", {})
+    assert nxt["id"] == source["uid"]
+
+
+# ---------------------------------------------------------------- inference on the DICOM series
+
+def test_box_on_the_dicom_series_equals_the_direct_library_call(pacs, client, source, tmp_path):
+    import SimpleITK as sitk
+
+    from medsamix.evaluate import Evaluator
+    from medsamix.segmenter import confine
+    from medsamix.serving import load_served_pool, member_model
+    from medsamix.slices import SliceSample
+    from medsamix.tasks import Task
+    from medsamix.volumes import load_volume
+
+    roi = [330, 200, 180, 330, 1, 1]  # liver region of the middle slice; unsorted I pair on purpose
+    path, mask, img, out = _infer(pacs, client, "sam_tiny", source["uid"], {"roi": roi})
+    _assert_on_the_series_grid(path, source)
+    assert out["mode"] == "2d" and out["slices"] == [1] and out["image_shape"] == [512, 512, 3]
+    assert mask.shape == (512, 512, 3) and mask[:, :, [0, 2]].sum() == 0
+    # the same voxels, read straight from the original files, through the library
+    local = tmp_path / "series.nii.gz"
+    sitk.WriteImage(source["image"], str(local))
+    vol = load_volume(local)
+    np.testing.assert_allclose(img.affine, vol.affine, atol=1e-3)
+    served = member_model(load_served_pool(POOL), "sam_tiny")
+    box = np.array([180, 200, 330, 330], np.float32)  # x = J 180..330, y = I 200..330
+    sample = SliceSample("ct", Task("t", 1), 2, 1, vol.image255[:, :, 1], np.zeros(vol.shape[:2], bool), box)
+    want = confine(Evaluator([sample]).predict(served.model, served.prep)[0], box)
+    assert want.sum() > 500
+    np.testing.assert_array_equal(mask[:, :, 1].astype(bool), want)
+    Path(path).unlink()
+
+
+def test_points_and_3d_box_on_the_dicom_series(pacs, client, source):
+    path, mask, _, out = _infer(pacs, client, "medicosam_tiny", source["uid"],
+                                {"foreground": [[260, 250, 2]], "background": [[20, 20, 2]]})
+    _assert_on_the_series_grid(path, source)
+    assert out["mode"] == "2d" and out["slices"] == [2] and mask[:, :, 2].sum() > 0
+    assert mask.sum() == mask[:, :, 2].sum()  # only the slice with the points
+    Path(path).unlink()
+    path, mask, _, out = _infer(pacs, client, "medsamix", source["uid"], {"roi": [200, 330, 180, 330, 0, 2]})
+    _assert_on_the_series_grid(path, source)
+    assert out["mode"] == "3d" and out["slices"] == [0, 1, 2]
+    outside = np.ones_like(mask, bool)
+    outside[200:331, 180:331, :] = False
+    assert mask.sum() > 0 and mask[outside].sum() == 0
+    Path(path).unlink()
+
+
+# ---------------------------------------------------------------- label save -> DICOM SEG in Orthanc
+
+def _seg_volume(ds, source) -> dict[int, np.ndarray]:
+    """Segment number -> mask on the series' voxel grid (I, J, K) decoded from a DICOM SEG's frames."""
+    import pydicom
+
+    size = source["image"].GetSize()
+    sop_k = {str(pydicom.dcmread(str(SERIES_DIR / name), stop_before_pixels=True).SOPInstanceUID): k
+             for k, name in source["k_file"].items()}
+    frames = ds.pixel_array.reshape(int(ds.NumberOfFrames), int(ds.Rows), int(ds.Columns))
+    out: dict[int, np.ndarray] = {}
+    for f, group in enumerate(ds.PerFrameFunctionalGroupsSequence):
+        seg_no = int(group.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+        ref = str(group.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID)
+        vol = out.setdefault(seg_no, np.zeros(size, np.uint8))
+        vol[:, :, sop_k[ref]] = frames[f].T  # frame rows = J, columns = I
+    return out
+
+
+def test_saved_label_arrives_in_orthanc_as_a_dicom_seg_with_the_same_mask(pacs, client, source):
+    import pydicom
+
+    orthanc = pacs["orthanc"]
+    assert orthanc.instances_by_modality("SEG") == []
+    # a label on the middle slice only: the SEG must keep it on that slice (empty slices are not dropped/shifted)
+    path, mask, _, _ = _infer(pacs, client, "sam_tiny", source["uid"], {"roi": [200, 330, 180, 330, 1, 1]})
+    assert mask[:, :, 1].sum() > 500 and mask.sum() == mask[:, :, 1].sum()
+    try:
+        res = _call(pacs, client.save_label, source["uid"], path, "final",
+                    {"label_info": [{"name": "liver", "model_name": "sam_tiny"}]})
+    finally:
+        Path(path).unlink()
+    assert res["image"] == source["uid"]
+    segs = orthanc.instances_by_modality("SEG")
+    assert len(segs) == 1
+    ds = pydicom.dcmread(io.BytesIO(orthanc.file(segs[0])))
+    assert ds.Modality == "SEG" and ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.4"
+    assert str(ds.ReferencedSeriesSequence[0].SeriesInstanceUID) == source["uid"]
+    original = pydicom.dcmread(str(source["files"][0]), stop_before_pixels=True)
+    assert ds.StudyInstanceUID == original.StudyInstanceUID and ds.PatientID == original.PatientID
+    assert [s.SegmentLabel for s in ds.SegmentSequence] == ["liver"]
+    got = _seg_volume(ds, source)
+    assert set(got) == {1}
+    np.testing.assert_array_equal(got[1], (mask == 1).astype(np.uint8))
+    # the server now counts the study as labelled (the SEG's reference)
+    assert _get_json(pacs, "/datastore/?output=stats")["completed"] == 1
+    pacs["saved_mask"] = mask
+
+
+def test_a_fresh_datastore_reads_the_seg_back_as_the_study_label(pacs, source, tmp_path):
+    """What the train task sees: MONAI Label's DICOMweb datastore, with an empty cache, turns the SEG in Orthanc back
+    into an image/label pair, and ``load_study(sub_blocks=True)`` puts the label on the image's voxels."""
+    if "saved_mask" not in pacs:
+        pytest.skip("needs the saved label of the previous test")
+    from monailabel.datastore.dicom import DICOMwebClientX, DICOMWebDatastore
+
+    def datalist():
+        ds = DICOMWebDatastore(DICOMwebClientX(url=pacs["orthanc"].dicomweb), {"Modality": "CT"},
+                               cache_path=str(tmp_path / "cache"))
+        return ds.datalist()
+
+    pairs = _call(pacs, datalist)
+    assert len(pairs) == 1
+    _assert_on_the_series_grid(pairs[0]["image"], source)
+    import SimpleITK as sitk
+
+    from medsamix.studies import load_study
+
+    # the SEG holds only its non-empty frame (slice 1), so the label read back is that one slice ...
+    assert sitk.ReadImage(pairs[0]["label"]).GetSize() == (512, 512, 1)
+    # ... which the train task's loader places back onto the image grid
+    study = load_study(pairs[0]["image"], pairs[0]["label"], sub_blocks=True)
+    assert study.image.shape == (512, 512, 3)
+    np.testing.assert_array_equal(study.label > 0, pacs["saved_mask"] > 0)
