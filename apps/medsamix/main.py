@@ -137,7 +137,12 @@ class MedSAMixApp(MONAILabelApp):
         ds = datastore or self.datastore()
         if not isinstance(image, str) or not image:
             raise HTTPException(status_code=400, detail="no image: give the id of a datastore image")
-        if not ds.get_image_uri(image):
+        try:
+            uri = ds.get_image_uri(image)
+        except Exception as e:  # noqa: BLE001 - remote datastores (DICOMweb) raise anything for an unknown series
+            raise HTTPException(status_code=404, detail=f"image {image!r} could not be fetched from the datastore: "
+                                f"{type(e).__name__}: {e}") from None
+        if not uri:
             if os.path.isabs(image) or os.path.exists(image):
                 raise HTTPException(status_code=400, detail=(
                     f"image {image!r} is a file path; only datastore image ids are accepted (upload the image to the "
