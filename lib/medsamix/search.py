@@ -272,7 +272,8 @@ def run_search(
         extra["multi_objective_algorithm"] = ParEGO(scenario, seed=settings.seed)
     intensifier = (MF.get_intensifier(scenario, eta=3) if settings.min_budget is not None
                    else HPO.get_intensifier(scenario, max_config_calls=1))
-    smac = facade(scenario, _unused_target, initial_design=design, overwrite=overwrite, logging_level=False,
+    target = _unused_target_mf if settings.min_budget is not None else _unused_target
+    smac = facade(scenario, target, initial_design=design, overwrite=overwrite, logging_level=False,
                   intensifier=intensifier, **extra)
     prep = Preprocessor(settings.preprocessing, merger.pool.arch.img_size)
     trials = _history(smac, merger, settings)
@@ -335,8 +336,12 @@ def run_search(
     return SearchResult(trials, pareto, best, evaluator.encoder_passes + remote_passes, mo.get("name") if mo else None)
 
 
-def _unused_target(config: Configuration, seed: int = 0, budget: float | None = None) -> float:
-    # ask/tell only: SMAC checks the signature but never calls it
+def _unused_target(config: Configuration, seed: int = 0) -> float:
+    # ask/tell only: SMAC checks the signature (budget only for multi-fidelity) but never calls it
+    raise RuntimeError("the search drives SMAC through ask/tell")
+
+
+def _unused_target_mf(config: Configuration, seed: int = 0, budget: float | None = None) -> float:
     raise RuntimeError("the search drives SMAC through ask/tell")
 
 
