@@ -115,7 +115,9 @@ def main() -> int:
         "",
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch "
         f"{torch.__version__}, {torch.get_num_threads()} threads; image {volume.shape[0]} x {volume.shape[1]} "
-        f"x {volume.shape[2]} (2D box prompts). Medians of the segmenter's server-side latencies.",
+        f"x {volume.shape[2]} (2D box prompts); load average at the end "
+        f"{' / '.join(f'{x:.1f}' for x in os.getloadavg())} (1/5/15 min; other jobs share the cores). Medians of the "
+        "segmenter's server-side latencies.",
         "",
         "| model | first prompt ms (n) | of which encoder ms | repeated prompt ms (n) | decoder ms | repeat / decoder |",
         "| --- | --- | --- | --- | --- | --- |",
