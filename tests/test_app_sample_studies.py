@@ -53,3 +53,34 @@ def test_hippocampus_samples_come_from_the_test_split_only(tmp_path):
     calibration, test = split_patients([i for i in everything if i not in training], 0.2, 0)
     assert set(ids) <= set(test) and not set(ids) & set(calibration)
     assert json.loads((out / ".medsamix-labels.json").read_text()) == {"anterior": 1, "posterior": 2}
+
+
+@pytest.mark.data
+@pytest.mark.skipif(not (SHARED_DATA / "hippocampus").is_dir(), reason="needs ../shared/data/hippocampus")
+def test_demo_server_segments_a_real_hippocampus_in_3d(tmp_path):
+    """The main job's set-up (sample studies + default pool) on real data: a 3D box around the anterior hippocampus
+    of a held-out patient, segmented by the MR specialist with propagation, matches the manual label."""
+    import nibabel as nib
+    from monailabel.client import MONAILabelClient
+
+    from app_server import running_server
+
+    out = tmp_path / "studies"
+    assert _run("--out", str(out), "--count", "1").returncode == 0
+    (image,) = [p for p in out.iterdir() if p.name.endswith(".nii.gz")]
+    sid = image.name.removesuffix(".nii.gz")
+    gt = np.asarray(nib.load(str(out / "labels" / "final" / image.name)).dataobj) == 1
+    ii, jj, kk = np.nonzero(gt)
+    roi = [int(ii.min()) - 1, int(ii.max()) + 1, int(jj.min()) - 1, int(jj.max()) + 1, int(kk.min()), int(kk.max())]
+    with running_server(out) as url:
+        client = MONAILabelClient(url, tmpdir=str(tmp_path))
+        assert client.info()["labels"] == ["anterior", "posterior"]
+        dice = {}
+        for model in ("medicosam_tiny", "medsamix"):
+            path, params = client.infer(model, sid, {"roi": roi, "label": "anterior"})
+            pred = np.asarray(nib.load(path).dataobj) > 0
+            Path(path).unlink()
+            assert params["mode"] == "3d" and len(params["slices"]) > 1
+            dice[model] = 2 * (pred & gt).sum() / (pred.sum() + gt.sum())
+    assert dice["medicosam_tiny"] > 0.6, dice
+    assert dice["medsamix"] > 0.3, dice
