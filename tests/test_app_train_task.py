@@ -56,8 +56,9 @@ def studies(tmp_path_factory):
 
 
 def _task(studies_root: Path, model_dir: Path, models_spec: str, **conf: str):
-    return merge.MergeTrain(str(APP), str(studies_root), "", str(model_dir / "merged"),
-                            {"models": models_spec, "model_dir": str(model_dir), "labels": "ellipsoid", **conf})
+    conf = {"models": models_spec, "model_dir": str(model_dir), "labels": "ellipsoid", "merge_report": "false",
+            **conf}
+    return merge.MergeTrain(str(APP), str(studies_root), "", str(model_dir / "merged"), conf)
 
 
 def test_config_lists_the_options_clients_show():
@@ -69,8 +70,9 @@ def test_config_lists_the_options_clients_show():
 
 def test_train_publishes_reports_progress_and_a_second_request_resumes(studies, models_spec, tmp_path):
     root, ds = studies
-    task = _task(root, tmp_path / "model", models_spec)
+    task = _task(root, tmp_path / "model", models_spec, merge_report="true")
     res = task({"model": "merge", "task": "ellipsoid", "trials": "8"}, ds)
+    assert res["report"] and Path(res["report"]).is_file()
     assert res["variant"] == "MedSAMix-S" and res["trials"] == 8 and res["promoted"] is True
     pub = current(tmp_path / "model" / "merged")
     assert pub is not None and pub.version == res["published_version"]
@@ -85,6 +87,7 @@ def test_train_publishes_reports_progress_and_a_second_request_resumes(studies, 
     assert run_dir.parent == tmp_path / "model" / "runs"
     assert len((run_dir / "trials.jsonl").read_text().splitlines()) == 8
     # the same request again: nothing to evaluate, nothing published twice
+    task = _task(root, tmp_path / "model", models_spec)
     again = task({"model": "merge", "task": "ellipsoid", "trials": 8}, ds)
     assert again["run"] == res["run"] and again["published_version"] == pub.version
     assert task.stats()["resumed_trials"] == 8
@@ -104,6 +107,18 @@ def test_several_tasks_run_medsamix_m_and_a_required_gain_blocks_promotion(studi
     assert current(tmp_path / "model" / "merged") is None
     st = task.stats()
     assert st["status"] == "done" and not st["promoted"] and "served model is unchanged" in st["message"]
+
+
+def test_multi_fidelity_counts_every_trial_and_reports_full_budget_dice(studies, models_spec, tmp_path):
+    root, ds = studies
+    task = _task(root, tmp_path / "model", models_spec)
+    res = task({"model": "merge", "task": "ellipsoid", "trials": 10, "min_budget": 3}, ds)
+    assert "-mb3-" in res["run"] and res["trials"] == 10
+    st = task.stats()
+    assert st["epoch"] == 10 and st["status"] == "done"
+    assert st["best_metric"] == pytest.approx(res["calibration_dice"]["ellipsoid"])
+    budgets = [json.loads(line)["budget"] for line in (Path(res["out_dir"]) / "trials.jsonl").read_text().splitlines()]
+    assert len(budgets) == 10 and any(b is not None for b in budgets)
 
 
 @pytest.mark.parametrize("labelled, request_, needle", [

@@ -215,10 +215,11 @@ def test_progress_file_is_replaced_whole_and_dead_runs_read_as_stopped(tmp_path)
 def test_monitor_reports_resumed_trials_and_best_full_budget_dice(tmp_path, pool):
     pf = ProgressFile(tmp_path / "status.json")
     m = RunMonitor(pf, tmp_path / "run", total=6)
-    assert m.fields() == {"epoch": 0, "total_epochs": 6, "best_metric": None}
+    assert m.fields() == {"epoch": 0, "total_epochs": 6, "best_metric": 0.0}
     cfg = None
     m.on_trial(Trial(0, cfg, {"a": 0.9}, "ok", budget=2), 1)  # subset budget: not comparable
     assert pf.read()["best_metric"] == 0.9  # nothing on the full budget yet
+    assert pf.read()["message"] == "trial 1/6: Dice 0.9000 on 2 calibration slices; best 0.9000"
     m.on_trial(Trial(1, cfg, {"a": 0.5}, "ok"), 2)
     m.on_trial(Trial(2, cfg, {}, "crashed: nan"), 3)
     st = pf.read()

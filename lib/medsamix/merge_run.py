@@ -692,7 +692,8 @@ class RunMonitor:
         return self.best_full if self.best_full is not None else self.best_any
 
     def fields(self) -> dict[str, Any]:
-        return {"epoch": self.done, "total_epochs": self.total, "best_metric": self.best}
+        """``epoch``, ``total_epochs`` and ``best_metric`` (0.0 before the first successful trial)."""
+        return {"epoch": self.done, "total_epochs": self.total, "best_metric": self.best or 0.0}
 
     def on_trial(self, trial: Trial, done: int) -> None:
         """``run_search``'s callback: log the trial and update the progress file."""
@@ -704,9 +705,12 @@ class RunMonitor:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "a") as f:
             f.write(json.dumps(rec) + "\n")
-        last = f"{trial.mean_dice:.4f}" if ok else trial.status
-        self.progress.update(**self.fields(), last_trial=rec,
-                             message=f"trial {done}/{self.total}: Dice {last}; best {self.best or 0.0:.4f}")
+        last = f"Dice {trial.mean_dice:.4f}" if ok else trial.status
+        if trial.budget is not None:
+            last += f" on {trial.budget} calibration slices"
+        message = f"trial {done}/{self.total}: {last}; best {self.best or 0.0:.4f}"
+        log.info(message)
+        self.progress.update(**self.fields(), last_trial=rec, message=message)
 
 
 def pid_alive(pid: int | None) -> bool:

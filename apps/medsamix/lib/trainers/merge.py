@@ -18,7 +18,8 @@ App configuration (``--conf``): ``model_dir`` (runs go to ``<model_dir>/runs``; 
 folder), ``labels`` (the app's label names: comma-separated for values 1, 2, ... or ``{"name": value}`` JSON; else
 ``<studies>/.medsamix-labels.json``; else value 1 is "foreground"; unnamed values are ``label_<value>``),
 ``models`` / ``preprocessing`` / ``pool`` (the pool, as for the app), ``merged_preprocessing`` (preprocessing of the
-merged model; default the base model's), ``merge_trials`` (default trials).
+merged model; default the base model's), ``merge_trials`` (default trials), ``merge_report`` (``false`` skips the
+run's ``report.md``: single models and uniform merges scored on calibration and test slices, with figures).
 
 Everything that does not depend on MONAI Label is in :mod:`medsamix.merge_run`; this class only maps the request
 and the datastore onto it and publishes with :mod:`medsamix.publish`.
@@ -82,6 +83,7 @@ class MergeTrain(TrainTask):
         model_dir = self.conf.get("model_dir")
         self.runs_dir = Path(model_dir) / "runs" if model_dir else self.published_dir.parent / "runs"
         self.progress = ProgressFile(self.runs_dir / "status.json")
+        self.report = self.conf.get("merge_report", "true").strip().lower() not in ("false", "0", "no", "off")
         self._defaults: dict[str, Any] = {"task": "", "trials": int(self.conf.get("merge_trials", 30)),
                                           "granularity": 2, "separate": False, "min_budget": 0, "seed": 0,
                                           "restart": False, "preprocessing": "", "min_gain": 0.0}
@@ -109,10 +111,11 @@ class MergeTrain(TrainTask):
         """
         start = time.time()
         self.progress.write({"status": "preparing", "pid": os.getpid(), "start_ts": int(start), "epoch": 0,
-                             "total_epochs": 0, "best_metric": None, "message": "reading the labelled studies",
+                             "total_epochs": 0, "best_metric": 0.0, "message": "reading the labelled studies",
                              "request": {k: v for k, v in request.items() if k in self._defaults or k == "model"}})
         try:
             options = MergeOptions.from_mapping(request, self._defaults)
+            self.progress.update(total_epochs=options.trials)
             names = self._label_names()
             plan = self._plan(options, names, datastore)
             outcome = self._run(plan, options, start)
@@ -177,7 +180,8 @@ class MergeTrain(TrainTask):
         logger.info("merge run %s (%s) in %s; %d trials already done", plan.name, plan.variant, plan.out_dir,
                     resumed)
         outcome = run_merge(self._served.pool, plan.calibration, plan.test, plan.settings, plan.out_dir, plan.split,
-                            self._served.styles, on_trial=monitor.on_trial, min_gain=options.min_gain)
+                            self._served.styles, on_trial=monitor.on_trial, report=self.report,
+                            min_gain=options.min_gain)
         self.progress.update(status="finishing", epoch=len(outcome.result.trials),
                              best_metric=outcome.promotion.merged_dice, message="scoring and publishing")
         return outcome
