@@ -10,8 +10,13 @@ MONAI Label:
   ``history.csv`` there, scores the selected configuration on the test split, and decides :class:`Promotion`;
 * :func:`run_name` gives every combination of settings and data a stable output folder name, so a stopped run
   resumes when it is asked for again with the same settings;
+* :class:`MergeOptions` parses a user's options (a MONAI Label train request) and :func:`plan_run` turns them into
+  search settings, slices and the run folder, checking everything that can be checked before the search starts;
 * :class:`ProgressFile` is a small JSON file replaced atomically, for a process that watches the run from outside
-  (the MONAI Label server process reads it while the search runs in a subprocess).
+  (the MONAI Label server process reads it while the search runs in a subprocess); :class:`RunMonitor` fills it
+  after every trial and :func:`effective_status` reports a run whose process is gone as stopped;
+* :func:`checkpoint_search_state` / :func:`restore_search_state` keep a complete copy of SMAC's state after every
+  trial, so a run killed while SMAC rewrites its files resumes from the last finished trial.
 
 The no-regression guard: the merged model is promoted only when its mean calibration Dice is not below that of the
 best single pool model, each single model scored on the same calibration slices *with its own preprocessing* (as it
