@@ -42,7 +42,8 @@ def _tail(path: Path, lines: int = 60) -> str:
         return "(no server log)"
 
 
-def _info(url: str) -> dict | None:
+def fetch_info(url: str) -> dict | None:
+    """The server's /info/ answer, or None while it does not answer."""
     try:
         with urllib.request.urlopen(f"{url}/info/", timeout=5) as r:
             return json.loads(r.read())
@@ -82,7 +83,7 @@ def running_server(studies: Path, conf: dict[str, str] | None = None,
                                     start_new_session=True)
         try:
             deadline = time.monotonic() + timeout_s
-            while _info(url) is None:
+            while fetch_info(url) is None:
                 if proc.poll() is not None:
                     raise RuntimeError(f"server exited with status {proc.returncode} before answering /info/:\n"
                                        f"{_tail(log_path)}")
