@@ -343,6 +343,7 @@ def run_merge(
     client: Any | None = None,
     report: bool = True,
     min_gain: float = 0.0,
+    device: str = "cpu",
 ) -> MergeOutcome:
     """Run (or resume) a search into ``out_dir`` and write its recipe, merged checkpoint and history there.
 
@@ -361,14 +362,15 @@ def run_merge(
         report: Also score the single models and uniform merges on calibration and test slices and write
             ``report.md`` (best-so-far curve, Pareto front, per-group method map, per-task tables).
         min_gain: Calibration Dice the merged model must gain over the best single model to be promoted.
+        device: Where merging and scoring run ("cpu", "cuda", "cuda:1" ...); the outcome's state dict is on the CPU.
 
     Returns:
         The outcome; ``recipe.yaml``, ``merged.pth`` and ``history.csv`` are in ``out_dir`` (each written
         atomically), and ``recipe.scores`` carries the calibration and test Dice and the promotion decision.
     """
     out_dir = Path(out_dir)
-    merger = Merger(pool, settings.granularity, settings.separate)
-    evaluator = Evaluator(list(calibration))
+    merger = Merger(pool, settings.granularity, settings.separate, device)
+    evaluator = Evaluator(list(calibration), device=device)
     context = search_context(pool, calibration, split)
     restore_search_state(out_dir)
 
@@ -379,7 +381,7 @@ def run_merge(
 
     result = run_search(merger, evaluator, settings, out_dir, context, restart, after_trial, client)
     prep = Preprocessor(settings.preprocessing, pool.arch.img_size)
-    test_ev = Evaluator(list(test)) if test else None
+    test_ev = Evaluator(list(test), device=device) if test else None
     test_dice = score(merger, test_ev, prep, result.best.config, settings.tasks) if test_ev else {}
     singles = single_model_scores(merger, evaluator, styles, settings.tasks, settings.preprocessing)
     promotion = decide_promotion(result.best.dice, singles, min_gain)
@@ -392,7 +394,7 @@ def run_merge(
                 "promotion": promotion.reason},
     )
     recipe.save(out_dir / "recipe.yaml")
-    state = {k: v.detach().clone() for k, v in merger.apply(result.best.config).state_dict().items()}
+    state = {k: v.detach().to("cpu", copy=True) for k, v in merger.apply(result.best.config).state_dict().items()}
     save_sam_checkpoint(state, out_dir / "merged.pth")
     _atomic(out_dir / "history.csv", lambda p: write_history(p, result.trials, settings.tasks))
     if report:

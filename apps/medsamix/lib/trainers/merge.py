@@ -19,7 +19,8 @@ folder), ``labels`` (the app's label names: comma-separated for values 1, 2, ...
 ``<studies>/.medsamix-labels.json``; else value 1 is "foreground"; unnamed values are ``label_<value>``),
 ``models`` / ``preprocessing`` / ``pool`` (the pool, as for the app), ``merged_preprocessing`` (preprocessing of the
 merged model; default the base model's), ``merge_trials`` (default trials), ``merge_report`` (``false`` skips the
-run's ``report.md``: single models and uniform merges scored on calibration and test slices, with figures).
+run's ``report.md``: single models and uniform merges scored on calibration and test slices, with figures),
+``device`` (where the search runs; default ``cuda`` when available, else ``cpu``).
 
 Everything that does not depend on MONAI Label is in :mod:`medsamix.merge_run`; this class only maps the request
 and the datastore onto it and publishes with :mod:`medsamix.publish`.
@@ -35,6 +36,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from fastapi import HTTPException
 from medsamix.errors import MedSAMixError
 from medsamix.merge_run import (
@@ -84,6 +86,7 @@ class MergeTrain(TrainTask):
         self.runs_dir = Path(model_dir) / "runs" if model_dir else self.published_dir.parent / "runs"
         self.progress = ProgressFile(self.runs_dir / "status.json")
         self.report = self.conf.get("merge_report", "true").strip().lower() not in ("false", "0", "no", "off")
+        self.device = self.conf.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
         self._defaults: dict[str, Any] = {"task": "", "trials": int(self.conf.get("merge_trials", 30)),
                                           "granularity": 2, "separate": False, "min_budget": 0, "seed": 0,
                                           "restart": False, "preprocessing": "", "min_gain": 0.0}
@@ -174,14 +177,14 @@ class MergeTrain(TrainTask):
             shutil.rmtree(plan.out_dir)
         monitor = RunMonitor(self.progress, plan.out_dir, plan.settings.trials)
         resumed = monitor.done
-        self.progress.update(status="running", **monitor.fields(), resumed_trials=resumed,
+        self.progress.update(status="running", **monitor.fields(), resumed_trials=resumed, device=self.device,
                              message=(f"{plan.variant} on {', '.join(plan.settings.tasks)}: "
                                       + (f"resuming after {resumed} trials" if resumed else "starting")))
-        logger.info("merge run %s (%s) in %s; %d trials already done", plan.name, plan.variant, plan.out_dir,
-                    resumed)
+        logger.info("merge run %s (%s) in %s on %s; %d trials already done", plan.name, plan.variant, plan.out_dir,
+                    self.device, resumed)
         outcome = run_merge(self._served.pool, plan.calibration, plan.test, plan.settings, plan.out_dir, plan.split,
                             self._served.styles, on_trial=monitor.on_trial, report=self.report,
-                            min_gain=options.min_gain)
+                            min_gain=options.min_gain, device=self.device)
         self.progress.update(status="finishing", epoch=len(outcome.result.trials),
                              best_metric=outcome.promotion.merged_dice, message="scoring and publishing")
         return outcome
