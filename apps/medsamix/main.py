@@ -17,6 +17,7 @@ Configuration (``--conf key value``):
 * ``labels``: comma-separated label names (default: ``<studies>/.medsamix-labels.json`` written by
   ``scripts/make_sample_studies.py``, else "foreground").
 * ``iou_threshold`` (0.4), ``margin`` (2): defaults of 3D propagation.
+* ``device``: where the models run (default ``cuda`` when available, else ``cpu``).
 
 Bad requests (unknown model, image not in the datastore, a server file path as the image, a prompt outside the volume
 or empty, a 2D image) are answered with HTTP 4xx and the reason.
@@ -30,6 +31,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
 from fastapi import HTTPException
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.tasks.infer_v2 import InferTask
@@ -80,6 +82,8 @@ class MedSAMixApp(MONAILabelApp):
         self.label_names = _labels(conf, studies)
         self.iou_threshold = float(conf.get("iou_threshold", DEFAULT_IOU_THRESHOLD))
         self.margin = float(conf.get("margin", DEFAULT_MARGIN))
+        self.device = conf.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
+        logger.info("MedSAMix models run on %s", self.device)
         self.volumes = VolumeCache()
         self.embeddings = EmbeddingCache()
         self.merged = MergedModelSource(self.pool, self.published_dir, MERGED_TASK, conf.get("merged_preprocessing"))
@@ -95,7 +99,7 @@ class MedSAMixApp(MONAILabelApp):
 
     def _service(self, name: str, source: Any, status: Any = None) -> InteractiveService:
         return InteractiveService(name, source, self.volumes, self.embeddings, self.iou_threshold, self.margin,
-                                  status)
+                                  status, self.device)
 
     def init_infers(self) -> dict[str, InferTask]:
         # Models are built on first use (MONAI Label also builds the app in each training subprocess, which never

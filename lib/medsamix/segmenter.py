@@ -174,6 +174,11 @@ class Segmenter:
             if old is not None and old != version:
                 self.cache.drop_version(old)
 
+    def _sync(self) -> None:
+        """Wait for queued GPU work, so that latencies measure the computation, not its launch."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
     @torch.no_grad()
     def _embedding(self, image_key: str, volume: np.ndarray, k: int, lat: Latency) -> Tensor:
         key = (image_key, k, self.version)
@@ -184,6 +189,7 @@ class Segmenter:
         t0 = time.perf_counter()
         x = self.prep.images(np.ascontiguousarray(volume[:, :, k])[None]).to(self.device)
         emb = self.model.image_encoder(x)[0]
+        self._sync()
         lat.encoder_ms += (time.perf_counter() - t0) * 1e3
         lat.cache_misses += 1
         self.encoder_passes += 1
@@ -212,6 +218,7 @@ class Segmenter:
             sparse, dense = self.model.prompt_encoder(points=points, boxes=boxes, masks=None)
             low, iou = self.model.mask_decoder(emb[None], self.model.prompt_encoder.get_dense_pe(), sparse, dense,
                                                multimask)
+            self._sync()
             lat.decoder_ms += (time.perf_counter() - t0) * 1e3
             best = int(iou[0].argmax()) if multimask else 0
             return (self.prep.masks(low[:, best:best + 1], hw)[0, 0] > 0).cpu().numpy()

@@ -340,14 +340,16 @@ class InteractiveService:
         iou_threshold: Default stop threshold of 3D propagation (a request may give ``iou_threshold``).
         margin: Default box margin for propagation in pixels (a request may give ``margin``).
         status: Returns a warning about the source to pass on in responses (or None).
+        device: Where the model runs ("cpu", "cuda", "cuda:1" ...); the model is moved there on first use.
     """
 
     def __init__(self, name: str, source: Callable[[], ServedModel], volumes: VolumeCache, cache: EmbeddingCache,
                  iou_threshold: float = DEFAULT_IOU_THRESHOLD, margin: float = DEFAULT_MARGIN,
-                 status: Callable[[], str | None] | None = None) -> None:
+                 status: Callable[[], str | None] | None = None, device: str = "cpu") -> None:
         self.name = name
         self.source = source
         self.status = status
+        self.device = device
         self.volumes = volumes
         self.cache = cache
         self.iou_threshold = iou_threshold
@@ -359,7 +361,7 @@ class InteractiveService:
         """The segmenter with the source's current model (swapped in when its version changed)."""
         served = self.source()
         if self._segmenter is None:
-            self._segmenter = Segmenter(served.model, served.prep, served.version, self.cache)
+            self._segmenter = Segmenter(served.model, served.prep, served.version, self.cache, self.device)
         elif self._segmenter.version != served.version:
             self._segmenter.set_model(served.model, served.prep, served.version)
         return self._segmenter, served
@@ -404,6 +406,7 @@ class InteractiveService:
             "voxels": int(result.mask.sum()),
             "image_shape": list(volume.shape),
             "modality": volume.modality,
+            "device": str(segmenter.device),
             "prompt_clipped": prompt.clipped,
             "ignored_points": prompt.ignored_points,
             "label_names": {label: 1},
