@@ -3,7 +3,7 @@
 ``running_server(studies, conf)`` starts ``monailabel start_server --app apps/medsamix`` as a child process on a free
 loopback port, waits until ``/info/`` answers, yields the base URL and stops the process afterwards (its whole
 process group). Unless ``conf`` names a ``model_dir``, a fresh temporary one is used, so tests never read or write the
-app's real model folder (published merged models). The server's output is kept in a log file whose tail is shown
+app's real model folder (published merged models); sessions go to a temporary folder too. The server's output is kept in a log file whose tail is shown
 when start-up fails.
 """
 
@@ -77,6 +77,7 @@ def running_server(studies: Path, conf: dict[str, str] | None = None,
             cmd += ["--conf", k, str(v)]
         env = dict(os.environ)
         env.setdefault("MEDSAMIX_COMPILE", "0")
+        env.setdefault("MONAI_LABEL_SESSION_PATH", str(Path(tmp) / "sessions"))
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO / "lib"), env.get("PYTHONPATH", "")) if p)
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env,

@@ -370,6 +370,17 @@ def test_saving_a_result_as_label(client, studies):
     assert np.asarray(saved.dataobj)[:, :, 15].sum() > 0
 
 
+def test_a_session_image_uploaded_by_the_client_is_segmented(client, studies):
+    """3D Slicer sends a local volume as a session (PUT /session/) and infers with its id."""
+    session = client.create_session(str(studies / "twin_lps.nrrd"))
+    ref, _, _ = _infer(client, "sam_tiny", "phantom_000", {"roi": [30, 60, 10, 70, 15, 15]})
+    path, out = client.infer("sam_tiny", "", {"roi": [30, 60, 10, 70, 15, 15]}, session_id=session["session_id"])
+    mask = np.asarray(nib.load(path).dataobj)
+    Path(path).unlink()
+    assert out["slices"] == [15]
+    np.testing.assert_array_equal(mask, ref)
+
+
 @pytest.mark.parametrize("model, image, params, status, reason", [
     ("nope", "phantom_000", {"roi": [30, 60, 10, 70, 15, 15]}, 404, "unknown model 'nope'"),
     ("sam_tiny", "no_such_image", {"roi": [30, 60, 10, 70, 15, 15]}, 404, "not in the datastore"),

@@ -19,8 +19,9 @@ Configuration (``--conf key value``):
 * ``iou_threshold`` (0.4), ``margin`` (2): defaults of 3D propagation.
 * ``device``: where the models run (default ``cuda`` when available, else ``cpu``).
 
-Bad requests (unknown model, image not in the datastore, a server file path as the image, a prompt outside the volume
-or empty, a 2D image) are answered with HTTP 4xx and the reason.
+Images are datastore ids, or a session's image (a volume the client uploaded with ``PUT /session/``, as 3D Slicer does
+for local volumes). Bad requests (unknown model, image not in the datastore, any other server file path as the image,
+a prompt outside the volume or empty, a 2D image) are answered with HTTP 4xx and the reason.
 """
 
 from __future__ import annotations
@@ -138,6 +139,8 @@ class MedSAMixApp(MONAILabelApp):
             raise HTTPException(status_code=404,
                                 detail=f"unknown model {model!r}; available: {', '.join(sorted(self._infers))}")
         image = request.get("image")
+        if self._session_image(request):
+            return self._infer_checked(request, datastore)
         ds = datastore or self.datastore()
         if not isinstance(image, str) or not image:
             raise HTTPException(status_code=400, detail="no image: give the id of a datastore image")
@@ -152,6 +155,19 @@ class MedSAMixApp(MONAILabelApp):
                     f"image {image!r} is a file path; only datastore image ids are accepted (upload the image to the "
                     "datastore first: PUT /datastore/image)"))
             raise HTTPException(status_code=404, detail=f"image {image!r} is not in the datastore")
+        return self._infer_checked(request, datastore)
+
+    def _session_image(self, request: dict[str, Any]) -> bool:
+        """The image is the file of a MONAI Label session (a volume the client uploaded with PUT /session/, as 3D
+        Slicer does for local volumes): the endpoint resolved the session id, and the file lies in the sessions
+        folder. Any other file path is refused."""
+        image, sessions = request.get("image"), self.sessions()
+        if not request.get("session") or not sessions or not isinstance(image, str) or not image:
+            return False
+        root = os.path.realpath(sessions.store_path)
+        return os.path.commonpath([root, os.path.realpath(image)]) == root
+
+    def _infer_checked(self, request: dict[str, Any], datastore: Any) -> dict[str, Any]:
         try:
             return super().infer(request, datastore)
         except MedSAMixError as e:
