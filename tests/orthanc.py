@@ -44,6 +44,9 @@ ORTHANC_PORT = 8042  # inside a private namespace every port is free
 START_TIMEOUT_S = 120.0
 
 
+GDCM_PLUGIN = "/usr/share/orthanc/plugins/libOrthancGdcm.so"  # orthanc-gdcm: decodes JPEG 2000 when transcoding
+
+
 def dicomweb_plugin() -> str | None:
     """Path of the Orthanc DICOMweb plugin (Debian package ``orthanc-dicomweb``), or None."""
     found = [p for p in DICOMWEB_PLUGINS if os.path.exists(p)]
@@ -189,7 +192,7 @@ def orthanc_config(storage: Path, http_port: int) -> dict[str, Any]:
         "Name": "MedSAMixTest",
         "StorageDirectory": str(storage),
         "IndexDirectory": str(storage),
-        "Plugins": [dicomweb_plugin()],
+        "Plugins": [dicomweb_plugin()] + ([GDCM_PLUGIN] if os.path.exists(GDCM_PLUGIN) else []),
         "HttpServerEnabled": True,
         "HttpPort": http_port,
         "RemoteAccessAllowed": False,
@@ -216,8 +219,11 @@ class Orthanc:
             req = urllib.request.Request(f"{self.url}{path}", data=body, method=method)
             if ctype:
                 req.add_header("Content-Type", ctype)
-            with urllib.request.urlopen(req, timeout=60) as r:
-                data = r.read()
+            try:
+                with urllib.request.urlopen(req, timeout=60) as r:
+                    data = r.read()
+            except urllib.error.HTTPError as e:
+                raise RuntimeError(f"Orthanc {method} {path}: HTTP {e.code}: {e.read()[:2000]!r}") from None
             return json.loads(data) if data[:1] in (b"{", b"[") else data
         return self.sandbox.call(go)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import time
 import urllib.request
 from pathlib import Path
 
@@ -207,20 +208,28 @@ def _seg_volume(ds, source) -> dict[int, np.ndarray]:
     return out
 
 
+def _save_middle_slice_label(pacs, client, source) -> np.ndarray:
+    """Segment the liver on the middle slice only and save it as the series' final label (once per module)."""
+    if "saved_mask" not in pacs:
+        assert pacs["orthanc"].instances_by_modality("SEG") == []
+        path, mask, _, _ = _infer(pacs, client, "sam_tiny", source["uid"], {"roi": [200, 330, 180, 330, 1, 1]})
+        assert mask[:, :, 1].sum() > 500 and mask.sum() == mask[:, :, 1].sum()
+        try:
+            res = _call(pacs, client.save_label, source["uid"], path, "final",
+                        {"label_info": [{"name": "liver", "model_name": "sam_tiny"}]})
+        finally:
+            Path(path).unlink()
+        assert res["image"] == source["uid"]
+        pacs["saved_mask"] = mask
+    return pacs["saved_mask"]
+
+
 def test_saved_label_arrives_in_orthanc_as_a_dicom_seg_with_the_same_mask(pacs, client, source):
     import pydicom
 
     orthanc = pacs["orthanc"]
-    assert orthanc.instances_by_modality("SEG") == []
     # a label on the middle slice only: the SEG must keep it on that slice (empty slices are not dropped/shifted)
-    path, mask, _, _ = _infer(pacs, client, "sam_tiny", source["uid"], {"roi": [200, 330, 180, 330, 1, 1]})
-    assert mask[:, :, 1].sum() > 500 and mask.sum() == mask[:, :, 1].sum()
-    try:
-        res = _call(pacs, client.save_label, source["uid"], path, "final",
-                    {"label_info": [{"name": "liver", "model_name": "sam_tiny"}]})
-    finally:
-        Path(path).unlink()
-    assert res["image"] == source["uid"]
+    mask = _save_middle_slice_label(pacs, client, source)
     segs = orthanc.instances_by_modality("SEG")
     assert len(segs) == 1
     ds = pydicom.dcmread(io.BytesIO(orthanc.file(segs[0])))
@@ -234,14 +243,12 @@ def test_saved_label_arrives_in_orthanc_as_a_dicom_seg_with_the_same_mask(pacs, 
     np.testing.assert_array_equal(got[1], (mask == 1).astype(np.uint8))
     # the server now counts the study as labelled (the SEG's reference)
     assert _get_json(pacs, "/datastore/?output=stats")["completed"] == 1
-    pacs["saved_mask"] = mask
 
 
-def test_a_fresh_datastore_reads_the_seg_back_as_the_study_label(pacs, source, tmp_path):
+def test_a_fresh_datastore_reads_the_seg_back_as_the_study_label(pacs, client, source, tmp_path):
     """What the train task sees: MONAI Label's DICOMweb datastore, with an empty cache, turns the SEG in Orthanc back
     into an image/label pair, and ``load_study(sub_blocks=True)`` puts the label on the image's voxels."""
-    if "saved_mask" not in pacs:
-        pytest.skip("needs the saved label of the previous test")
+    mask = _save_middle_slice_label(pacs, client, source)
     from monailabel.datastore.dicom import DICOMwebClientX, DICOMWebDatastore
 
     def datalist():
@@ -261,4 +268,78 @@ def test_a_fresh_datastore_reads_the_seg_back_as_the_study_label(pacs, source, t
     # ... which the train task's loader places back onto the image grid
     study = load_study(pairs[0]["image"], pairs[0]["label"], sub_blocks=True)
     assert study.image.shape == (512, 512, 3)
-    np.testing.assert_array_equal(study.label > 0, pacs["saved_mask"] > 0)
+    np.testing.assert_array_equal(study.label > 0, mask > 0)
+
+
+# ---------------------------------------------------------------- merge train task on the PACS's labelled studies
+
+TOTALSEG_DICOM = SHARED_DATA / "totalseg" / "example_ct_dicom"
+TOTALSEG_LABEL = SHARED_DATA / "totalseg" / "example_seg_dicom.nii.gz"
+LIVER = 5  # totalseg "total" label value
+
+
+def _totalseg_series(out: Path) -> list[Path]:
+    """The 20-slice JPEG 2000 CT series with the UIDs its anonymisation emptied (Orthanc refuses files without them):
+    fixed study/series UIDs, each SOP Instance UID from its file meta."""
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    files = []
+    for f in sorted(TOTALSEG_DICOM.iterdir()):
+        ds = pydicom.dcmread(str(f))
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
+        ds.StudyInstanceUID = generate_uid(entropy_srcs=["medsamix-test-totalseg-study"])
+        ds.SeriesInstanceUID = generate_uid(entropy_srcs=["medsamix-test-totalseg-series"])
+        ds.PatientID = ds.PatientID or "totalseg-example"
+        files.append(out / f"{f.name}.dcm")
+        ds.save_as(str(files[-1]))
+    return files
+
+
+@pytest.mark.slow
+def test_merge_train_on_the_labelled_studies_in_orthanc(pacs, client, source, tmp_path):
+    """A second, real study (20 CT slices, JPEG 2000, its TotalSegmentator liver as the label) goes to Orthanc; both
+    labels are DICOM SEGs there; the merge train task reads them through the DICOMweb datastore and runs."""
+    import pydicom
+    import SimpleITK as sitk
+
+    from medsamix.merge_run import CALIBRATION_FRACTION
+    from medsamix.tasks import split_patients
+    from orthanc import GDCM_PLUGIN
+
+    if not TOTALSEG_DICOM.is_dir():
+        pytest.skip(f"{TOTALSEG_DICOM} is absent")
+    if not os.path.exists(GDCM_PLUGIN):
+        pytest.skip("Orthanc cannot decode JPEG 2000 for DICOMweb without its GDCM plugin (Debian: orthanc-gdcm)")
+    _save_middle_slice_label(pacs, client, source)
+    files = _totalseg_series(tmp_path)
+    assert all(u["Status"] == "Success" for u in pacs["orthanc"].upload(files))
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(tmp_path)))
+    image = reader.Execute()
+    uid = str(pydicom.dcmread(str(files[0]), stop_before_pixels=True).SeriesInstanceUID)
+    # the label file lies on the series' grid with J reversed (shared data README): flip J onto the image grid
+    liver = (np.asarray(nib.load(str(TOTALSEG_LABEL)).dataobj)[:, ::-1, :] == LIVER).astype(np.uint8)
+    label = sitk.GetImageFromArray(liver.transpose(2, 1, 0))
+    label.CopyInformation(image)
+    label_path = tmp_path / "liver.nii.gz"
+    sitk.WriteImage(label, str(label_path))
+    _call(pacs, client.save_label, uid, str(label_path), "final", {"label_info": [{"name": "liver"}]})
+    assert len(pacs["orthanc"].instances_by_modality("SEG")) == 2
+    stats = _get_json(pacs, "/datastore/?output=stats")
+    assert stats["total"] == 2 and stats["completed"] == 2
+    # a split seed that puts the 20-slice study into calibration (the other has one labelled slice)
+    seed = next(s for s in range(50) if uid in split_patients(sorted([uid, source["uid"]]), CALIBRATION_FRACTION, s)[0])
+    _call(pacs, client.train_start, "merge", {"task": "liver", "trials": 8, "seed": seed})
+    deadline = time.monotonic() + 240
+    while _call(pacs, client.train_status)["status"] in ("SUBMITTED", "RUNNING"):
+        assert time.monotonic() < deadline, _call(pacs, client.train_status)
+        time.sleep(0.5)
+    task = _call(pacs, client.train_status)
+    st = _call(pacs, client.info)["train_stats"]["merge"]
+    assert task["status"] == "DONE", (st.get("message"), str(task.get("details", ""))[-3000:])
+    assert st["status"] == "done" and st["epoch"] == 8 and st["tasks"] == ["liver"], st
+    assert st["calibration_slices"] == 20 and st["test_slices"] == 1, st
+    if st.get("promoted"):  # published: the merged infer task serves it
+        assert st["published_version"] in _call(pacs, client.info)["models"]["medsamix"]["description"]
