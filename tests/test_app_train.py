@@ -28,7 +28,7 @@ from test_merge_run import make_datastore
 # the same task in-process (without HTTP and stop) is in the default set: test_app_train_task.py
 pytestmark = pytest.mark.slow
 
-TRIALS = 30
+TRIALS = 16
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,7 @@ from medsamix.merge_run import (
     label_names,
     parse_tasks,
     plan_run,
+    process_started,
     run_merge,
     run_name,
     select_tasks,
@@ -208,6 +209,12 @@ def test_progress_file_is_replaced_whole_and_dead_runs_read_as_stopped(tmp_path)
 
     pf.write({"status": "running", "pid": os.getpid()})
     assert effective_status(pf.read())["status"] == "running"
+    me = process_started(os.getpid())
+    assert me is not None
+    pf.write({"status": "running", "pid": os.getpid(), "pid_started": me})
+    assert effective_status(pf.read())["status"] == "running"
+    pf.write({"status": "running", "pid": os.getpid(), "pid_started": me - 3600})  # the id was reused
+    assert effective_status(pf.read())["status"] == "stopped"
     pf.write({"status": "failed", "pid": gone.pid, "message": "x"})
     assert effective_status(pf.read()) == {"status": "failed", "pid": gone.pid, "message": "x"}
 

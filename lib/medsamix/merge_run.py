@@ -720,8 +720,19 @@ class RunMonitor:
         self.progress.update(**self.fields(), last_trial=rec, message=message)
 
 
-def pid_alive(pid: int | None) -> bool:
-    """Whether a process with this id exists (on this machine)."""
+def process_started(pid: int) -> float | None:
+    """Start time of process ``pid`` (seconds since the epoch, as psutil gives it), or ``None`` when unknown."""
+    try:
+        import psutil
+
+        return float(psutil.Process(pid).create_time())
+    except Exception:  # noqa: BLE001 - no psutil, no such process, no access: unknown
+        return None
+
+
+def pid_alive(pid: int | None, started: float | None = None) -> bool:
+    """Whether a process with this id exists (on this machine) and, when ``started`` is given (see
+    :func:`process_started`), is the same process (not a later one that got the id again)."""
     if not pid:
         return False
     try:
@@ -729,15 +740,20 @@ def pid_alive(pid: int | None) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
+        pass
+    if started is not None:
+        now = process_started(int(pid))
+        if now is not None and abs(now - float(started)) > 1.0:
+            return False
     return True
 
 
 def effective_status(data: Mapping[str, Any]) -> dict[str, Any]:
     """The progress file's content as it really stands: a run still marked active whose process is gone (killed
-    by a stop request, or crashed hard) is reported as ``stopped``, with what it had done."""
+    by a stop request, or crashed hard) is reported as ``stopped``, with what it had done. The file's ``pid`` and
+    optional ``pid_started`` (:func:`process_started`) identify the run's process."""
     out = dict(data)
-    if out.get("status") in ACTIVE and not pid_alive(out.get("pid")):
+    if out.get("status") in ACTIVE and not pid_alive(out.get("pid"), out.get("pid_started")):
         out["status"] = "stopped"
         out["message"] = (f"stopped after {out.get('epoch', 0)}/{out.get('total_epochs', '?')} trials (the run's "
                           "process ended); ask again with the same settings to resume")

@@ -48,6 +48,7 @@ from medsamix.merge_run import (
     effective_status,
     label_names,
     plan_run,
+    process_started,
     run_merge,
     task_set_from_pairs,
 )
@@ -113,7 +114,8 @@ class MergeTrain(TrainTask):
                 ``POST /train/merge?run_sync=true`` the client gets the 400 itself.
         """
         start = time.time()
-        self.progress.write({"status": "preparing", "pid": os.getpid(), "start_ts": int(start), "epoch": 0,
+        self.progress.write({"status": "preparing", "pid": os.getpid(),
+                             "pid_started": process_started(os.getpid()), "start_ts": int(start), "epoch": 0,
                              "total_epochs": 0, "best_metric": 0.0, "message": "reading the labelled studies",
                              "request": {k: v for k, v in request.items() if k in self._defaults or k == "model"}})
         try:
