@@ -2,16 +2,20 @@
 # Main job: the MedSAMix MONAI Label server on the embedded tiny pool and the sample studies.
 # Creates/reuses .venv, writes the sample studies to .demo/studies if missing, then runs
 #   monailabel start_server --app apps/medsamix --studies .demo/studies --host 127.0.0.1 --port 8000
-# Environment: PORT (8000), HOST (127.0.0.1), STUDIES (.demo/studies). Extra arguments go to start_server
+# Environment: PORT (8000), HOST (127.0.0.1), STUDIES (.demo/studies, or a DICOMweb URL such as
+# http://pacs:8042/dicom-web). Extra arguments go to start_server
 # (e.g. --conf pool /path/to/pool or --conf models sam=sam_vit_b.pth,medsam=medsam_vit_b.pth).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$root/scripts/venv.sh"
 cd "$root"
 studies="${STUDIES:-.demo/studies}"
-if [ ! -d "$studies" ] || [ -z "$(ls -A "$studies" 2>/dev/null | grep -v '^\.' || true)" ]; then
-  .venv/bin/python scripts/make_sample_studies.py --out "$studies"
-fi
+case "$studies" in
+  http://*|https://*) ;;  # a DICOMweb server (PACS): nothing to write
+  *) if [ ! -d "$studies" ] || [ -z "$(ls -A "$studies" 2>/dev/null | grep -v '^\.' || true)" ]; then
+       .venv/bin/python scripts/make_sample_studies.py --out "$studies"
+     fi ;;
+esac
 export PATH="$root/.venv/bin:$PATH"
 export MONAILABEL_PYEXE="$root/.venv/bin/python"
 exec monailabel start_server --app apps/medsamix --studies "$studies" --host "${HOST:-127.0.0.1}" \

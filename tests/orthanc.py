@@ -7,7 +7,8 @@ namespace (``setns(2)`` on that thread only; the rest of the pytest process stay
 :meth:`Sandbox.call` runs a function there. Orthanc is further configured with ``RemoteAccessAllowed: false``, no
 DICOM (DIMSE) server, its own temporary storage and index folders, and the DICOMweb plugin at ``/dicom-web/``.
 
-Fallback when network namespaces cannot be created (not root, no ``ip`` command, a sandbox without ``CAP_SYS_ADMIN``):
+Fallback when network namespaces cannot be created (not root, no ``ip`` command, a sandbox without ``CAP_SYS_ADMIN``;
+or forced with the environment variable ``MEDSAMIX_TEST_NO_NETNS=1``):
 everything runs on the host's loopback and Orthanc's ``RemoteAccessAllowed: false`` is the only guard (Orthanc would
 then listen on all interfaces but refuse every non-loopback client); :attr:`Sandbox.isolated` says which applies.
 
@@ -82,7 +83,9 @@ class Sandbox:
     # -- set-up / tear-down
     def __enter__(self) -> "Sandbox":
         ip = shutil.which("ip")
-        if ip is None or os.geteuid() != 0:
+        if os.environ.get("MEDSAMIX_TEST_NO_NETNS"):
+            self.reason = "MEDSAMIX_TEST_NO_NETNS is set"
+        elif ip is None or os.geteuid() != 0:
             self.reason = "no 'ip' command" if ip is None else "not root"
         else:
             r = subprocess.run([ip, "netns", "add", self.name], capture_output=True, text=True)
