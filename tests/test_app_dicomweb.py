@@ -94,6 +94,18 @@ def _get_json(pacs, path: str):
     return _call(pacs, go)
 
 
+def _stats_when(pacs, ok, timeout_s: float = 10.0) -> dict:
+    """``GET /datastore/?output=stats`` once ``ok(stats)`` (MONAI Label caches DICOMweb series lists for
+    ``MONAI_LABEL_DICOMWEB_CACHE_EXPIRY`` seconds, 1 s in these tests)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        st = _get_json(pacs, "/datastore/?output=stats")
+        if ok(st) or time.monotonic() > deadline:
+            assert ok(st), st
+            return st
+        time.sleep(0.3)
+
+
 def _infer(pacs, client, model: str, image: str, params: dict):
     path, out = _call(pacs, client.infer, model, image, params)
     img = nib.load(path)
@@ -189,6 +201,16 @@ def test_points_and_3d_box_on_the_dicom_series(pacs, client, source):
     Path(path).unlink()
 
 
+def test_a_series_orthanc_does_not_have_is_a_404_with_the_reason(pacs, client):
+    from monailabel.client.client import MONAILabelClientException
+
+    with pytest.raises(MONAILabelClientException) as e:
+        _call(pacs, client.infer, "sam_tiny", "1.2.3.4.5.6.7", {"roi": [10, 20, 10, 20, 0, 0]})
+    text = str(getattr(e.value, "msg", e.value))
+    assert "Status: 404" in text and "could not be fetched" in text, text
+    assert "medsamix" in _call(pacs, client.info)["models"]
+
+
 # ---------------------------------------------------------------- label save -> DICOM SEG in Orthanc
 
 def _seg_volume(ds, source) -> dict[int, np.ndarray]:
@@ -241,8 +263,8 @@ def test_saved_label_arrives_in_orthanc_as_a_dicom_seg_with_the_same_mask(pacs, 
     got = _seg_volume(ds, source)
     assert set(got) == {1}
     np.testing.assert_array_equal(got[1], (mask == 1).astype(np.uint8))
-    # the server now counts the study as labelled (the SEG's reference)
-    assert _get_json(pacs, "/datastore/?output=stats")["completed"] == 1
+    # the server now counts the study as labelled (the SEG's reference; its series lists are cached for 1 s here)
+    assert _stats_when(pacs, lambda st: st["completed"] == 1)["total"] == 1
 
 
 def test_a_fresh_datastore_reads_the_seg_back_as_the_study_label(pacs, client, source, tmp_path):
@@ -327,8 +349,7 @@ def test_merge_train_on_the_labelled_studies_in_orthanc(pacs, client, source, tm
     sitk.WriteImage(label, str(label_path))
     _call(pacs, client.save_label, uid, str(label_path), "final", {"label_info": [{"name": "liver"}]})
     assert len(pacs["orthanc"].instances_by_modality("SEG")) == 2
-    stats = _get_json(pacs, "/datastore/?output=stats")
-    assert stats["total"] == 2 and stats["completed"] == 2
+    _stats_when(pacs, lambda st: st["total"] == 2 and st["completed"] == 2)
     # a split seed that puts the 20-slice study into calibration (the other has one labelled slice)
     seed = next(s for s in range(50) if uid in split_patients(sorted([uid, source["uid"]]), CALIBRATION_FRACTION, s)[0])
     _call(pacs, client.train_start, "merge", {"task": "liver", "trials": 8, "seed": seed})
