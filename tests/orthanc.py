@@ -38,7 +38,7 @@ from typing import Any
 
 from app_server import APP_DIR, REPO, _tail
 
-ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
+ORTHANC = os.environ.get("MEDSAMIX_ORTHANC") or shutil.which("Orthanc") or "/usr/sbin/Orthanc"  # the executable
 DICOMWEB_PLUGINS = ("/usr/share/orthanc/plugins/libOrthancDicomWeb.so", "/usr/lib/orthanc/libOrthancDicomWeb.so.1.7")
 CLONE_NEWNET = 0x40000000
 ORTHANC_PORT = 8042  # inside a private namespace every port is free
@@ -57,7 +57,7 @@ def dicomweb_plugin() -> str | None:
 def missing_requirements() -> str | None:
     """Why the Orthanc tests cannot run here (None when they can)."""
     if not os.path.exists(ORTHANC):
-        return "Orthanc is not installed (Debian: apt-get install orthanc orthanc-dicomweb)"
+        return f"Orthanc is not installed ({ORTHANC} is missing; Debian: apt-get install orthanc orthanc-dicomweb)"
     if dicomweb_plugin() is None:
         return "the Orthanc DICOMweb plugin is not installed (Debian: apt-get install orthanc-dicomweb)"
     if shutil.which("itkimage2segimage", path=os.pathsep.join([str(Path(sys.executable).parent),
@@ -93,9 +93,12 @@ class Sandbox:
                 self.reason = f"ip netns add failed: {r.stderr.strip()}"
             else:
                 up = subprocess.run([ip, "-n", self.name, "link", "set", "lo", "up"], capture_output=True, text=True)
-                if up.returncode != 0:
+                # `ip netns exec` also remounts /sys, which restricted containers refuse: probe it once
+                probe = up if up.returncode != 0 else subprocess.run([ip, "netns", "exec", self.name, "true"],
+                                                                     capture_output=True, text=True)
+                if probe.returncode != 0:
                     subprocess.run([ip, "netns", "del", self.name], capture_output=True)
-                    self.reason = f"ip link set lo up failed: {up.stderr.strip()}"
+                    self.reason = f"{' '.join(probe.args[1:])} failed: {probe.stderr.strip()}"
                 else:
                     self.isolated = True
         if self.isolated:
