@@ -477,6 +477,19 @@ def test_bad_styles_are_refused(tiny_pool_files):
         PoolLoader(models=spec, preprocessing="nobody=sam")
 
 
+def test_corrupt_checkpoint_is_found_when_the_pool_loads(tiny_pool_files, tmp_path):
+    from medsamix.errors import CheckpointError
+    from medsamix.serving import PoolLoader
+
+    bad = tmp_path / "bad.pth"
+    bad.write_text("not a checkpoint")
+    loader = PoolLoader(models=f"sam={tiny_pool_files['sam']},bad={bad}")  # described without reading weights
+    assert loader.aliases == ["sam", "bad"] and loader.base == "sam"
+    with pytest.raises(CheckpointError, match="not a readable PyTorch checkpoint"):
+        loader.load()
+
+
+@pytest.mark.slow
 def test_corrupt_checkpoint_stops_the_server_with_the_reason(tiny_pool_files, studies, tmp_path):
     bad = tmp_path / "bad.pth"
     bad.write_text("not a checkpoint")
