@@ -496,3 +496,20 @@ def test_corrupt_checkpoint_stops_the_server_with_the_reason(tiny_pool_files, st
     with pytest.raises(RuntimeError, match="not a readable PyTorch checkpoint"):
         with running_server(studies, {"models": f"sam={tiny_pool_files['sam']},bad={bad}"}, timeout_s=60):
             pass
+
+
+def test_before_publishing_the_merged_model_is_the_uniform_linear_merge(tiny_pool_files, tmp_path):
+    from medsamix.serving import MergedModelSource, PoolLoader
+
+    spec = ",".join(f"{a}={p}" for a, p in tiny_pool_files.items())
+    loader = PoolLoader(models=spec, preprocessing="medsam=medsam")
+    source = MergedModelSource(loader, tmp_path / "merged")
+    served = source.get()
+    assert served.version.startswith("uniform-linear@") and "uniform linear merge" in served.description
+    assert served.prep.style == "sam"  # the base model's preprocessing
+    sds = [torch.load(p, weights_only=True) for p in tiny_pool_files.values()]
+    merged = served.model.state_dict()
+    params = {n for n, _ in served.model.named_parameters()}
+    for name in params:
+        torch.testing.assert_close(merged[name], sum(sd[name] for sd in sds) / 3, rtol=1e-5, atol=1e-6)
+    assert source.get() is served  # nothing published: no rebuild per request
