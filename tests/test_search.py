@@ -164,6 +164,8 @@ def test_multi_fidelity_scores_most_trials_on_fewer_slices(merger, evaluator, tm
     budgets = [t.budget for t in result.trials]
     assert any(b is not None and b < len(evaluator.samples) for b in budgets)
     assert result.best.budget is None  # the selected configuration is scored on all calibration slices
+    full = {t.config.fingerprint() for t in result.trials if t.status == "ok" and t.budget is None}
+    assert all(c.fingerprint() in full for c in initial_configs(merger, settings))  # none dropped by Hyperband
     # fewer encoder passes than scoring every trial on every slice
     assert result.encoder_passes < len(result.trials) * evaluator.num_images
     with pytest.raises(SearchError, match="single-task"):

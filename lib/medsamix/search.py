@@ -325,9 +325,19 @@ def run_search(
                 remote_passes += passes
                 record(info, config, budget, dice, status)
     ok = [t for t in trials if t.status == "ok" and t.budget is None]
-    if not ok and any(t.status == "ok" for t in trials):  # multi-fidelity: no trial reached the full budget
-        top = max((t for t in trials if t.status == "ok"), key=lambda t: t.mean_dice)
-        ok = [Trial(len(trials), top.config, score(merger, evaluator, prep, top.config, settings.tasks), "ok")]
+    if settings.min_budget is not None:
+        # Hyperband may drop a configuration of the initial design at a small budget; the selection still sees
+        # every single model and uniform merge on all calibration slices (so the search never ends below them),
+        # and the best partial-budget configuration if none reached the full budget. Not told to SMAC.
+        full = {t.config.fingerprint() for t in ok}
+        extra = [c for c in initial_configs(merger, settings) if c.fingerprint() not in full]
+        if not ok and any(t.status == "ok" for t in trials):
+            extra.append(max((t for t in trials if t.status == "ok"), key=lambda t: t.mean_dice).config)
+        for config in extra:
+            dice, status = _run_trial(merger, evaluator, prep, settings, config, None)
+            if status == "ok":
+                trials.append(Trial(len(trials), config, dice, "ok"))
+                ok.append(trials[-1])
     if not ok:
         raise SearchError("every trial crashed")
     pareto = _pareto(ok) if settings.multi else [max(ok, key=lambda t: t.mean_dice)]
