@@ -26,7 +26,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -36,7 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from app_server import APP_DIR, REPO, _tail
+from app_server import APP_DIR, REPO, _tail, free_port
 
 ORTHANC = os.environ.get("MEDSAMIX_ORTHANC") or shutil.which("Orthanc") or "/usr/sbin/Orthanc"  # the executable
 DICOMWEB_PLUGINS = ("/usr/share/orthanc/plugins/libOrthancDicomWeb.so", "/usr/lib/orthanc/libOrthancDicomWeb.so.1.7")
@@ -307,19 +306,4 @@ def running_dicomweb_server(sandbox: Sandbox, studies_url: str, workdir: Path, c
 
 
 def _free_host_port() -> int:
-    from app_server import free_port
-
     return free_port()
-
-
-@contextlib.contextmanager
-def orthanc_with_server(series: list[Path], conf: dict[str, str] | None = None) -> Iterator[dict[str, Any]]:
-    """Sandbox + Orthanc holding ``series`` + the MedSAMix server on its DICOMweb; yields a dict with ``sandbox``,
-    ``orthanc``, ``url`` (MONAI Label), ``workdir``, ``uploaded`` (Orthanc's answers)."""
-    with tempfile.TemporaryDirectory(prefix="medsamix-orthanc-") as tmp, Sandbox() as sandbox:
-        work = Path(tmp)
-        with running_orthanc(sandbox, work) as orthanc:
-            uploaded = orthanc.upload(series)
-            with running_dicomweb_server(sandbox, orthanc.dicomweb, work, conf) as url:
-                yield {"sandbox": sandbox, "orthanc": orthanc, "url": url, "workdir": work, "uploaded": uploaded}
-

@@ -5,10 +5,12 @@ a private network namespace with only loopback (see ``tests/orthanc.py``; if nam
 loopback with Orthanc's ``RemoteAccessAllowed: false``). A real 3-slice CT series (``../shared/data/dcmqi_ct3slice``)
 is uploaded through Orthanc's REST API, then MONAI Label's own client lists it, segments it with a box, points and a
 3D box, and saves the result as the final label: a DICOM SEG arrives in Orthanc, referencing the series, with the
-saved mask; the datastore reads it back as the study's label.
+saved mask; the datastore reads it back as the study's label. Slow: a second, real study (20 JPEG 2000 CT slices,
+``../shared/data/totalseg``) with its liver label, and the ``merge`` train task on the two SEG-labelled studies.
 
-Needs the Debian packages ``orthanc`` and ``orthanc-dicomweb`` (``.ci/run`` installs them) and the PyPI package
-``dcmqi`` (``itkimage2segimage``, requirements.txt); skips with the reason otherwise.
+Needs the Debian packages ``orthanc`` and ``orthanc-dicomweb`` (``orthanc-gdcm`` for the JPEG 2000 study; ``.ci/run``
+installs them) and the PyPI package ``dcmqi`` (``itkimage2segimage``, requirements.txt); skips with the reason
+otherwise. ``MEDSAMIX_TEST_NO_NETNS=1`` forces the plain-loopback fallback.
 """
 
 from __future__ import annotations
@@ -351,7 +353,8 @@ def test_merge_train_on_the_labelled_studies_in_orthanc(pacs, client, source, tm
     assert len(pacs["orthanc"].instances_by_modality("SEG")) == 2
     _stats_when(pacs, lambda st: st["total"] == 2 and st["completed"] == 2)
     # a split seed that puts the 20-slice study into calibration (the other has one labelled slice)
-    seed = next(s for s in range(50) if uid in split_patients(sorted([uid, source["uid"]]), CALIBRATION_FRACTION, s)[0])
+    ids = sorted([uid, source["uid"]])
+    seed = next(s for s in range(50) if uid in split_patients(ids, CALIBRATION_FRACTION, s)[0])
     _call(pacs, client.train_start, "merge", {"task": "liver", "trials": 8, "seed": seed})
     deadline = time.monotonic() + 240
     while _call(pacs, client.train_status)["status"] in ("SUBMITTED", "RUNNING"):
