@@ -26,11 +26,11 @@ def _shifted(affine: np.ndarray, start: tuple[int, int, int]) -> np.ndarray:
     return out
 
 
-def _write(tmp_path: Path, label: np.ndarray, label_affine: np.ndarray) -> tuple[Path, Path]:
+def _write(tmp_path: Path, label: np.ndarray, label_affine: np.ndarray, stem: str = "img") -> tuple[Path, Path]:
     image = np.random.default_rng(0).uniform(0, 500, SHAPE).astype(np.float32)
-    nib.save(nib.Nifti1Image(image, AFFINE), str(tmp_path / "img.nii.gz"))
-    nib.save(nib.Nifti1Image(label, label_affine), str(tmp_path / "lab.nii.gz"))
-    return tmp_path / "img.nii.gz", tmp_path / "lab.nii.gz"
+    nib.save(nib.Nifti1Image(image, AFFINE), str(tmp_path / f"{stem}.nii.gz"))
+    nib.save(nib.Nifti1Image(label, label_affine), str(tmp_path / f"{stem}_label.nii.gz"))
+    return tmp_path / f"{stem}.nii.gz", tmp_path / f"{stem}_label.nii.gz"
 
 
 def test_block_in_the_middle_is_padded_onto_the_image_grid(tmp_path):
@@ -85,3 +85,20 @@ def test_labels_off_the_image_grid_are_still_refused(tmp_path, case):
     img, lab = _write(tmp_path, block, aff)
     with pytest.raises(StudyError, match="label shape"):
         load_study(img, lab, "MR", sub_blocks=True)
+
+
+def test_task_set_from_pairs_passes_sub_blocks_through(tmp_path):
+    """The merge train task's loader: SEG-style block labels are used with ``sub_blocks=True`` and skipped (with the
+    shape reason) without it."""
+    from medsamix.merge_run import MergeRunError, task_set_from_pairs
+
+    pairs = []
+    for n in range(2):
+        block = np.zeros((6, 7, 4), np.uint8)
+        block[1:5, 2:6, :] = 1
+        pairs.append(_write(tmp_path, block, _shifted(AFFINE, (1, 1, 3)), f"study{n}"))
+    ts, skipped = task_set_from_pairs("seg", pairs, {1: "organ"}, sub_blocks=True)
+    assert not skipped and [t.name for t in ts.tasks] == ["organ"]
+    assert len(ts.calibration) + len(ts.test) == 2 * 4  # every labelled slice of both studies, on the image grid
+    with pytest.raises(MergeRunError, match="label shape"):
+        task_set_from_pairs("seg", pairs, {1: "organ"})
