@@ -3,8 +3,8 @@
 Train start, progress in ``/info`` (``train_stats``: epoch = trials done), ``DELETE /train/`` and a resumed run that
 keeps the finished trials, the published model served by the ``medsamix`` infer task (its version in the response),
 the no-regression guard, a failed request with the reason while the server keeps running, and 429 while a run is
-going. The pool is three tiny random 64-px models given as files (``--conf models``), so trials take a fraction of a
-second; most of the time is the server's and the train subprocess's start-up.
+going. The pool is the embedded tiny pool (sample-data/pool, 256 px): trials take about a second each, long enough to
+stop a run in the middle.
 """
 
 from __future__ import annotations
@@ -17,30 +17,24 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytest
-import torch
 
 from app_server import running_server
-from conftest import TINY, random_state
 from medsamix.publish import current
 from test_merge_run import make_datastore
 
-# about 3 minutes on 2 cores (server start-up and four train subprocesses): in the slow set, run with -m slow;
+# 3-6 minutes on 2 busy cores (server start-up, four train subprocesses, 20 trials of the 256-px pool): in the slow set, run with -m slow;
 # the same task in-process (without HTTP and stop) is in the default set: test_app_train_task.py
 pytestmark = pytest.mark.slow
 
-TRIALS = 16
+TRIALS = 20
+POOL = Path(__file__).resolve().parents[1] / "sample-data" / "pool"
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    pool = tmp_path_factory.mktemp("pool")
-    spec = []
-    for i, alias in enumerate(["sam", "medsam", "medicosam"]):
-        torch.save(random_state(TINY, i), pool / f"{alias}.pth")
-        spec.append(f"{alias}={pool / f'{alias}.pth'}")
     studies = make_datastore(tmp_path_factory.mktemp("studies"), n=5, labelled=4)
     model_dir = tmp_path_factory.mktemp("model")
-    with running_server(studies, {"models": ",".join(spec), "labels": "ellipsoid", "model_dir": str(model_dir)}) as url:
+    with running_server(studies, {"pool": str(POOL), "labels": "ellipsoid", "model_dir": str(model_dir)}) as url:
         yield url, model_dir
 
 
@@ -95,7 +89,7 @@ def test_train_stop_resume_publish_and_serve(client, server):
     assert later["epoch"] > st["epoch"]
     # stop through DELETE /train/
     stopped = client.train_stop()
-    assert stopped["status"] == "STOPPED"
+    assert stopped and stopped["status"] == "STOPPED", f"the run ended before it could be stopped: {_stats(client)}"
     st = _wait(client, lambda s: s.get("status") == "stopped", timeout=30)
     done_at_stop = st["epoch"]
     assert 2 <= done_at_stop < TRIALS and "resume" in st["message"]
@@ -128,7 +122,7 @@ def test_a_merge_not_better_than_the_best_single_model_is_not_published(client, 
     st = _stats(client)
     assert st["status"] == "done" and st["promoted"] is False and st["published_version"] is None
     assert st["message"].startswith("not promoted") and "required gain 0.5" in st["message"]
-    assert st["promotion"]["best_single"] in ("sam", "medsam", "medicosam")
+    assert st["promotion"]["best_single"] in ("sam_tiny", "medsam_tiny", "medicosam_tiny")
     after = current(model_dir / "merged")
     assert (after.version if after else None) == (before.version if before else None)
 
