@@ -92,9 +92,12 @@ def test_train_publishes_reports_progress_and_a_second_request_resumes(studies, 
     assert again["run"] == res["run"] and again["published_version"] == pub.version
     assert task.stats()["resumed_trials"] == 8
     assert len(list((tmp_path / "model" / "merged" / "versions").iterdir())) == 1
-    # restart discards the stored trials
-    task({"model": "merge", "task": "ellipsoid", "trials": 8, "restart": True}, ds)
+    # restart discards the stored trials; a damaged pointer of the served folder is replaced by the new version
+    (tmp_path / "model" / "merged" / "current.json").write_text("{cut")
+    fresh = task({"model": "merge", "task": "ellipsoid", "trials": 8, "restart": True}, ds)
     assert task.stats()["resumed_trials"] == 0
+    now = current(tmp_path / "model" / "merged")
+    assert now is not None and now.version == fresh["published_version"] != pub.version
 
 
 def test_several_tasks_run_medsamix_m_and_a_required_gain_blocks_promotion(studies, models_spec, tmp_path):

@@ -113,7 +113,8 @@ def test_bad_options_name_the_option(values, needle):
 
 
 def test_parse_tasks_and_label_names():
-    assert parse_tasks(None) == () and parse_tasks("") == () and parse_tasks("a b,,c a") == ("a", "b", "c")
+    assert parse_tasks(None) == () and parse_tasks("") == () and parse_tasks(" , ") == ()
+    assert parse_tasks("left kidney,, liver ,left kidney") == ("left kidney", "liver")
     assert label_names('{"liver": 1, "spleen": 3}') == {1: "liver", 3: "spleen"}
     assert label_names({"1": "liver"}) == {1: "liver"}
     assert label_names("liver,spleen") == {1: "liver", 2: "spleen"}

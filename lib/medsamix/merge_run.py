@@ -148,10 +148,11 @@ def select_tasks(ts: TaskSet, tasks: Sequence[str]) -> tuple[list[SliceSample], 
 
 
 def parse_tasks(value: str | Sequence[str] | None) -> tuple[str, ...]:
-    """Task names from an option: a comma/space separated string or a list; empty -> ``()`` (= every task)."""
+    """Task names from an option: a comma-separated string (names may contain spaces: "left kidney, liver") or a
+    list; surrounding spaces and repeats are dropped; empty -> ``()`` (= every task)."""
     if value is None:
         return ()
-    items = re.split(r"[,\s]+", value) if isinstance(value, str) else [str(v) for v in value]
+    items = re.split(r"[,\n]", value) if isinstance(value, str) else [str(v) for v in value]
     out: list[str] = []
     for item in (i.strip() for i in items):
         if item and item not in out:

@@ -52,7 +52,7 @@ from medsamix.merge_run import (
     run_merge,
     task_set_from_pairs,
 )
-from medsamix.publish import current, publish
+from medsamix.publish import PublishError, current, publish
 from medsamix.serving import ServedPool, load_served_pool
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.train import TrainTask
@@ -215,7 +215,11 @@ class MergeTrain(TrainTask):
 
     def _publish(self, plan: RunPlan, outcome: MergeOutcome) -> str:
         """Publish the merged model; a run that is already the served model is not published twice."""
-        now = current(self.published_dir)
+        try:
+            now = current(self.published_dir)
+        except PublishError as e:  # a damaged pointer: the new version replaces it
+            logger.warning("%s; publishing a new version", e)
+            now = None
         if now is not None and now.info.get("run") == plan.name and now.recipe.read_text() == outcome.recipe.dump():
             logger.info("run %s is already published as version %s", plan.name, now.version)
             return now.version
