@@ -10,8 +10,12 @@
 
 Calibration = 20% of the patients (slabs of slices for single-volume sets), test = the rest. Writes into --out:
 ``recipe.yaml`` (the selected configuration with calibration and test Dice), ``merged.pth`` (plain
-segment_anything layout, written atomically), ``history.csv`` and SMAC's state under ``smac/``. Re-running the same
-command resumes an interrupted search; a different command on the same --out is refused unless --restart.
+segment_anything layout, written atomically), ``history.csv``, ``report.md``, SMAC's state under ``smac/`` and a
+copy of it after the last finished trial (``smac.checkpoint-<n>/``). Re-running the same command resumes an
+interrupted search (from that copy, so a kill while SMAC rewrites its files loses nothing); a different command on
+the same --out is refused unless --restart. The last line also says whether the merge passes the no-regression
+guard (calibration Dice not below the best single pool model's with its own preprocessing), as the server's
+``merge`` train task decides before publishing (``medsamix.merge_run``).
 """
 
 from __future__ import annotations
@@ -111,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     result = outcome.result
     print(f"best calibration Dice {result.best.dice}, test Dice {outcome.test_dice}, {len(result.trials)} trials, "
-          f"{result.encoder_passes} encoder passes, {time.time() - t0:.0f} s; {outcome.promotion.reason}; "
+          f"{result.encoder_passes} encoder passes; search {result.seconds:.0f} s, with test scoring and report "
+          f"{time.time() - t0:.0f} s; {outcome.promotion.reason}; "
           f"wrote {args.out}")
     return 0
 
