@@ -144,7 +144,8 @@ def write_report(out_dir: str | Path, result: SearchResult, settings: SearchSett
     full = sum(t.status == "ok" and t.budget is None for t in result.trials)
     lines += [f"Trials: {len(result.trials)} ({ok} ok, {len(result.trials) - ok} failed, {full} on all calibration "
               f"slices); image-encoder passes: {result.encoder_passes}; granularity {settings.granularity}"
-              f"{', attn/mlp/norm separate' if settings.separate else ''}; seed {settings.seed}.", ""]
+              f"{', attn/mlp/norm separate' if settings.separate else ''}; seed {settings.seed}; search wall time "
+              f"{result.seconds:.0f} s.", ""]
     lines += ["## Best so far", "", "![progress](progress.png)", ""]
     if settings.multi:
         plot_pareto(result, settings.tasks, out / "pareto.png", "calibration Dice")

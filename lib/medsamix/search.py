@@ -22,6 +22,7 @@ import hashlib
 import json
 import logging
 import math
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -117,6 +118,7 @@ class SearchResult:
     best: Trial
     encoder_passes: int
     aggregation: str | None = None  # SMAC's multi-objective algorithm (ParEGO for MedSAMix-M)
+    seconds: float = 0.0  # wall time of this call (set-up, trials, selection); a resumed search counts its part only
 
 
 def score(merger: Merger, evaluator: Evaluator, prep: Preprocessor, config: MergeConfig,
@@ -221,6 +223,7 @@ def run_search(
     from smac.runhistory.dataclasses import TrialValue
     from smac.runhistory.enumerations import StatusType
 
+    started = time.perf_counter()
     if (merger.granularity, merger.separate) != (settings.granularity, settings.separate):
         raise SearchError("the merger's grouping differs from the search settings")
     available = {s.task.name for s in evaluator.samples}
@@ -343,7 +346,8 @@ def run_search(
     pareto = _pareto(ok) if settings.multi else [max(ok, key=lambda t: t.mean_dice)]
     best = max(pareto, key=lambda t: t.mean_dice)
     mo = smac.meta.get("multi_objective_algorithm")
-    return SearchResult(trials, pareto, best, evaluator.encoder_passes + remote_passes, mo.get("name") if mo else None)
+    return SearchResult(trials, pareto, best, evaluator.encoder_passes + remote_passes, mo.get("name") if mo else None,
+                        time.perf_counter() - started)
 
 
 def _unused_target(config: Configuration, seed: int = 0) -> float:
