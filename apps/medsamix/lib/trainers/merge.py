@@ -187,7 +187,7 @@ class MergeTrain(TrainTask):
         outcome = run_merge(self._served.pool, plan.calibration, plan.test, plan.settings, plan.out_dir, plan.split,
                             self._served.styles, on_trial=monitor.on_trial, report=self.report,
                             min_gain=options.min_gain, device=self.device)
-        self.progress.update(status="finishing", epoch=len(outcome.result.trials),
+        self.progress.update(status="finishing", epoch=plan.settings.trials,
                              best_metric=outcome.promotion.merged_dice, message="scoring and publishing")
         return outcome
 
@@ -202,14 +202,15 @@ class MergeTrain(TrainTask):
         logger.info("merge run %s: %s", plan.name, message)
         result = {
             "run": plan.name, "variant": plan.variant, "tasks": list(plan.settings.tasks),
-            "trials": len(outcome.result.trials), "calibration_dice": outcome.calibration_dice,
-            "test_dice": outcome.test_dice, "promoted": promotion.promote, "promotion": promotion.to_dict(),
+            "trials": plan.settings.trials, "extra_full_budget_scores": _extra(plan, outcome),
+            "calibration_dice": outcome.calibration_dice, "test_dice": outcome.test_dice, "promoted": promotion.promote, "promotion": promotion.to_dict(),
             "published_version": version, "out_dir": str(plan.out_dir),
             "report": str(plan.out_dir / "report.md") if (plan.out_dir / "report.md").is_file() else None,
         }
-        self.progress.update(status="done", epoch=len(outcome.result.trials), best_metric=promotion.merged_dice,
+        self.progress.update(status="done", epoch=plan.settings.trials, best_metric=promotion.merged_dice,
                              total_time=_elapsed(start), message=message, promoted=promotion.promote,
                              published_version=version, promotion=promotion.to_dict(),
+                             extra_full_budget_scores=result["extra_full_budget_scores"],
                              calibration_dice=outcome.calibration_dice, test_dice=outcome.test_dice)
         return result
 
@@ -224,10 +225,16 @@ class MergeTrain(TrainTask):
             logger.info("run %s is already published as version %s", plan.name, now.version)
             return now.version
         info = {"run": plan.name, "variant": plan.variant, "tasks": list(plan.settings.tasks),
-                "trials": len(outcome.result.trials), "calibration_dice": outcome.calibration_dice,
+                "trials": plan.settings.trials, "calibration_dice": outcome.calibration_dice,
                 "test_dice": outcome.test_dice, "best_single": outcome.promotion.best_single,
                 "best_single_dice": outcome.promotion.best_single_dice}
         return publish(self.published_dir, outcome.recipe, outcome.state_dict, info).version
+
+
+def _extra(plan: RunPlan, outcome: MergeOutcome) -> int:
+    """Evaluations after the SMAC trials: with multi-fidelity, initial-design configurations Hyperband dropped
+    early are scored on all calibration slices before selection (``medsamix.search.run_search``)."""
+    return max(0, len(outcome.result.trials) - plan.settings.trials)
 
 
 def _elapsed(start: float) -> str:
