@@ -227,8 +227,13 @@ def _seg_volume(ds, source) -> dict[int, np.ndarray]:
     for f, group in enumerate(ds.PerFrameFunctionalGroupsSequence):
         seg_no = int(group.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
         ref = str(group.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID)
+        k = sop_k[ref]
+        # the frame lies where its source slice lies
+        src = pydicom.dcmread(str(SERIES_DIR / source["k_file"][k]), stop_before_pixels=True)
+        np.testing.assert_allclose([float(v) for v in group.PlanePositionSequence[0].ImagePositionPatient],
+                                   [float(v) for v in src.ImagePositionPatient], atol=1e-3)
         vol = out.setdefault(seg_no, np.zeros(size, np.uint8))
-        vol[:, :, sop_k[ref]] = frames[f].T  # frame rows = J, columns = I
+        vol[:, :, k] = frames[f].T  # frame rows = J, columns = I
     return out
 
 
