@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--min-budget", type=int, default=None,
                     help="multi-fidelity (one task): fewest calibration slices per trial; Hyperband promotes the "
                          "promising configurations up to all slices")
+    ap.add_argument("--eta", type=int, default=3, help="multi-fidelity: Hyperband's factor between budgets")
     ap.add_argument("--workers", type=int, default=0,
                     help="run trials in parallel on a local Dask cluster of this many worker processes")
     ap.add_argument("--scheduler", default=None,
@@ -83,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         style = args.preprocessing or manifest.preprocessing[manifest.base]["style"]
         settings = SearchSettings(tasks=tuple(args.task), trials=args.trials, granularity=args.granularity,
                                   separate=args.separate, seed=args.seed, preprocessing=style, naive=args.naive,
-                                  min_budget=args.min_budget)
+                                  min_budget=args.min_budget, eta=args.eta)
         if args.min_budget is not None and not 1 <= args.min_budget < len(cal):
             raise MedSAMixError(f"--min-budget must lie in [1, {len(cal)}): the tasks have {len(cal)} "
                                 "calibration slices")

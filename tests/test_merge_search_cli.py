@@ -51,6 +51,11 @@ def test_search_writes_recipe_checkpoint_history_and_refuses_other_settings(data
     assert recipe.aliases == ["sam_tiny", "medsam_tiny", "medicosam_tiny"]
     assert (out / "merged.pth").is_file()
     assert len((out / "history.csv").read_text().splitlines()) == 11
+    report = (out / "report.md").read_text()
+    assert (out / "progress.png").stat().st_size > 0
+    for name in ("medsamix", "sam_tiny", "medsam_tiny", "medicosam_tiny", "linear", "ties_0.5_0.5"):
+        assert f" {name} |" in report  # compared on calibration and test slices
+    assert "Test split" in report and "| enc.neck |" in report
     again = run("--studies", str(datastore), "--task", "label_2", "--trials", "10", "--out", str(out))
     assert again.returncode == 2 and "other settings" in again.stderr
 

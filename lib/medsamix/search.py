@@ -58,8 +58,10 @@ class SearchSettings:
         naive: Reproduce the reference loop for comparison: every trial reloads the checkpoints from disk, builds
             a new merger and re-encodes every calibration slice (no embedding reuse).
         min_budget: Multi-fidelity (single task only): the fewest calibration slices a trial is scored on;
-            SMAC's Hyperband (eta 3) raises promising configurations up to all slices. ``None`` = every trial on
-            all slices.
+            SMAC's Hyperband raises promising configurations up to all slices. ``None`` = every trial on all
+            slices.
+        eta: Hyperband's factor between budgets (and the share of configurations promoted, 1/eta). With
+            ``min_budget`` <= slices / eta**3 Hyperband has four rungs.
     """
 
     tasks: tuple[str, ...]
@@ -71,6 +73,7 @@ class SearchSettings:
     preprocessing: str = "sam"
     naive: bool = False
     min_budget: int | None = None
+    eta: int = 3
 
     @property
     def multi(self) -> bool:
@@ -236,6 +239,8 @@ def run_search(
             raise SearchError("multi-fidelity is supported for single-task searches only")
         if not 1 <= settings.min_budget < full:
             raise SearchError(f"min_budget must lie in [1, {full}) calibration slices, got {settings.min_budget}")
+        if settings.eta < 2:
+            raise SearchError(f"eta must be at least 2, got {settings.eta}")
     n_initial = len(initial_configs(merger, settings))
     if settings.trials < n_initial:
         raise SearchError(f"trials must be at least {n_initial}: the initial design alone (the uniform merges and "
@@ -273,7 +278,7 @@ def run_search(
     extra: dict[str, Any] = {}
     if settings.multi:
         extra["multi_objective_algorithm"] = ParEGO(scenario, seed=settings.seed)
-    intensifier = (MF.get_intensifier(scenario, eta=3) if settings.min_budget is not None
+    intensifier = (MF.get_intensifier(scenario, eta=settings.eta) if settings.min_budget is not None
                    else HPO.get_intensifier(scenario, max_config_calls=1))
     target = _unused_target_mf if settings.min_budget is not None else _unused_target
     smac = facade(scenario, target, initial_design=design, overwrite=overwrite, logging_level=False,
