@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -300,7 +301,11 @@ def run_search(
             on_trial(trials[-1], len(trials))
 
     def next_job() -> tuple[Any, MergeConfig, int | None]:
-        info = smac.ask()
+        with warnings.catch_warnings():
+            # SMAC's multi-fidelity bookkeeping averages the costs of budgets that have no trial yet (numpy warns)
+            warnings.filterwarnings("ignore", "Mean of empty slice", RuntimeWarning)
+            warnings.filterwarnings("ignore", "invalid value encountered in scalar divide", RuntimeWarning)
+            info = smac.ask()
         config = to_merge_config(info.config, merger.groups, merger.aliases, settings.granularity, settings.separate)
         return info, config, _budget(info.budget, full)
 
