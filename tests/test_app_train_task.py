@@ -78,6 +78,8 @@ def test_train_publishes_reports_progress_and_a_second_request_resumes(studies, 
     assert pub is not None and pub.version == res["published_version"]
     assert pub.info["run"] == res["run"] and pub.info["calibration_dice"] == res["calibration_dice"]
     assert pub.load_recipe().scores["calibration_dice"] == res["calibration_dice"]
+    # published before the report (which scores every reference model on the test slices) was written
+    assert (tmp_path / "model" / "merged" / "current.json").stat().st_mtime <= Path(res["report"]).stat().st_mtime
     st = task.stats()
     assert st["status"] == "done" and st["epoch"] == 8 and st["total_epochs"] == 8 and st["total_time"]
     assert st["best_metric"] == pytest.approx(res["calibration_dice"]["ellipsoid"])

@@ -344,6 +344,7 @@ def run_merge(
     report: bool = True,
     min_gain: float = 0.0,
     device: str = "cpu",
+    on_ready: Callable[["MergeOutcome"], None] | None = None,
 ) -> MergeOutcome:
     """Run (or resume) a search into ``out_dir`` and write its recipe, merged checkpoint and history there.
 
@@ -363,6 +364,8 @@ def run_merge(
             ``report.md`` (best-so-far curve, Pareto front, per-group method map, per-task tables).
         min_gain: Calibration Dice the merged model must gain over the best single model to be promoted.
         device: Where merging and scoring run ("cpu", "cuda", "cuda:1" ...); the outcome's state dict is on the CPU.
+        on_ready: Called with the outcome once recipe, checkpoint and history are written and before the report
+            (which can take long: it scores every reference model on the test slices), e.g. to publish.
 
     Returns:
         The outcome; ``recipe.yaml``, ``merged.pth`` and ``history.csv`` are in ``out_dir`` (each written
@@ -397,10 +400,13 @@ def run_merge(
     state = {k: v.detach().to("cpu", copy=True) for k, v in merger.apply(result.best.config).state_dict().items()}
     save_sam_checkpoint(state, out_dir / "merged.pth")
     _atomic(out_dir / "history.csv", lambda p: write_history(p, result.trials, settings.tasks))
+    outcome = MergeOutcome(out_dir, result, recipe, state, dict(result.best.dice), test_dice, promotion)
+    if on_ready is not None:  # e.g. publish now: the report below scores every reference model on test slices
+        on_ready(outcome)
     if report:
         write_comparison_report(out_dir, merger, evaluator, test_ev, settings, result, singles, test_dice, styles,
                                 [f"Data: {split}."])
-    return MergeOutcome(out_dir, result, recipe, state, dict(result.best.dice), test_dice, promotion)
+    return outcome
 
 
 def write_comparison_report(out_dir: Path, merger: Merger, calibration: Evaluator, test: Evaluator | None,

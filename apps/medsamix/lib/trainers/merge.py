@@ -123,8 +123,8 @@ class MergeTrain(TrainTask):
             self.progress.update(total_epochs=options.trials)
             names = self._label_names()
             plan = self._plan(options, names, datastore)
-            outcome = self._run(plan, options, start)
-            return self._finish(plan, outcome, start)
+            outcome, version = self._run(plan, options, start)
+            return self._finish(plan, outcome, version, start)
         except MedSAMixError as e:
             self.progress.update(status="failed", message=str(e), total_time=_elapsed(start))
             logger.error("merge training failed: %s", e)
@@ -173,7 +173,11 @@ class MergeTrain(TrainTask):
             logger.warning(n)
         return plan
 
-    def _run(self, plan: RunPlan, options: MergeOptions, start: float) -> MergeOutcome:
+    def _run(self, plan: RunPlan, options: MergeOptions, start: float) -> tuple[MergeOutcome, str | None]:
+        """Run the search; the merged model is published (if promoted) before the run's report is written.
+
+        Returns:
+            The outcome and the published version (``None`` when not promoted)."""
         if options.restart and plan.out_dir.exists():
             logger.info("restart: discarding %s", plan.out_dir)
             shutil.rmtree(plan.out_dir)
@@ -184,18 +188,24 @@ class MergeTrain(TrainTask):
                                       + (f"resuming after {resumed} trials" if resumed else "starting")))
         logger.info("merge run %s (%s) in %s on %s; %d trials already done", plan.name, plan.variant, plan.out_dir,
                     self.device, resumed)
+        published: list[str | None] = [None]
+
+        def ready(outcome: MergeOutcome) -> None:  # publish before the (long) report is written
+            self.progress.update(status="finishing", epoch=plan.settings.trials,
+                                 best_metric=outcome.promotion.merged_dice,
+                                 message="publishing" + (", then scoring references for the report" if self.report
+                                                         else ""))
+            if outcome.promotion.promote:
+                published[0] = self._publish(plan, outcome)
+
         outcome = run_merge(self._served.pool, plan.calibration, plan.test, plan.settings, plan.out_dir, plan.split,
                             self._served.styles, on_trial=monitor.on_trial, report=self.report,
-                            min_gain=options.min_gain, device=self.device)
-        self.progress.update(status="finishing", epoch=plan.settings.trials,
-                             best_metric=outcome.promotion.merged_dice, message="scoring and publishing")
-        return outcome
+                            min_gain=options.min_gain, device=self.device, on_ready=ready)
+        return outcome, published[0]
 
-    def _finish(self, plan: RunPlan, outcome: MergeOutcome, start: float) -> dict[str, Any]:
+    def _finish(self, plan: RunPlan, outcome: MergeOutcome, version: str | None, start: float) -> dict[str, Any]:
         promotion = outcome.promotion
-        version = None
         if promotion.promote:
-            version = self._publish(plan, outcome)
             message = f"{promotion.reason}; published version {version}"
         else:
             message = promotion.reason
