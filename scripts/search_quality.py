@@ -26,10 +26,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))
 
 from medsamix.evaluate import Evaluator  # noqa: E402
-from medsamix.merge_run import manifest_styles, run_merge, select_tasks, single_model_scores  # noqa: E402
+from medsamix.merge_run import MergeRunError, manifest_styles, reference_scores, run_merge, select_tasks  # noqa: E402
 from medsamix.merger import Merger  # noqa: E402
 from medsamix.pool import PoolManifest  # noqa: E402
-from medsamix.report import uniform_scores  # noqa: E402
 from medsamix.search import SearchSettings  # noqa: E402
 from medsamix.shared_data import shared_task_sets  # noqa: E402
 
@@ -71,7 +70,7 @@ def main() -> int:
             try:
                 select_tasks(ts, [t.name])
                 tasks.append(t.name)
-            except Exception as e:  # noqa: BLE001 - too few calibration slices: reported and left out
+            except MergeRunError as e:  # too few calibration slices: reported and left out
                 print(f"{ts.name}/{t.name}: left out ({e})")
         if not tasks:
             continue
@@ -79,9 +78,7 @@ def main() -> int:
         cal_all, test_all = select_tasks(ts, tasks)
         settings0 = SearchSettings(tasks=tuple(tasks), granularity=args.granularity, preprocessing=base_style)
         merger = Merger(pool, args.granularity, False)
-        test_ev = Evaluator(test_all)
-        baselines = {**single_model_scores(merger, test_ev, styles, tasks, base_style),
-                     **uniform_scores(merger, test_ev, settings0)}
+        baselines = reference_scores(merger, Evaluator(test_all), settings0, styles)
         singles = list(pool.aliases)
         uniforms = [n for n in baselines if n not in singles]
         s_test: dict[str, float] = {}

@@ -409,6 +409,14 @@ def run_merge(
     return outcome
 
 
+def reference_scores(merger: Merger, evaluator: Evaluator, settings: SearchSettings,
+                     styles: Mapping[str, str] | None) -> dict[str, dict[str, float]]:
+    """Dice per task of the references a merge must beat on ``evaluator``'s slices: every single pool model (its
+    own preprocessing) and every uniform merge (the merged model's). ``merger``'s model is overwritten."""
+    return {**single_model_scores(merger, evaluator, styles, settings.tasks, settings.preprocessing),
+            **uniform_scores(merger, evaluator, settings)}
+
+
 def write_comparison_report(out_dir: Path, merger: Merger, calibration: Evaluator, test: Evaluator | None,
                             settings: SearchSettings, result: SearchResult, singles: Mapping[str, Mapping[str, float]],
                             test_dice: Mapping[str, float], styles: Mapping[str, str] | None,
@@ -418,9 +426,7 @@ def write_comparison_report(out_dir: Path, merger: Merger, calibration: Evaluato
     cal = {"medsamix": dict(result.best.dice), **singles, **uniform_scores(merger, calibration, settings, result.trials)}
     tst: dict[str, dict[str, float]] = {}
     if test is not None:
-        tst = {"medsamix": dict(test_dice),
-               **single_model_scores(merger, test, styles, settings.tasks, settings.preprocessing),
-               **uniform_scores(merger, test, settings)}
+        tst = {"medsamix": dict(test_dice), **reference_scores(merger, test, settings, styles)}
     return write_report(out_dir, result, settings, cal, tst, header)
 
 
