@@ -40,7 +40,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pool", type=Path, default=ROOT / "sample-data" / "pool")
     ap.add_argument("--shared-root", type=Path, default=SHARED)
-    ap.add_argument("--sets", nargs="+", default=["hippocampus", "totalseg_ct", "totalseg_mr"])
+    ap.add_argument("--sets", nargs="+", default=["hippocampus", "totalseg_ct_full", "totalseg_mr"])
     ap.add_argument("--trials", type=int, default=120, help="per MedSAMix-S search")
     ap.add_argument("--trials-multi", type=int, default=120, help="per MedSAMix-M search")
     ap.add_argument("--mf-threshold", type=int, default=100,

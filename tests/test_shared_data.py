@@ -47,6 +47,29 @@ def test_totalseg_slab_split(modality):
     check_samples(ts.calibration + ts.test)
 
 
+def test_totalseg_full_ct_split_into_spread_slabs_with_guard_gaps():
+    ts = totalseg(SHARED_DATA, "CT", seed=0, full=True)
+    assert ts.name == "totalseg_ct_full"
+    cal = sorted({s.index for s in ts.calibration})
+    test = sorted({s.index for s in ts.test})
+    assert not set(cal) & set(test)
+    assert all(abs(i - j) >= 2 for i in cal for j in test)  # a guard slice between calibration and test
+    runs = [[cal[0]]]
+    for i in cal[1:]:
+        runs[-1].append(i) if i == runs[-1][-1] + 1 else runs.append([i])
+    assert len(runs) == 4 and all(5 <= len(r) <= 6 for r in runs)  # 22 slices (20% of 112) in 4 slabs
+    assert max(r[0] for r in runs) - min(r[0] for r in runs) >= 112 // 2  # spread over the volume
+    names = {t.name for t in ts.tasks}
+    assert {"liver", "colon", "autochthon_left"} <= names and len(ts.tasks) == 8
+    for t in ts.tasks:  # every task reaches calibration and test
+        assert sum(s.task.name == t.name for s in ts.calibration) >= 3
+        assert sum(s.task.name == t.name for s in ts.test) >= 10
+    assert "slabs of slices" in ts.split and "guard" in ts.split
+    check_samples(ts.calibration + ts.test)
+    with pytest.raises(ValueError, match="only the CT"):
+        totalseg(SHARED_DATA, "MR", full=True)
+
+
 def test_dcmqi_labels_sit_on_the_right_tissue():
     ts = dcmqi_ct(SHARED_DATA)
     samples = ts.calibration + ts.test

@@ -356,16 +356,49 @@ def test_split_slabs() -> None:
     starts = set()
     for seed in range(30):
         cal, test = split_slabs(50, 0.2, seed)
-        assert isinstance(cal, range) and len(cal) == 10 and cal.step == 1
-        assert sorted(list(cal) + test) == list(range(50)) and not set(cal) & set(test)
+        assert len(cal) == 10 and cal == list(range(cal[0], cal[0] + 10))  # one contiguous slab
+        assert sorted(cal + test) == list(range(50)) and not set(cal) & set(test)
         assert split_slabs(50, 0.2, seed) == (cal, test)
-        starts.add(cal.start)
+        starts.add(cal[0])
     assert len(starts) > 10 and min(starts) >= 0 and max(starts) <= 40
-    assert split_slabs(1) == (range(0, 1), [])
+    assert split_slabs(1) == ([0], [])
     cal, test = split_slabs(2, 0.2, 3)
     assert len(cal) == 1 and len(test) == 1
     with pytest.raises(ValueError):
         split_slabs(0)
+
+
+def slab_runs(indices: list[int]) -> list[list[int]]:
+    runs: list[list[int]] = []
+    for i in indices:
+        if runs and runs[-1][-1] == i - 1:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return runs
+
+
+def test_split_slabs_several_slabs_with_a_guard_gap() -> None:
+    offsets = set()
+    for seed in range(20):
+        cal, test = split_slabs(112, 0.2, seed, slabs=4, gap=1)
+        runs = slab_runs(cal)
+        assert len(cal) == 22 and [len(r) for r in runs] == [6, 6, 5, 5]
+        assert all(r[0] - i * 28 == runs[0][0] for i, r in enumerate(runs))  # one per 28-slice segment, same offset
+        offsets.add(runs[0][0])
+        assert not set(cal) & set(test)
+        for i in cal:  # the slices next to a slab are in neither set; every other slice is a test slice
+            assert i - 1 not in test and i + 1 not in test
+        dropped = set(range(112)) - set(cal) - set(test)
+        assert all(min(abs(d - c) for c in cal) == 1 for d in dropped)
+        assert split_slabs(112, 0.2, seed, slabs=4, gap=1) == (cal, test)
+    assert len(offsets) > 5
+    cal, test = split_slabs(20, 0.2, 0, slabs=1, gap=1)  # one slab: at most two slices dropped
+    assert len(cal) == 4 and len(test) in (14, 15)
+    with pytest.raises(ValueError, match="slabs"):
+        split_slabs(20, 0.2, 0, slabs=5)  # 4 calibration slices cannot make 5 slabs
+    with pytest.raises(ValueError, match="gap"):
+        split_slabs(20, 0.2, 0, gap=-1)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -5,9 +5,13 @@ Each :class:`TaskSet` holds the calibration and test slices of one data source, 
 
 * ``hippocampus`` - 200 T1 MRIs with manual labels (anterior, posterior); patient-level split, calibration 20%.
   Patients used to train a pool model are excluded first.
-* ``totalseg_ct`` / ``totalseg_mr`` - one CT and one MR volume with TotalSegmentator (silver) labels; a single
-  patient each, so the split is by contiguous slabs of slices (calibration = one slab of 20% of the slices).
+* ``totalseg_ct`` / ``totalseg_mr`` - one CT (a 30-slice crop) and one MR volume (20 slices) with
+  TotalSegmentator (silver) labels; a single patient each, so the split is by contiguous slabs of slices
+  (calibration = one slab of 20% of the slices; the slices next to it are left out of the test set).
   The largest structures are used as tasks.
+* ``totalseg_ct_full`` - the whole TotalSegmentator example CT (112 slices; the crop above is slices 82-111 of it) with
+  the labels of TotalSegmentator's fast model: calibration = 20% of the slices in slabs of about 5 slices spread
+  over the volume (one per equal segment), each with a one-slice guard gap to the test slices.
 * ``dcmqi_ct`` - a 3-slice CT DICOM series with liver, spine and heart labels (NRRD); slab split (1 slice for
   calibration).
 * ``sammed2d`` - 5 CT/MR PNG slices with organ masks; split by image.
@@ -93,29 +97,57 @@ def _largest_tasks(study: Study, names: dict[str, str], count: int, min_slices: 
     return [Task(names.get(str(v), f"label_{v}"), v) for _, v in ranked[:count]]
 
 
-def _slab_set(name: str, study: Study, tasks: Sequence[Task], seed: int, calibration_fraction: float) -> TaskSet:
-    cal_idx, test_idx = split_slabs(study.image.shape[2], calibration_fraction, seed)
+def _slab_set(name: str, study: Study, tasks: Sequence[Task], seed: int, calibration_fraction: float,
+              slab_size: int | None = None, gap: int = 0) -> TaskSet:
+    """Slab split of one volume: one slab, or (with ``slab_size``) slabs of about that many slices spread over it."""
+    n = study.image.shape[2]
+    slabs = 1
+    if slab_size:
+        k = max(1, round(calibration_fraction * n))
+        slabs = max(1, k // slab_size)
+    cal_idx, test_idx = split_slabs(n, calibration_fraction, seed, slabs=slabs, gap=gap)
     cal = _slices(study, tasks, cal_idx)
     test = _slices(study, tasks, test_idx)
+    runs = _runs(cal_idx)
+    where = ", ".join(f"{r[0]}-{r[-1]}" for r in runs)
+    guard = f", less {n - len(cal_idx) - len(test_idx)} guard slices next to them" if gap else ""
     return TaskSet(name, list(tasks), cal, test,
-                   f"one volume: contiguous slab of slices {list(cal_idx)[0]}-{list(cal_idx)[-1]} for calibration, "
-                   f"the other {len(test_idx)} slices for test")
+                   f"one volume ({n} slices): contiguous slab{'s' if len(runs) > 1 else ''} of slices {where} for "
+                   f"calibration, the other {len(test_idx)} slices for test{guard}")
+
+
+def _runs(indices: Sequence[int]) -> list[list[int]]:
+    """Sorted indices -> runs of consecutive indices."""
+    runs: list[list[int]] = []
+    for i in indices:
+        if runs and runs[-1][-1] == i - 1:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return runs
 
 
 def totalseg(root: Path, modality: str, seed: int = 0, organs: int = 8,
-             calibration_fraction: float = 0.2) -> TaskSet:
-    """Slab-split task set of the TotalSegmentator example CT (``modality="CT"``) or MR volume."""
+             calibration_fraction: float = 0.2, full: bool = False) -> TaskSet:
+    """Slab-split task set of the TotalSegmentator example CT (``modality="CT"``; ``full``: the whole 112-slice
+    volume with the fast model's labels, split into several slabs) or MR volume."""
     base = root / "totalseg"
     names = json.loads((base / "label_names.json").read_text())
-    if modality == "CT":
+    if modality == "CT" and full:
+        study = load_study(base / "example_ct.nii.gz", base / "example_seg_fast_force_split.nii.gz", modality="CT")
+        label_names = names["total"]
+    elif modality == "CT":
         study = load_study(base / "example_ct_sm.nii.gz", base / "example_seg.nii.gz", modality="CT")
         label_names = names["total"]
+    elif full:
+        raise ValueError("only the CT has a full volume")
     else:
         study = load_study(base / "example_mr_sm.nii.gz", base / "example_seg_mr.nii.gz", modality="MR")
         label_names = names["total_mr"]
     study = normalized(study)
     tasks = _largest_tasks(study, label_names, organs, min_slices=max(4, study.image.shape[2] // 3))
-    return _slab_set(f"totalseg_{modality.lower()}", study, tasks, seed, calibration_fraction)
+    name = f"totalseg_{modality.lower()}{'_full' if full else ''}"
+    return _slab_set(name, study, tasks, seed, calibration_fraction, slab_size=5 if full else None, gap=1)
 
 
 def dcmqi_ct(root: Path, seed: int = 0) -> TaskSet:
@@ -171,6 +203,7 @@ def shared_task_sets(root: Path, exclude: Iterable[str] = (), seed: int = 0,
         "hippocampus": lambda: hippocampus(root, exclude, seed, max_patients),
         "totalseg_ct": lambda: totalseg(root, "CT", seed),
         "totalseg_mr": lambda: totalseg(root, "MR", seed),
+        "totalseg_ct_full": lambda: totalseg(root, "CT", seed, full=True),
         "dcmqi_ct": lambda: dcmqi_ct(root, seed),
         "sammed2d": lambda: sammed2d(root, seed),
     }

@@ -2,7 +2,8 @@
 
 The search tunes a merge on a calibration set and reports it on a disjoint test set. With several patients the split is
 by patient (``split_patients``), so that no patient's slices appear on both sides; with a single volume it is by slab
-(``split_slabs``): one contiguous run of slices for calibration, the rest for test.
+(``split_slabs``): one or several contiguous runs of slices for calibration, the rest (less an optional guard gap
+around each run) for test.
 """
 
 from __future__ import annotations
@@ -96,26 +97,48 @@ def split_patients(
     return calibration, test
 
 
-def split_slabs(num_slices: int, calibration_fraction: float = 0.2, seed: int = 0) -> tuple[range, list[int]]:
-    """Split the slice indices of one volume into a contiguous calibration slab and the rest.
+def split_slabs(num_slices: int, calibration_fraction: float = 0.2, seed: int = 0, slabs: int = 1,
+                gap: int = 0) -> tuple[list[int], list[int]]:
+    """Split the slice indices of one volume into calibration slabs and test slices.
+
+    The calibration slices form ``slabs`` contiguous slabs of near-equal size (round-half-up(``calibration_fraction``
+    * ``num_slices``) slices in all, sized as in ``split_patients``). The volume is cut into ``slabs`` equal
+    segments and each segment holds one slab at the same seeded offset, so several slabs spread over the whole
+    volume (every structure along the axis can reach calibration). Slices within ``gap`` of a calibration slice are
+    left out of the test set: neighbouring slices are strongly correlated, so they would leak calibration data.
 
     Args:
         num_slices: Number of slices (indices 0 .. num_slices - 1 along the sliced axis).
-        calibration_fraction: Fraction of slices in the calibration slab, in (0, 1); sized as in ``split_patients``.
-        seed: Chooses the slab's start, uniformly among all positions that fit.
+        calibration_fraction: Fraction of slices for calibration, in (0, 1).
+        seed: Chooses the slabs' offset inside their segments (one slab: its start, uniformly among all positions).
+        slabs: Number of calibration slabs, >= 1 (at most the number of calibration slices).
+        gap: Slices dropped from the test set on each side of every slab, >= 0.
 
     Returns:
-        ``(calibration, test)``: ``calibration`` is a ``range`` (one slab); ``test`` is the sorted ``list`` of the
-        other indices, which may form two pieces (before and after the slab). Slices next to the slab border are
-        strongly correlated with it; callers that care can drop a margin from ``test``.
+        ``(calibration, test)``: sorted, disjoint lists of slice indices.
 
     Raises:
-        ValueError: ``num_slices`` < 1 or a fraction outside (0, 1).
+        ValueError: ``num_slices`` < 1, a fraction outside (0, 1), ``slabs`` < 1 or more slabs than fit, ``gap`` < 0.
     """
     if num_slices < 1:
         raise ValueError(f"num_slices must be >= 1, got {num_slices}")
+    if gap < 0:
+        raise ValueError(f"gap must be >= 0, got {gap}")
     k = _calibration_size(num_slices, calibration_fraction)
-    start = int(np.random.default_rng(seed).integers(0, num_slices - k + 1))
-    calibration = range(start, start + k)
-    test = [i for i in range(num_slices) if i not in calibration]
+    if not 1 <= slabs <= k:
+        raise ValueError(f"slabs must lie in [1, {k}] (the calibration size) for {num_slices} slices, got {slabs}")
+    sizes = [k // slabs + (1 if i < k % slabs else 0) for i in range(slabs)]
+    segment = num_slices // slabs
+    if max(sizes) > segment:
+        raise ValueError(f"{slabs} slabs of up to {max(sizes)} slices do not fit in {num_slices} slices")
+    rng = np.random.default_rng(seed)
+    if slabs == 1:
+        starts = [int(rng.integers(0, num_slices - k + 1))]
+    else:
+        offset = int(rng.integers(0, segment - max(sizes) + 1))
+        starts = [i * segment + offset for i in range(slabs)]
+    calibration = sorted(i for start, size in zip(starts, sizes) for i in range(start, start + size))
+    cal = set(calibration)
+    near = {j for i in calibration for j in range(i - gap, i + gap + 1)}
+    test = [i for i in range(num_slices) if i not in cal and i not in near]
     return calibration, test
