@@ -43,6 +43,20 @@ def test_task_arithmetic():
     assert close(run("task_arithmetic", [1, 2], [[3, 4], [5, 6]], scale=0.5), [4, 5])
 
 
+def test_task_arithmetic_weights_per_model():
+    base, models = [1, 2], [[3, 4], [5, 6]]  # tau_a = [2, 2], tau_b = [4, 4]
+    # default: every model weighs 1 (the recipes written before weights existed mean the same)
+    assert close(run("task_arithmetic", base, models, scale=0.5, weights={"a": 1, "b": 1}),
+                 run("task_arithmetic", base, models, scale=0.5))
+    # base + 1.0 * (1.2 tau_a + 0 tau_b): extrapolates model a alone
+    assert close(run("task_arithmetic", base, models, scale=1.0, weights={"a": 1.2, "b": 0}), [3.4, 4.4])
+    assert close(run("task_arithmetic", base, models, scale=0.5, weights={"b": 0.5}), [2, 3])  # missing a -> 0
+    for bad, match in [({"sam": 1.0}, "base"), ({"a": -0.1}, "a"), ({"a": 3.5}, "a"), ({"a": float("nan")}, "a"),
+                       ([1, 1], "mapping")]:
+        with pytest.raises(ConfigError, match=match):
+            run("task_arithmetic", base, models, scale=0.5, weights=bad)
+
+
 def test_ties_trim_elect_disjoint_mean():
     base = [0, 0, 0, 0]
     models = [[3, -1, 0.5, -2], [-1, 2, -0.2, -3]]

@@ -49,6 +49,9 @@ def test_space_is_named_by_group_and_alias(merger):
     names = list(cs.keys())
     assert "enc.blocks.0-1:method" in names
     assert "dec.iou_head:linear:w_ct" in names and "enc.neck:pick:source" in names
+    base = merger.aliases[0]
+    assert "dec.iou_head:task_arithmetic:w_ct" in names  # task-arithmetic weights: the fine-tuned models only
+    assert f"dec.iou_head:task_arithmetic:w_{base}" not in names and f"dec.iou_head:linear:w_{base}" in names
     assert all("/" not in n and ".pth" not in n for n in names)
     cfg = cs.sample_configuration()
     assert len(dict(cfg)) < len(names)  # conditional hyper-parameters are inactive

@@ -16,7 +16,9 @@ Sources are numbered ``0`` (the base) to ``K`` (the last model); in recipes they
 Definitions (``theta_0`` base, ``theta_k`` models, ``tau_k = theta_k - theta_0``, all per tensor):
 
 * ``linear``: ``sum_i w_i theta_i / sum_i w_i`` over all K+1 sources, ``w_i >= 0``, not all zero.
-* ``task_arithmetic``: ``theta_0 + scale * sum_k tau_k``.
+* ``task_arithmetic``: ``theta_0 + scale * sum_k w_k tau_k``, one weight ``w_k >= 0`` per fine-tuned model (all 1
+  by default; as mergekit's per-model ``weight``). Weights or scales above 1 extrapolate a task vector (further
+  along the direction fine-tuning moved), 0 leaves a model out.
 * ``ties``: trim each ``tau_k`` to its ``ceil(keep * n)`` largest magnitudes (ties at the threshold kept), elect
   the sign of ``sum_k trimmed tau_k`` per element, average the trimmed entries that agree with it (disjoint mean),
   ``theta_0 + scale * merged`` (Yadav et al., 2023). ``keep = 0`` gives the base.
@@ -90,9 +92,11 @@ class Sources:
 class ParamSpec:
     """One hyper-parameter of a merge method.
 
-    ``kind`` is "float", "int", "weights" (one non-negative float per source, alias-keyed in recipes) or "source"
-    (a source alias). ``low``/``high`` bound valid values (inclusive unless ``high_open``); ``search_low`` and
-    ``search_high`` bound the range a search explores.
+    ``kind`` is "float", "int", "weights" (one non-negative float per source, alias-keyed in recipes),
+    "model_weights" (one float in ``[low, high]`` per fine-tuned model, base excluded, alias-keyed in recipes; a
+    missing model weighs 0, a missing parameter gives every model ``default_each``) or "source" (a source alias).
+    ``low``/``high`` bound valid values (inclusive unless ``high_open``); ``search_low`` and ``search_high`` bound
+    the range a search explores.
     """
 
     name: str
@@ -104,6 +108,7 @@ class ParamSpec:
     search_low: float | None = None
     search_high: float | None = None
     doc: str = ""
+    default_each: float = 1.0
 
 
 MethodFn = Callable[[Sources, Mapping[str, Any], Tensor | None], Tensor]
@@ -137,6 +142,8 @@ class MergeMethod:
         out: dict[str, Any] = {}
         for p in self.params:
             value = params.get(p.name, p.default)
+            if value is None and p.kind == "model_weights":
+                value = {a: p.default_each for a in list(aliases)[1:]}
             if value is None:
                 raise ConfigError(f"{ctx}: parameter {p.name!r} is required")
             out[p.name] = _check(p, value, aliases, f"{ctx}.{p.name}")
@@ -150,6 +157,8 @@ class MergeMethod:
             hi = p.high if p.search_high is None else p.search_high
             if p.kind == "weights":
                 out[p.name] = {a: round(rng.uniform(0.05, 1.0), 4) for a in aliases}
+            elif p.kind == "model_weights":
+                out[p.name] = {a: round(rng.uniform(lo, hi), 4) for a in list(aliases)[1:]}
             elif p.kind == "source":
                 out[p.name] = rng.choice(list(aliases))
             elif p.kind == "int":
@@ -182,6 +191,20 @@ def _check(p: ParamSpec, value: Any, aliases: Sequence[str], field: str) -> Any:
             weights.append(float(w))
         if sum(weights) <= 0:
             raise ConfigError(f"{field}: all weights are zero")
+        return weights
+    if p.kind == "model_weights":
+        models = list(aliases)[1:]
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{field}: expected a mapping model alias -> weight, got {value!r}")
+        bad = sorted(set(value) - set(models))
+        if bad:
+            raise ConfigError(f"{field}: unknown or base source(s) {bad}; the fine-tuned models are {models}")
+        weights = []
+        for a in models:
+            w = value.get(a, 0.0)
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or not in_range(w):
+                raise ConfigError(f"{field}.{a}: weight must be a number in {bound}, got {w!r}")
+            weights.append(float(w))
         return weights
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigError(f"{field}: expected a number, got {value!r}")
@@ -241,11 +264,18 @@ def linear(src: Sources, params: Mapping[str, Any], out: Tensor | None = None) -
     return _combine(src, [x / total for x in w], out)
 
 
-@register("task_arithmetic", [_SCALE])
+@register("task_arithmetic", [
+    _SCALE,
+    ParamSpec("weights", "model_weights", 0.0, 3.0, search_low=0.0, search_high=1.0,
+              doc="weight of each fine-tuned model's task vector (default 1 each)"),
+])
 def task_arithmetic(src: Sources, params: Mapping[str, Any], out: Tensor | None = None) -> Tensor:
-    """Base plus the scaled sum of task vectors (Ilharco et al., 2023)."""
+    """Base plus the scaled, weighted sum of task vectors (Ilharco et al., 2023)."""
     lam = params["scale"]
-    return _combine(src, [1.0 - lam * src.num_models] + [lam] * src.num_models, out)
+    w = params.get("weights") or [1.0] * src.num_models
+    if len(w) != src.num_models:
+        raise ConfigError(f"task_arithmetic: {len(w)} weights for {src.num_models} fine-tuned models")
+    return _combine(src, [1.0 - lam * sum(w)] + [lam * x for x in w], out)
 
 
 @register("pick", [ParamSpec("source", "source", doc="the source whose values are taken verbatim")])

@@ -2,7 +2,8 @@
 
 Per layer group ``G`` there is a categorical ``G:method`` and, for every method ``M``, its hyper-parameters
 ``G:M:<param>`` active only when ``G:method == M`` (``EqualsCondition``). Per-source parameters are named by pool
-alias, never by file path: linear weights ``G:linear:w_<alias>``, the pick source ``G:pick:source``. Integer
+alias, never by file path: linear weights ``G:linear:w_<alias>`` (every source), task-arithmetic weights
+``G:task_arithmetic:w_<alias>`` (the fine-tuned models), the pick source ``G:pick:source``. Integer
 parameters that are not searched (DARE's seed) are fixed to their defaults. Floats span each parameter's search
 range (:class:`~medsamix.methods.ParamSpec`).
 """
@@ -25,6 +26,8 @@ SEP = ":"
 def _param_names(group: str, method: str, param: str, kind: str, aliases: Sequence[str]) -> list[str]:
     if kind == "weights":
         return [f"{group}{SEP}{method}{SEP}w_{a}" for a in aliases]
+    if kind == "model_weights":
+        return [f"{group}{SEP}{method}{SEP}w_{a}" for a in list(aliases)[1:]]
     return [f"{group}{SEP}{method}{SEP}{param}"]
 
 
@@ -48,6 +51,9 @@ def build_space(groups: Sequence[Group], aliases: Sequence[str], methods: Sequen
                     hps = [Categorical(_param_names(g.name, m, p.name, p.kind, aliases)[0], list(aliases))]
                 elif p.kind == "weights":
                     hps = [Float(n, (0.0, 1.0), default=0.5) for n in _param_names(g.name, m, p.name, p.kind, aliases)]
+                elif p.kind == "model_weights":
+                    each = min(max(p.default_each, lo), hi)
+                    hps = [Float(n, (lo, hi), default=each) for n in _param_names(g.name, m, p.name, p.kind, aliases)]
                 else:
                     default = p.default if p.default is not None and lo <= p.default <= hi else (lo + hi) / 2
                     hps = [Float(_param_names(g.name, m, p.name, p.kind, aliases)[0], (lo, hi), default=default)]
@@ -74,6 +80,8 @@ def to_merge_config(values: Configuration | dict[str, Any], groups: Sequence[Gro
             elif p.kind == "weights":
                 w = {a: float(d[f"{g.name}{SEP}{method}{SEP}w_{a}"]) for a in aliases}
                 params[p.name] = w if sum(w.values()) > 0 else {a: 1.0 for a in aliases}
+            elif p.kind == "model_weights":
+                params[p.name] = {a: float(d[f"{g.name}{SEP}{method}{SEP}w_{a}"]) for a in list(aliases)[1:]}
             else:
                 params[p.name] = d[f"{g.name}{SEP}{method}{SEP}{p.name}"]
         settings[g.name] = GroupSetting(method, params)
@@ -110,6 +118,10 @@ def from_merge_config(cs: ConfigurationSpace, config: MergeConfig, aliases: Sequ
                 top = max(w.values()) if w else 1.0
                 for a in aliases:
                     values[f"{name}{SEP}{s.method}{SEP}w_{a}"] = float(w.get(a, 0.0)) / top
+            elif p.kind == "model_weights":
+                w = s.params.get(p.name)
+                for a in list(aliases)[1:]:
+                    values[f"{name}{SEP}{s.method}{SEP}w_{a}"] = float(p.default_each if w is None else w.get(a, 0.0))
             else:
                 values[f"{name}{SEP}{s.method}{SEP}{p.name}"] = s.params[p.name]
     return Configuration(cs, values=values)
