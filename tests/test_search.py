@@ -85,10 +85,17 @@ def test_single_task_search_never_worse_than_initial_design(merger, evaluator, t
         one_hot = [t for t in initial if t.config.groups["enc.neck"].params.get("weights") ==
                    {a: float(a == alias) for a in merger.aliases}]
         assert len(one_hot) == 1
+        if alias != merger.aliases[0]:  # and each fine-tuned model as one-hot task arithmetic, also exact
+            one_hot_ta = [t for t in initial if t.config.groups["enc.neck"].method == "task_arithmetic" and
+                          t.config.groups["enc.neck"].params.get("weights") ==
+                          {a: float(a == alias) for a in merger.aliases[1:]}]
+            assert len(one_hot_ta) == 1
+            one_hot.append(one_hot_ta[0])
         picked = MergeConfig.uniform(merger.groups, "pick", {"source": alias}, 2)
-        a = {k: v.clone() for k, v in merger.apply(one_hot[0].config).state_dict().items()}
-        for k, v in merger.apply(picked).state_dict().items():
-            assert torch.equal(a[k], v), k
+        for trial in one_hot:
+            a = {k: v.clone() for k, v in merger.apply(trial.config).state_dict().items()}
+            for k, v in merger.apply(picked).state_dict().items():
+                assert torch.equal(a[k], v), (trial.config.groups["enc.neck"].method, k)
 
 
 def test_multi_task_uses_parego_and_returns_a_front(merger, evaluator, tmp_path):

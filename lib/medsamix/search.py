@@ -89,12 +89,18 @@ def initial_configs(merger: Merger, settings: SearchSettings) -> list[MergeConfi
 
     A single model is a one-hot linear merge (weight 1 on it, 0 on the others; bit-identical to the model). As a
     point of the continuous weight space it has continuous neighbours, so SMAC's local search around a strong single
-    model proposes small moves away from it rather than only jumps to other methods (as ``pick`` would)."""
+    model proposes small moves away from it rather than only jumps to other methods (as ``pick`` would). Each
+    fine-tuned model also enters as one-hot task arithmetic (scale 1, weight 1 on it, 0 on the others; also
+    bit-identical): its neighbours include moves past the model along its task vector (scale above 1), which
+    linear weights cannot express, and the addition of a little of another model's task vector."""
     g, sep, groups, aliases = settings.granularity, settings.separate, merger.groups, merger.aliases
     configs = list(uniform_merges(groups, aliases, g, sep).values())
     configs.append(MergeConfig.uniform(groups, "dare", {"drop": 0.5, "scale": 0.5, "seed": 0}, g, sep))
     configs += [MergeConfig.uniform(groups, "linear", {"weights": {b: float(a == b) for b in aliases}}, g, sep)
                 for a in aliases]
+    configs += [MergeConfig.uniform(groups, "task_arithmetic",
+                                    {"scale": 1.0, "weights": {b: float(a == b) for b in aliases[1:]}}, g, sep)
+                for a in aliases[1:]]
     return [c for c in configs if next(iter(c.groups.values())).method in settings.methods]
 
 
