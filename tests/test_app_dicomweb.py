@@ -360,7 +360,7 @@ def test_merge_train_on_the_labelled_studies_in_orthanc(pacs, client, source, tm
     # a split seed that puts the 20-slice study into calibration (the other has one labelled slice)
     ids = sorted([uid, source["uid"]])
     seed = next(s for s in range(50) if uid in split_patients(ids, CALIBRATION_FRACTION, s)[0])
-    _call(pacs, client.train_start, "merge", {"task": "liver", "trials": 8, "seed": seed})
+    _call(pacs, client.train_start, "merge", {"task": "liver", "trials": 10, "seed": seed})
     deadline = time.monotonic() + 240
     while _call(pacs, client.train_status)["status"] in ("SUBMITTED", "RUNNING"):
         assert time.monotonic() < deadline, _call(pacs, client.train_status)

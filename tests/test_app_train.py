@@ -128,7 +128,7 @@ def test_a_merge_not_better_than_the_best_single_model_is_not_published(client, 
 
 
 def test_a_bad_request_fails_with_the_reason_and_the_server_keeps_running(client):
-    client.train_start("merge", {"task": "liver", "trials": 8})
+    client.train_start("merge", {"task": "liver", "trials": 10})
     task = _wait_task(client)
     assert task["status"] == "ERROR"
     assert any("unknown task(s) ['liver']" in line for line in task["details"])
@@ -139,7 +139,7 @@ def test_a_bad_request_fails_with_the_reason_and_the_server_keeps_running(client
 
 def test_a_synchronous_bad_request_is_answered_with_400_and_the_reason(client, server):
     req = urllib.request.Request(f"{server[0]}/train/merge?run_sync=true", method="POST",
-                                 data=json.dumps({"task": "liver", "trials": 8}).encode(),
+                                 data=json.dumps({"task": "liver", "trials": 10}).encode(),
                                  headers={"Content-Type": "application/json"})
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(req, timeout=120)

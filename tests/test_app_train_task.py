@@ -71,9 +71,9 @@ def test_config_lists_the_options_clients_show():
 def test_train_publishes_reports_progress_and_a_second_request_resumes(studies, models_spec, tmp_path):
     root, ds = studies
     task = _task(root, tmp_path / "model", models_spec, merge_report="true")
-    res = task({"model": "merge", "task": "ellipsoid", "trials": "8"}, ds)
+    res = task({"model": "merge", "task": "ellipsoid", "trials": "10"}, ds)
     assert res["report"] and Path(res["report"]).is_file()
-    assert res["variant"] == "MedSAMix-S" and res["trials"] == 8 and res["promoted"] is True
+    assert res["variant"] == "MedSAMix-S" and res["trials"] == 10 and res["promoted"] is True
     pub = current(tmp_path / "model" / "merged")
     assert pub is not None and pub.version == res["published_version"]
     assert pub.info["run"] == res["run"] and pub.info["calibration_dice"] == res["calibration_dice"]
@@ -81,22 +81,22 @@ def test_train_publishes_reports_progress_and_a_second_request_resumes(studies, 
     # published before the report (which scores every reference model on the test slices) was written
     assert (tmp_path / "model" / "merged" / "current.json").stat().st_mtime <= Path(res["report"]).stat().st_mtime
     st = task.stats()
-    assert st["status"] == "done" and st["epoch"] == 8 and st["total_epochs"] == 8 and st["total_time"]
+    assert st["status"] == "done" and st["epoch"] == 10 and st["total_epochs"] == 10 and st["total_time"]
     assert st["best_metric"] == pytest.approx(res["calibration_dice"]["ellipsoid"])
     assert st["published_version"] == pub.version and st["message"].startswith("promoted:")
     assert st["notes"] == ["1 study without a final label not used"]
     run_dir = Path(res["out_dir"])
     assert run_dir.parent == tmp_path / "model" / "runs"
-    assert len((run_dir / "trials.jsonl").read_text().splitlines()) == 8
+    assert len((run_dir / "trials.jsonl").read_text().splitlines()) == 10
     # the same request again: nothing to evaluate, nothing published twice
     task = _task(root, tmp_path / "model", models_spec)
-    again = task({"model": "merge", "task": "ellipsoid", "trials": 8}, ds)
+    again = task({"model": "merge", "task": "ellipsoid", "trials": 10}, ds)
     assert again["run"] == res["run"] and again["published_version"] == pub.version
-    assert task.stats()["resumed_trials"] == 8
+    assert task.stats()["resumed_trials"] == 10
     assert len(list((tmp_path / "model" / "merged" / "versions").iterdir())) == 1
     # restart discards the stored trials; a damaged pointer of the served folder is replaced by the new version
     (tmp_path / "model" / "merged" / "current.json").write_text("{cut")
-    fresh = task({"model": "merge", "task": "ellipsoid", "trials": 8, "restart": True}, ds)
+    fresh = task({"model": "merge", "task": "ellipsoid", "trials": 10, "restart": True}, ds)
     assert task.stats()["resumed_trials"] == 0
     now = current(tmp_path / "model" / "merged")
     assert now is not None and now.version == fresh["published_version"] != pub.version
@@ -105,7 +105,7 @@ def test_train_publishes_reports_progress_and_a_second_request_resumes(studies, 
 def test_several_tasks_run_medsamix_m_and_a_required_gain_blocks_promotion(studies, models_spec, tmp_path):
     root, ds = studies
     task = _task(root, tmp_path / "model", models_spec)
-    res = task({"model": "merge", "task": "", "trials": 8, "min_gain": 0.5}, ds)
+    res = task({"model": "merge", "task": "", "trials": 10, "min_gain": 0.5}, ds)
     assert res["variant"] == "MedSAMix-M" and res["tasks"] == ["ellipsoid", "label_2"]
     assert res["promoted"] is False and res["published_version"] is None
     assert res["promotion"]["reason"].startswith("not promoted") and "required gain 0.5" in res["promotion"]["reason"]
@@ -128,7 +128,7 @@ def test_multi_fidelity_counts_every_trial_and_reports_full_budget_dice(studies,
 
 @pytest.mark.parametrize("labelled, request_, needle", [
     (4, {"task": "liver"}, "unknown task(s) ['liver']; this data has ['ellipsoid', 'label_2']"),
-    (4, {"trials": 3}, "trials must be at least 8"),
+    (4, {"trials": 3}, "trials must be at least 10"),
     (4, {"granularity": 7}, "granularity: must be 1, 2, 3 or 4"),
     (4, {"task": "ellipsoid,label_2", "min_budget": 3}, "one task only"),
     (1, {}, "at least 2 labelled studies are needed (calibration and test), found 1"),
@@ -140,7 +140,7 @@ def test_bad_requests_fail_with_the_reason_in_stats(labelled, request_, needle, 
     ds = _datastore(tmp_path / "studies", labelled)
     task = _task(tmp_path / "studies", tmp_path / "model", models_spec)
     with pytest.raises(HTTPException) as e:
-        task({"model": "merge", "trials": 8, **request_}, ds)
+        task({"model": "merge", "trials": 10, **request_}, ds)
     assert e.value.status_code == 400 and needle in e.value.detail
     st = task.stats()
     assert st["status"] == "failed" and needle in st["message"]

@@ -130,6 +130,48 @@ def test_interrupted_search_resumes_without_losing_trials(merger, evaluator, tmp
         assert before.dice == pytest.approx(after.dice)
 
 
+
+def test_crashed_trials_are_recorded_and_the_search_goes_on(merger, evaluator, tmp_path):
+    """A trial whose merge is non-finite or whose scoring raises (out of memory) is told to SMAC as crashed, kept in
+    the history (also after a resume) and never selected; the search runs its full number of trials."""
+    from smac.runhistory.enumerations import StatusType
+
+    from medsamix import MergeError
+
+    calls = {"apply": 0, "evaluate": 0}
+    apply, evaluate = merger.apply, evaluator.evaluate
+
+    def flaky_apply(config, check_finite=False):
+        calls["apply"] += 1
+        model = apply(config, check_finite=check_finite)
+        if calls["apply"] == 2:
+            raise MergeError("group dec.iou_head: task_arithmetic produced non-finite weights")
+        return model
+
+    def flaky_evaluate(*args, **kwargs):
+        calls["evaluate"] += 1
+        if calls["evaluate"] == 4:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return evaluate(*args, **kwargs)
+
+    merger.apply, evaluator.evaluate = flaky_apply, flaky_evaluate
+    settings = SearchSettings(tasks=("a",), trials=12, granularity=2, seed=1)
+    result = run_search(merger, evaluator, settings, tmp_path / "c")
+    assert len(result.trials) == 12
+    crashed = {t.number: t.status for t in result.trials if t.status != "ok"}
+    assert set(crashed) == {1, 4}  # the 2nd merge and the 4th scoring (the 2nd trial never got to scoring)
+    assert "non-finite" in crashed[1] and "out of memory" in crashed[4]
+    assert result.best.status == "ok" and result.best.number not in crashed
+    assert result.trials[1].dice == {} and result.trials[1].mean_dice == 0.0
+    # SMAC's run history holds them as crashed: a resumed search reads them back as such (and runs nothing again)
+    merger.apply, evaluator.evaluate = apply, evaluate
+    history = json.loads((tmp_path / "c" / "smac" / "medsamix" / "1" / "runhistory.json").read_text())
+    assert sum(1 for row in history["data"] if row["status"] == StatusType.CRASHED) == 2
+    again = run_search(merger, evaluator, settings, tmp_path / "c")
+    assert {t.number: t.status for t in again.trials if t.status != "ok"} == crashed
+    assert again.best.config.to_dict() == result.best.config.to_dict()
+
+
 def test_changed_settings_are_refused_unless_restarted(merger, evaluator, tmp_path):
     run_search(merger, evaluator, SearchSettings(tasks=("a",), trials=11, granularity=2), tmp_path / "x")
     other = SearchSettings(tasks=("b",), trials=11, granularity=2)

@@ -21,7 +21,7 @@ from conftest import SHARED_DATA
 from medsamix.errors import StudyError
 from medsamix.slices import extract_slices, jitter_box, jitter_pixels, tight_box
 from medsamix.studies import Study, find_studies, load_studies, load_study
-from medsamix.tasks import Task, split_patients, split_slabs, tasks_from_labels
+from medsamix.tasks import Task, contiguous_runs, split_patients, split_slabs, tasks_from_labels
 
 CT3 = SHARED_DATA / "dcmqi_ct3slice"
 HIPPO = SHARED_DATA / "hippocampus"
@@ -368,21 +368,11 @@ def test_split_slabs() -> None:
         split_slabs(0)
 
 
-def slab_runs(indices: list[int]) -> list[list[int]]:
-    runs: list[list[int]] = []
-    for i in indices:
-        if runs and runs[-1][-1] == i - 1:
-            runs[-1].append(i)
-        else:
-            runs.append([i])
-    return runs
-
-
 def test_split_slabs_several_slabs_with_a_guard_gap() -> None:
     offsets = set()
     for seed in range(20):
         cal, test = split_slabs(112, 0.2, seed, slabs=4, gap=1)
-        runs = slab_runs(cal)
+        runs = contiguous_runs(cal)
         assert len(cal) == 22 and [len(r) for r in runs] == [6, 6, 5, 5]
         assert all(r[0] - i * 28 == runs[0][0] for i, r in enumerate(runs))  # one per 28-slice segment, same offset
         offsets.add(runs[0][0])

@@ -178,34 +178,15 @@ def _check(p: ParamSpec, value: Any, aliases: Sequence[str], field: str) -> Any:
             raise ConfigError(f"{field}: unknown source {value!r}; pool aliases are {list(aliases)}")
         return list(aliases).index(value)
     if p.kind == "weights":
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"{field}: expected a mapping alias -> weight, got {value!r}")
-        bad = sorted(set(value) - set(aliases))
-        if bad:
-            raise ConfigError(f"{field}: unknown source(s) {bad}; pool aliases are {list(aliases)}")
-        weights = []
-        for a in aliases:
-            w = value.get(a, 0.0)
-            if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
-                raise ConfigError(f"{field}.{a}: weight must be a finite number >= 0, got {w!r}")
-            weights.append(float(w))
+        weights = _check_weights(value, list(aliases), field, "alias", lambda w: w >= 0, "a finite number >= 0",
+                                 f"unknown source(s) {{bad}}; pool aliases are {list(aliases)}")
         if sum(weights) <= 0:
             raise ConfigError(f"{field}: all weights are zero")
         return weights
     if p.kind == "model_weights":
         models = list(aliases)[1:]
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"{field}: expected a mapping model alias -> weight, got {value!r}")
-        bad = sorted(set(value) - set(models))
-        if bad:
-            raise ConfigError(f"{field}: unknown or base source(s) {bad}; the fine-tuned models are {models}")
-        weights = []
-        for a in models:
-            w = value.get(a, 0.0)
-            if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or not in_range(w):
-                raise ConfigError(f"{field}.{a}: weight must be a number in {bound}, got {w!r}")
-            weights.append(float(w))
-        return weights
+        return _check_weights(value, models, field, "model alias", in_range, f"a number in {bound}",
+                              f"unknown or base source(s) {{bad}}; the fine-tuned models are {models}")
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigError(f"{field}: expected a number, got {value!r}")
     if p.kind == "int":
@@ -215,6 +196,25 @@ def _check(p: ParamSpec, value: Any, aliases: Sequence[str], field: str) -> Any:
     if not math.isfinite(value) or not in_range(value):
         raise ConfigError(f"{field}: {value!r} is outside {bound}")
     return value if p.kind == "int" else float(value)
+
+
+def _check_weights(value: Any, names: Sequence[str], field: str, key: str, valid: Callable[[float], bool],
+                   wanted: str, unknown: str) -> list[float]:
+    """A mapping name -> weight -> one float per name of ``names`` (a missing name weighs 0).
+
+    ``unknown`` is the message for names outside ``names``, with ``{bad}`` standing for them."""
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{field}: expected a mapping {key} -> weight, got {value!r}")
+    bad = sorted(set(value) - set(names))
+    if bad:
+        raise ConfigError(f"{field}: " + unknown.format(bad=bad))
+    weights = []
+    for a in names:
+        w = value.get(a, 0.0)
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or not valid(w):
+            raise ConfigError(f"{field}.{a}: weight must be {wanted}, got {w!r}")
+        weights.append(float(w))
+    return weights
 
 
 REGISTRY: dict[str, MergeMethod] = {}

@@ -394,8 +394,10 @@ def _history(smac: Any, merger: Merger, settings: SearchSettings) -> list[Trial]
     for k, v in rh.items():
         cfg = rh.get_config(k.config_id)
         mc = to_merge_config(cfg, merger.groups, merger.aliases, settings.granularity, settings.separate)
-        dice = dict(v.additional_info.get("dice", {})) if v.additional_info else {}
-        status = "ok" if dice else f"crashed: {v.additional_info.get('error', '') if v.additional_info else ''}"
+        info = v.additional_info or {}
+        dice = dict(info.get("dice", {}))
+        error = str(info.get("error", "")) or "crashed: (no reason recorded)"
+        status = "ok" if dice else (error if error.startswith("crashed") else f"crashed: {error}")
         full = smac.scenario.max_budget
         out.append(Trial(len(out), mc, dice, status, _budget(k.budget, int(full)) if full else None))
     return out

@@ -30,7 +30,7 @@ import numpy as np
 from .preprocess import intensity_range, to_255
 from .slices import SliceSample, extract_slices, tight_box
 from .studies import Study, find_studies, load_study
-from .tasks import Task, split_patients, split_slabs
+from .tasks import Task, contiguous_runs, split_patients, split_slabs
 
 log = logging.getLogger(__name__)
 
@@ -108,23 +108,12 @@ def _slab_set(name: str, study: Study, tasks: Sequence[Task], seed: int, calibra
     cal_idx, test_idx = split_slabs(n, calibration_fraction, seed, slabs=slabs, gap=gap)
     cal = _slices(study, tasks, cal_idx)
     test = _slices(study, tasks, test_idx)
-    runs = _runs(cal_idx)
+    runs = contiguous_runs(cal_idx)
     where = ", ".join(f"{r[0]}-{r[-1]}" for r in runs)
     guard = f", less {n - len(cal_idx) - len(test_idx)} guard slices next to them" if gap else ""
     return TaskSet(name, list(tasks), cal, test,
                    f"one volume ({n} slices): contiguous slab{'s' if len(runs) > 1 else ''} of slices {where} for "
                    f"calibration, the other {len(test_idx)} slices for test{guard}")
-
-
-def _runs(indices: Sequence[int]) -> list[list[int]]:
-    """Sorted indices -> runs of consecutive indices."""
-    runs: list[list[int]] = []
-    for i in indices:
-        if runs and runs[-1][-1] == i - 1:
-            runs[-1].append(i)
-        else:
-            runs.append([i])
-    return runs
 
 
 def totalseg(root: Path, modality: str, seed: int = 0, organs: int = 8,

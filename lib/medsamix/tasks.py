@@ -142,3 +142,15 @@ def split_slabs(num_slices: int, calibration_fraction: float = 0.2, seed: int = 
     near = {j for i in calibration for j in range(i - gap, i + gap + 1)}
     test = [i for i in range(num_slices) if i not in cal and i not in near]
     return calibration, test
+
+
+def contiguous_runs(indices: Sequence[int]) -> list[list[int]]:
+    """Sorted indices -> runs of consecutive indices, e.g. ``[1, 2, 5]`` -> ``[[1, 2], [5]]``."""
+    runs: list[list[int]] = []
+    for i in indices:
+        if runs and runs[-1][-1] == i - 1:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return runs
+
