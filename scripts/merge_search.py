@@ -61,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="multi-fidelity (one task): fewest calibration slices per trial; Hyperband promotes the "
                          "promising configurations up to all slices")
     ap.add_argument("--eta", type=int, default=3, help="multi-fidelity: Hyperband's factor between budgets")
+    ap.add_argument("--coarse-share", type=float, default=SearchSettings.coarse_share,
+                    help="share of the trials spent first on a coarse search with one setting per model component "
+                         "(image encoder, prompt encoder, mask decoder); 0 = per-group search only")
     ap.add_argument("--workers", type=int, default=0,
                     help="run trials in parallel on a local Dask cluster of this many worker processes")
     ap.add_argument("--scheduler", default=None,
@@ -84,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         style = args.preprocessing or manifest.preprocessing[manifest.base]["style"]
         settings = SearchSettings(tasks=tuple(args.task), trials=args.trials, granularity=args.granularity,
                                   separate=args.separate, seed=args.seed, preprocessing=style, naive=args.naive,
-                                  min_budget=args.min_budget, eta=args.eta)
+                                  min_budget=args.min_budget, eta=args.eta, coarse_share=args.coarse_share)
         if args.min_budget is not None and not 1 <= args.min_budget < len(cal):
             raise MedSAMixError(f"--min-budget must lie in [1, {len(cal)}): the tasks have {len(cal)} "
                                 "calibration slices")

@@ -47,6 +47,8 @@ def main() -> int:
                     help="MedSAMix-S uses multi-fidelity when a task has at least this many calibration slices")
     ap.add_argument("--max-patients", type=int, default=None, help="hippocampus patients used (before the split)")
     ap.add_argument("--granularity", type=int, default=2)
+    ap.add_argument("--coarse-share", type=float, default=SearchSettings.coarse_share,
+                    help="share of each search's trials in the coarse stage (one setting per model component)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", type=Path, default=None, help="search folders (default: a temporary folder)")
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "search_quality")
@@ -87,7 +89,8 @@ def main() -> int:
             cal, test = select_tasks(ts, [task])
             mb = max(1, len(cal) // 27) if len(cal) >= args.mf_threshold else None
             settings = SearchSettings(tasks=(task,), trials=args.trials, granularity=args.granularity,
-                                      seed=args.seed, preprocessing=base_style, min_budget=mb)
+                                      seed=args.seed, preprocessing=base_style, min_budget=mb,
+                                      coarse_share=args.coarse_share)
             t0 = time.time()
             out = run_merge(pool, cal, test, settings, work / f"{ts.name}-S-{task}", ts.split, styles, report=False)
             s_test[task], s_cal[task] = out.test_dice[task], out.calibration_dice[task]
@@ -98,7 +101,7 @@ def main() -> int:
         m_test: dict[str, float] = {}
         if len(tasks) > 1:
             settings = SearchSettings(tasks=tuple(tasks), trials=args.trials_multi, granularity=args.granularity,
-                                      seed=args.seed, preprocessing=base_style)
+                                      seed=args.seed, preprocessing=base_style, coarse_share=args.coarse_share)
             t0 = time.time()
             out = run_merge(pool, cal_all, test_all, settings, work / f"{ts.name}-M", ts.split, styles, report=False)
             m_test = dict(out.test_dice)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 
@@ -11,10 +12,10 @@ import torch
 import yaml
 
 from conftest import TINY, random_state
-from medsamix import MergeConfig, Merger, ModelPool
+from medsamix import GroupSetting, MergeConfig, Merger, ModelPool
 from medsamix.evaluate import Evaluator
-from medsamix.search import SearchError, SearchSettings, initial_configs, run_search
-from medsamix.search_space import build_space, from_merge_config, to_merge_config
+from medsamix.search import COARSE_TOP, SearchError, SearchSettings, coarse_trials, initial_configs, run_search
+from medsamix.search_space import build_space, component_tie, from_merge_config, to_merge_config
 from medsamix.slices import SliceSample, tight_box
 from medsamix.tasks import Task
 
@@ -68,6 +69,33 @@ def test_round_trip_preserves_the_merged_model(merger):
             assert torch.allclose(a[k], b[k], atol=1e-6), k
     for c in initial_configs(merger, SearchSettings(tasks=("a",))):
         from_merge_config(cs, c, merger.aliases)  # inside the space
+
+
+
+def test_tied_space_has_one_setting_per_component(merger):
+    tie = component_tie(merger.groups)
+    assert list(tie) == ["image_encoder", "prompt_encoder", "mask_decoder"]
+    assert sorted(n for names in tie.values() for n in names) == sorted(g.name for g in merger.groups)
+    cs = build_space(merger.groups, merger.aliases, tie=tie)
+    assert {n.split(":")[0] for n in cs.keys()} == set(tie)
+    for seed in range(3):  # every group of a component gets the component's setting
+        mc = to_merge_config(cs.sample_configuration(), merger.groups, merger.aliases, 2, tie=tie)
+        assert set(mc.groups) == {g.name for g in merger.groups}
+        for names in tie.values():
+            assert len({mc.groups[n].canonical() for n in names}) == 1
+        back = to_merge_config(from_merge_config(cs, mc, merger.aliases, tie), merger.groups, merger.aliases, 2,
+                               tie=tie)  # linear weights come back rescaled (max 1): the same merged model
+        a = {k: v.clone() for k, v in merger.apply(mc).state_dict().items()}
+        for k, v in merger.apply(back).state_dict().items():
+            assert torch.allclose(a[k], v, atol=1e-6), k
+    for c in initial_configs(merger, SearchSettings(tasks=("a",))):
+        from_merge_config(cs, c, merger.aliases, tie)  # the initial design lies in the tied space
+    mixed = MergeConfig.uniform(merger.groups, "pick", {"source": "sam"}, 2)
+    mixed.groups["enc.neck"] = GroupSetting("pick", {"source": "ct"})
+    with pytest.raises(ValueError, match="image_encoder"):
+        from_merge_config(cs, mixed, merger.aliases, tie)
+    with pytest.raises(ValueError, match="every group"):
+        build_space(merger.groups, merger.aliases, tie={"image_encoder": tie["image_encoder"]})
 
 
 def test_single_task_search_never_worse_than_initial_design(merger, evaluator, tmp_path):
@@ -170,6 +198,64 @@ def test_crashed_trials_are_recorded_and_the_search_goes_on(merger, evaluator, t
     again = run_search(merger, evaluator, settings, tmp_path / "c")
     assert {t.number: t.status for t in again.trials if t.status != "ok"} == crashed
     assert again.best.config.to_dict() == result.best.config.to_dict()
+
+
+
+def test_coarse_stage_runs_first_and_seeds_the_per_group_stage(merger, evaluator, tmp_path):
+    settings = SearchSettings(tasks=("a",), trials=16, granularity=2, seed=2, coarse_share=0.7)  # 11 coarse trials
+    seen = []
+    result = run_search(merger, evaluator, settings, tmp_path / "c", on_trial=lambda t, n: seen.append(n))
+    assert seen == list(range(1, 17)) and [t.number for t in result.trials] == list(range(16))
+    coarse, groups = result.trials[:11], result.trials[11:]
+    assert {t.stage for t in coarse} == {"coarse"} and {t.stage for t in groups} == {"groups"}
+    tie = component_tie(merger.groups)
+    for t in coarse:  # one setting per component
+        assert all(len({t.config.groups[n].canonical() for n in names}) == 1 for names in tie.values())
+    cs = build_space(merger.groups, merger.aliases, tie=tie)
+
+    def point(config):  # the point of the tied space (recipes may spell the same merge differently)
+        return dict(from_merge_config(cs, config, merger.aliases, tie))
+
+    initial = initial_configs(merger, settings)
+    assert [point(t.config) for t in coarse[:len(initial)]] == [point(c) for c in initial]  # the initial design
+    # the per-group stage starts from the coarse stage's best configurations, in order, with the same scores
+    fine = build_space(merger.groups, merger.aliases)
+
+    def fine_point(config):
+        return dict(from_merge_config(fine, config, merger.aliases))
+
+    top = []
+    for t in sorted((t for t in coarse if t.status == "ok"), key=lambda t: -t.mean_dice):
+        if fine_point(t.config) not in [p for p, _ in top]:
+            top.append((fine_point(t.config), t.dice))
+    assert [(fine_point(t.config), t.dice) for t in groups[:COARSE_TOP]] == top[:COARSE_TOP]
+    assert result.best.mean_dice == max(t.mean_dice for t in result.trials if t.status == "ok")
+    # resumed in either stage, nothing is lost or run twice
+    for stop_at in (5, 13):
+        class Stop(Exception):
+            pass
+
+        def interrupt(trial, n):
+            if n == stop_at:
+                raise Stop
+
+        with pytest.raises(Stop):
+            run_search(merger, evaluator, settings, tmp_path / f"r{stop_at}", on_trial=interrupt)
+        resumed = run_search(merger, evaluator, settings, tmp_path / f"r{stop_at}")
+        assert [(t.stage, t.config.to_dict()) for t in resumed.trials] == [
+            (t.stage, t.config.to_dict()) for t in result.trials]
+        assert [t.dice for t in resumed.trials] == [pytest.approx(t.dice) for t in result.trials]
+    for bad in (-0.1, 1.0):
+        with pytest.raises(SearchError, match="coarse_share must lie in"):
+            run_search(merger, evaluator, dataclasses.replace(settings, coarse_share=bad), tmp_path / "bad")
+
+
+def test_coarse_trials_leave_room_for_the_initial_design_and_the_per_group_stage():
+    assert coarse_trials(120, 1 / 3, 10) == 40
+    assert coarse_trials(30, 1 / 3, 10) == 10  # at least the initial design
+    assert coarse_trials(16, 0.9, 10) == 16 - COARSE_TOP  # the per-group stage starts from the best COARSE_TOP
+    assert coarse_trials(12, 1 / 3, 10) == 0  # too few trials for both stages: per-group search only
+    assert coarse_trials(120, 0.0, 10) == 0
 
 
 def test_changed_settings_are_refused_unless_restarted(merger, evaluator, tmp_path):

@@ -495,13 +495,14 @@ def restore_search_state(out_dir: str | Path) -> int | None:
 
 
 def write_history(path: str | Path, trials: Sequence[Trial], tasks: Sequence[str]) -> None:
-    """One CSV row per trial: number, status, mean Dice, per-task Dice, budget (calibration slices; '' = all)."""
+    """One CSV row per trial: number, status, mean Dice, per-task Dice, budget (calibration slices; '' = all),
+    stage (``coarse``: one setting per model component; ``groups``: per layer group)."""
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["trial", "status", "mean_dice", *tasks, "budget"])
+        w.writerow(["trial", "status", "mean_dice", *tasks, "budget", "stage"])
         for t in trials:
             w.writerow([t.number, t.status, f"{t.mean_dice:.4f}", *(f"{t.dice.get(k, 0):.4f}" for k in tasks),
-                        "" if t.budget is None else t.budget])
+                        "" if t.budget is None else t.budget, t.stage])
 
 
 def _atomic(path: Path, write: Callable[[Path], None]) -> None:

@@ -35,13 +35,17 @@ from .errors import MedSAMixError
 from .evaluate import Evaluator
 from .merger import MergeError, Merger
 from .preprocess import Preprocessor
-from .search_space import build_space, from_merge_config, to_merge_config
+from .search_space import Tie, build_space, component_tie, from_merge_config, to_merge_config
 
 log = logging.getLogger(__name__)
 
 
 class SearchError(MedSAMixError):
     """A search cannot start (bad settings, incompatible output directory)."""
+
+
+COARSE_TOP = 3
+"""How many of the coarse stage's best configurations (full budget, distinct) seed the per-group stage."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +67,13 @@ class SearchSettings:
             slices.
         eta: Hyperband's factor between budgets (and the share of configurations promoted, 1/eta). With
             ``min_budget`` <= slices / eta**3 Hyperband has four rungs.
+        coarse_share: Share of the trials spent first in a coarse stage (0 = none; see :func:`coarse_trials` for
+            the exact number): SMAC over a tied space with one method and hyper-parameters per model component
+            (image encoder, prompt encoder, mask decoder), where one move changes a whole component (a task vector
+            extrapolated everywhere, the encoder of one model with the decoder of another), which the per-group
+            space reaches only through many coordinated moves. The initial design runs there; the per-group stage
+            that follows starts from the coarse stage's best configurations (:data:`COARSE_TOP`), so SMAC's local
+            search refines them group by group.
     """
 
     tasks: tuple[str, ...]
@@ -75,6 +86,7 @@ class SearchSettings:
     naive: bool = False
     min_budget: int | None = None
     eta: int = 3
+    coarse_share: float = 1 / 3
 
     @property
     def multi(self) -> bool:
@@ -104,6 +116,16 @@ def initial_configs(merger: Merger, settings: SearchSettings) -> list[MergeConfi
     return [c for c in configs if next(iter(c.groups.values())).method in settings.methods]
 
 
+def coarse_trials(trials: int, share: float, n_initial: int) -> int:
+    """Trials of the coarse stage: ``round(share * trials)``, at least the initial design (``n_initial``, which
+    runs there) and leaving at least :data:`COARSE_TOP` to the per-group stage; 0 (no coarse stage) when ``share``
+    is 0 or the trials are too few for both."""
+    if share <= 0:
+        return 0
+    n = min(max(n_initial, round(share * trials)), trials - COARSE_TOP)
+    return n if n >= n_initial else 0
+
+
 @dataclasses.dataclass
 class Trial:
     """One evaluated configuration."""
@@ -113,6 +135,7 @@ class Trial:
     dice: dict[str, float]
     status: str  # "ok" or "crashed: <reason>"
     budget: int | None = None  # calibration slices scored (None = all)
+    stage: str = "groups"  # "coarse" (one setting per component) or "groups" (per layer group)
 
     @property
     def mean_dice(self) -> float:
@@ -226,13 +249,6 @@ def run_search(
         SearchError: unknown task, a task without calibration slices, or an output directory holding a search
             with other settings (and not ``restart``).
     """
-    from smac import HyperparameterOptimizationFacade as HPO
-    from smac import MultiFidelityFacade as MF
-    from smac import Scenario
-    from smac.multi_objective.parego import ParEGO
-    from smac.runhistory.dataclasses import TrialValue
-    from smac.runhistory.enumerations import StatusType
-
     started = time.perf_counter()
     if (merger.granularity, merger.separate) != (settings.granularity, settings.separate):
         raise SearchError("the merger's grouping differs from the search settings")
@@ -252,6 +268,9 @@ def run_search(
     if settings.trials < n_initial:
         raise SearchError(f"trials must be at least {n_initial}: the initial design alone (the uniform merges and "
                           f"each single pool model) has {n_initial} configurations; got {settings.trials}")
+    if not 0 <= settings.coarse_share < 1:
+        raise SearchError(f"coarse_share must lie in [0, 1), got {settings.coarse_share}")
+    n_coarse = coarse_trials(settings.trials, settings.coarse_share, n_initial)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     key = _settings_key(settings, context or {})
@@ -267,82 +286,13 @@ def run_search(
     stamp.write_text(json.dumps({"key": key, "settings": settings.to_dict(), "context": context or {}},
                                 indent=2, default=str))
 
-    space = build_space(merger.groups, merger.aliases, settings.methods, seed=settings.seed)
-    scenario = Scenario(
-        space,
-        name="medsamix",
-        output_directory=out_dir / "smac",
-        deterministic=True,
-        objectives=[f"cost_{t}" for t in settings.tasks] if settings.multi else "cost",
-        n_trials=settings.trials,
-        seed=settings.seed,
-        min_budget=settings.min_budget,
-        max_budget=full if settings.min_budget is not None else None,
-    )
-    facade = MF if settings.min_budget is not None else HPO
-    initial = [from_merge_config(space, c, merger.aliases) for c in initial_configs(merger, settings)]
-    design = facade.get_initial_design(scenario, n_configs=0, additional_configs=initial)
-    extra: dict[str, Any] = {}
-    if settings.multi:
-        extra["multi_objective_algorithm"] = ParEGO(scenario, seed=settings.seed)
-    intensifier = (MF.get_intensifier(scenario, eta=settings.eta) if settings.min_budget is not None
-                   else HPO.get_intensifier(scenario, max_config_calls=1))
-    target = _unused_target_mf if settings.min_budget is not None else _unused_target
-    smac = facade(scenario, target, initial_design=design, overwrite=overwrite, logging_level=False,
-                  intensifier=intensifier, **extra)
-    prep = Preprocessor(settings.preprocessing, merger.pool.arch.img_size)
-    trials = _history(smac, merger, settings)
-    remote_passes = 0
-
-    def record(info: Any, config: MergeConfig, budget: int | None, dice: dict[str, float], status: str) -> None:
-        if status == "ok":
-            value = TrialValue(cost=_costs(dice, settings), additional_info={"dice": dice})
-        else:
-            log.warning("trial %d %s", len(trials), status)
-            value = TrialValue(cost=_costs({t: 0.0 for t in settings.tasks}, settings), status=StatusType.CRASHED,
-                               additional_info={"error": status})
-        smac.tell(info, value)
-        trials.append(Trial(len(trials), config, dice, status, budget))
-        if on_trial:
-            on_trial(trials[-1], len(trials))
-
-    def next_job() -> tuple[Any, MergeConfig, int | None]:
-        with warnings.catch_warnings():
-            # SMAC's multi-fidelity bookkeeping averages the costs of budgets that have no trial yet (numpy warns)
-            warnings.filterwarnings("ignore", "Mean of empty slice", RuntimeWarning)
-            warnings.filterwarnings("ignore", "invalid value encountered in scalar divide", RuntimeWarning)
-            info = smac.ask()
-        config = to_merge_config(info.config, merger.groups, merger.aliases, settings.granularity, settings.separate)
-        return info, config, _budget(info.budget, full)
-
-    if client is None:
-        while len(trials) < settings.trials:
-            info, config, budget = next_job()
-            record(info, config, budget, *_run_trial(merger, evaluator, prep, settings, config, budget))
-    else:
-        from distributed import wait
-
-        setup = WorkerSetup(tuple((m.alias, str(m.path)) for m in merger.pool.members), merger.pool.arch,
-                            settings.granularity, settings.separate, key)
-        samples = client.scatter(evaluator.samples, broadcast=True)
-        slots = max(1, len(client.scheduler_info()["workers"]))
-        running: dict[Any, tuple[Any, MergeConfig, int | None]] = {}
-        asked = len(trials)
-        while len(trials) < settings.trials:
-            while len(running) < slots and asked < settings.trials:
-                info, config, budget = next_job()
-                running[client.submit(_dask_trial, setup, samples, settings, config, budget, pure=False)] = (
-                    info, config, budget)
-                asked += 1
-            done, _ = wait(list(running), return_when="FIRST_COMPLETED")
-            for fut in done:
-                info, config, budget = running.pop(fut)
-                try:
-                    dice, status, passes = fut.result()
-                except Exception as e:  # noqa: BLE001 - a worker died or raised: the trial failed, the search goes on
-                    dice, status, passes = {}, f"crashed: worker error: {e}", 0
-                remote_passes += passes
-                record(info, config, budget, dice, status)
+    runner = _Runner(merger, evaluator, settings, out_dir / "smac", overwrite, key, on_trial, client)
+    initial = initial_configs(merger, settings)
+    if n_coarse:
+        runner.stage("coarse", component_tie(merger.groups), n_coarse, initial)
+        initial = _best_distinct([t for t in runner.trials if t.stage == "coarse"], COARSE_TOP) or initial
+    runner.stage("groups", None, settings.trials - n_coarse, initial)
+    trials = runner.trials
     ok = [t for t in trials if t.status == "ok" and t.budget is None]
     if settings.min_budget is not None:
         # Hyperband may drop a configuration of the initial design at a small budget; the selection still sees
@@ -353,17 +303,144 @@ def run_search(
         if not ok and any(t.status == "ok" for t in trials):
             extra.append(max((t for t in trials if t.status == "ok"), key=lambda t: t.mean_dice).config)
         for config in extra:
-            dice, status = _run_trial(merger, evaluator, prep, settings, config, None)
+            dice, status = _run_trial(merger, evaluator, runner.prep, settings, config, None)
             if status == "ok":
-                trials.append(Trial(len(trials), config, dice, "ok"))
+                trials.append(Trial(len(trials), config, dice, "ok", stage=trials[-1].stage))
                 ok.append(trials[-1])
     if not ok:
         raise SearchError("every trial crashed")
     pareto = _pareto(ok) if settings.multi else [max(ok, key=lambda t: t.mean_dice)]
     best = max(pareto, key=lambda t: t.mean_dice)
-    mo = smac.meta.get("multi_objective_algorithm")
-    return SearchResult(trials, pareto, best, evaluator.encoder_passes + remote_passes, mo.get("name") if mo else None,
+    return SearchResult(trials, pareto, best, evaluator.encoder_passes + runner.remote_passes, runner.aggregation,
                         time.perf_counter() - started)
+
+
+class _Runner:
+    """Runs the SMAC stages of one search and collects their trials (numbered across stages)."""
+
+    def __init__(self, merger: Merger, evaluator: Evaluator, settings: SearchSettings, smac_dir: Path,
+                 overwrite: bool, key: str, on_trial: Callable[[Trial, int], None] | None, client: Any | None) -> None:
+        self.merger, self.evaluator, self.settings = merger, evaluator, settings
+        self.smac_dir, self.overwrite, self.key = smac_dir, overwrite, key
+        self.on_trial, self.client = on_trial, client
+        self.prep = Preprocessor(settings.preprocessing, merger.pool.arch.img_size)
+        self.trials: list[Trial] = []
+        self.remote_passes = 0
+        self.aggregation: str | None = None
+        self._dask: tuple[WorkerSetup, Any, int] | None = None
+
+    def stage(self, name: str, tie: Tie | None, n_trials: int, initial: Sequence[MergeConfig]) -> None:
+        """Run (or resume) one SMAC search of ``n_trials`` over the space of ``tie`` (``None``: per group), its
+        initial design ``initial``. SMAC keeps its state in ``smac_dir/<scenario name>``."""
+        from smac import HyperparameterOptimizationFacade as HPO
+        from smac import MultiFidelityFacade as MF
+        from smac import Scenario
+        from smac.multi_objective.parego import ParEGO
+        from smac.runhistory.dataclasses import TrialValue
+        from smac.runhistory.enumerations import StatusType
+
+        merger, evaluator, settings = self.merger, self.evaluator, self.settings
+        full = len(evaluator.samples)
+        space = build_space(merger.groups, merger.aliases, settings.methods, seed=settings.seed, tie=tie)
+        scenario = Scenario(
+            space,
+            name="medsamix" if name == "groups" else name,
+            output_directory=self.smac_dir,
+            deterministic=True,
+            objectives=[f"cost_{t}" for t in settings.tasks] if settings.multi else "cost",
+            n_trials=n_trials,
+            seed=settings.seed,
+            min_budget=settings.min_budget,
+            max_budget=full if settings.min_budget is not None else None,
+        )
+        facade = MF if settings.min_budget is not None else HPO
+        seeds = [from_merge_config(space, c, merger.aliases, tie) for c in initial]
+        design = facade.get_initial_design(scenario, n_configs=0, additional_configs=seeds)
+        extra: dict[str, Any] = {}
+        if settings.multi:
+            extra["multi_objective_algorithm"] = ParEGO(scenario, seed=settings.seed)
+        intensifier = (MF.get_intensifier(scenario, eta=settings.eta) if settings.min_budget is not None
+                       else HPO.get_intensifier(scenario, max_config_calls=1))
+        target = _unused_target_mf if settings.min_budget is not None else _unused_target
+        smac = facade(scenario, target, initial_design=design, overwrite=self.overwrite, logging_level=False,
+                      intensifier=intensifier, **extra)
+        mo = smac.meta.get("multi_objective_algorithm")
+        self.aggregation = mo.get("name") if mo else None
+        first = len(self.trials)
+        for t in _history(smac, merger, settings, tie):
+            self.trials.append(dataclasses.replace(t, number=len(self.trials), stage=name))
+
+        def record(info: Any, config: MergeConfig, budget: int | None, dice: dict[str, float], status: str) -> None:
+            if status == "ok":
+                value = TrialValue(cost=_costs(dice, settings), additional_info={"dice": dice})
+            else:
+                log.warning("trial %d %s", len(self.trials), status)
+                value = TrialValue(cost=_costs({t: 0.0 for t in settings.tasks}, settings),
+                                   status=StatusType.CRASHED, additional_info={"error": status})
+            smac.tell(info, value)
+            self.trials.append(Trial(len(self.trials), config, dice, status, budget, name))
+            if self.on_trial:
+                self.on_trial(self.trials[-1], len(self.trials))
+
+        def next_job() -> tuple[Any, MergeConfig, int | None]:
+            with warnings.catch_warnings():
+                # SMAC's multi-fidelity bookkeeping averages the costs of budgets that have no trial yet (numpy warns)
+                warnings.filterwarnings("ignore", "Mean of empty slice", RuntimeWarning)
+                warnings.filterwarnings("ignore", "invalid value encountered in scalar divide", RuntimeWarning)
+                info = smac.ask()
+            config = to_merge_config(info.config, merger.groups, merger.aliases, settings.granularity,
+                                     settings.separate, tie)
+            return info, config, _budget(info.budget, full)
+
+        def done() -> int:
+            return len(self.trials) - first
+
+        if self.client is None:
+            while done() < n_trials:
+                info, config, budget = next_job()
+                record(info, config, budget, *_run_trial(merger, evaluator, self.prep, settings, config, budget))
+            return
+        from distributed import wait
+
+        setup, samples, slots = self._dask_context()
+        running: dict[Any, tuple[Any, MergeConfig, int | None]] = {}
+        asked = done()
+        while done() < n_trials:
+            while len(running) < slots and asked < n_trials:
+                info, config, budget = next_job()
+                running[self.client.submit(_dask_trial, setup, samples, settings, config, budget, pure=False)] = (
+                    info, config, budget)
+                asked += 1
+            finished, _ = wait(list(running), return_when="FIRST_COMPLETED")
+            for fut in finished:
+                info, config, budget = running.pop(fut)
+                try:
+                    dice, status, passes = fut.result()
+                except Exception as e:  # noqa: BLE001 - a worker died or raised: the trial failed, the search goes on
+                    dice, status, passes = {}, f"crashed: worker error: {e}", 0
+                self.remote_passes += passes
+                record(info, config, budget, dice, status)
+
+    def _dask_context(self) -> tuple[WorkerSetup, Any, int]:
+        """What every Dask trial needs (the pool files, the calibration slices scattered once), and the number of
+        workers."""
+        if self._dask is None:
+            pool, settings = self.merger.pool, self.settings
+            setup = WorkerSetup(tuple((m.alias, str(m.path)) for m in pool.members), pool.arch,
+                                settings.granularity, settings.separate, self.key)
+            samples = self.client.scatter(self.evaluator.samples, broadcast=True)
+            self._dask = (setup, samples, max(1, len(self.client.scheduler_info()["workers"])))
+        return self._dask
+
+
+def _best_distinct(trials: Sequence[Trial], k: int) -> list[MergeConfig]:
+    """The configurations of the ``k`` best successful full-budget trials (mean Dice), without repeats."""
+    out: dict[str, MergeConfig] = {}
+    for t in sorted((t for t in trials if t.status == "ok" and t.budget is None), key=lambda t: -t.mean_dice):
+        out.setdefault(t.config.fingerprint(), t.config)
+        if len(out) == k:
+            break
+    return list(out.values())
 
 
 def _unused_target(config: Configuration, seed: int = 0) -> float:
@@ -387,13 +464,13 @@ def _costs(dice: dict[str, float], settings: SearchSettings) -> float | list[flo
     return costs if settings.multi else costs[0]
 
 
-def _history(smac: Any, merger: Merger, settings: SearchSettings) -> list[Trial]:
+def _history(smac: Any, merger: Merger, settings: SearchSettings, tie: Tie | None = None) -> list[Trial]:
     """Trials already in SMAC's run history (a resumed search), in order."""
     out = []
     rh = smac.runhistory
     for k, v in rh.items():
         cfg = rh.get_config(k.config_id)
-        mc = to_merge_config(cfg, merger.groups, merger.aliases, settings.granularity, settings.separate)
+        mc = to_merge_config(cfg, merger.groups, merger.aliases, settings.granularity, settings.separate, tie)
         info = v.additional_info or {}
         dice = dict(info.get("dice", {}))
         error = str(info.get("error", "")) or "crashed: (no reason recorded)"

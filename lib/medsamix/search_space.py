@@ -6,11 +6,15 @@ alias, never by file path: linear weights ``G:linear:w_<alias>`` (every source),
 ``G:task_arithmetic:w_<alias>`` (the fine-tuned models), the pick source ``G:pick:source``. Integer
 parameters that are not searched (DARE's seed) are fixed to their defaults. Floats span each parameter's search
 range (:class:`~medsamix.methods.ParamSpec`).
+
+A *tied* space (``tie``, see :func:`component_tie`) has one such set of hyper-parameters per unit of several
+groups (e.g. ``image_encoder``), shared by all of them: the coarse stage of a search, where one move changes a whole
+component at once (extrapolating a task vector everywhere, an encoder from one model and a decoder from another).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -22,6 +26,28 @@ from .methods import REGISTRY, get_method
 
 SEP = ":"
 
+Tie = Mapping[str, Sequence[str]]
+"""Unit name -> names of the layer groups that share its setting (every group in exactly one unit)."""
+
+
+def component_tie(groups: Sequence[Group]) -> dict[str, list[str]]:
+    """One unit per model component ("image_encoder", "prompt_encoder", "mask_decoder") holding its groups."""
+    tie: dict[str, list[str]] = {}
+    for g in groups:
+        tie.setdefault(g.component, []).append(g.name)
+    return tie
+
+
+def _units(groups: Sequence[Group], tie: Tie | None) -> dict[str, str]:
+    """Group name -> the name its hyper-parameters carry in the space (itself, or its unit in a tied space)."""
+    if tie is None:
+        return {g.name: g.name for g in groups}
+    unit = {name: u for u, names in tie.items() for name in names}
+    missing = [g.name for g in groups if g.name not in unit]
+    if missing or len(unit) != sum(len(n) for n in tie.values()):
+        raise ValueError(f"the tie must hold every group exactly once; missing {missing}")
+    return {g.name: unit[g.name] for g in groups}
+
 
 def _param_names(group: str, method: str, param: str, kind: str, aliases: Sequence[str]) -> list[str]:
     if kind == "weights":
@@ -32,14 +58,15 @@ def _param_names(group: str, method: str, param: str, kind: str, aliases: Sequen
 
 
 def build_space(groups: Sequence[Group], aliases: Sequence[str], methods: Sequence[str] | None = None,
-                seed: int = 0) -> ConfigurationSpace:
-    """The search space over ``groups`` for a pool with ``aliases`` (base first), restricted to ``methods``."""
+                seed: int = 0, tie: Tie | None = None) -> ConfigurationSpace:
+    """The search space over ``groups`` for a pool with ``aliases`` (base first), restricted to ``methods``;
+    with ``tie``, over its units (each shared by its groups)."""
     methods = sorted(methods or REGISTRY)
     for m in methods:
         get_method(m)
     cs = ConfigurationSpace(seed=seed)
-    for g in groups:
-        choice = Categorical(f"{g.name}{SEP}method", methods)
+    for name in dict.fromkeys(_units(groups, tie).values()):
+        choice = Categorical(f"{name}{SEP}method", methods)
         cs.add(choice)
         for m in methods:
             for p in get_method(m).params:
@@ -48,15 +75,15 @@ def build_space(groups: Sequence[Group], aliases: Sequence[str], methods: Sequen
                 if p.kind == "int":
                     continue
                 if p.kind == "source":
-                    hps = [Categorical(_param_names(g.name, m, p.name, p.kind, aliases)[0], list(aliases))]
+                    hps = [Categorical(_param_names(name, m, p.name, p.kind, aliases)[0], list(aliases))]
                 elif p.kind == "weights":
-                    hps = [Float(n, (0.0, 1.0), default=0.5) for n in _param_names(g.name, m, p.name, p.kind, aliases)]
+                    hps = [Float(n, (0.0, 1.0), default=0.5) for n in _param_names(name, m, p.name, p.kind, aliases)]
                 elif p.kind == "model_weights":
                     each = min(max(p.default_each, lo), hi)
-                    hps = [Float(n, (lo, hi), default=each) for n in _param_names(g.name, m, p.name, p.kind, aliases)]
+                    hps = [Float(n, (lo, hi), default=each) for n in _param_names(name, m, p.name, p.kind, aliases)]
                 else:
                     default = p.default if p.default is not None and lo <= p.default <= hi else (lo + hi) / 2
-                    hps = [Float(_param_names(g.name, m, p.name, p.kind, aliases)[0], (lo, hi), default=default)]
+                    hps = [Float(_param_names(name, m, p.name, p.kind, aliases)[0], (lo, hi), default=default)]
                 for hp in hps:
                     cs.add(hp)
                     cs.add(EqualsCondition(hp, choice, m))
@@ -64,27 +91,28 @@ def build_space(groups: Sequence[Group], aliases: Sequence[str], methods: Sequen
 
 
 def to_merge_config(values: Configuration | dict[str, Any], groups: Sequence[Group], aliases: Sequence[str],
-                    granularity: int, separate: bool = False) -> MergeConfig:
-    """A sampled configuration -> :class:`MergeConfig` (alias-keyed parameters, as in recipes).
+                    granularity: int, separate: bool = False, tie: Tie | None = None) -> MergeConfig:
+    """A sampled configuration -> :class:`MergeConfig` (alias-keyed parameters, as in recipes); with ``tie``
+    (a configuration of a tied space), every group gets its unit's setting.
 
     Linear weights that are all zero are replaced by equal weights (a valid point the sampler can produce).
     """
     d = {k: _plain(v) for k, v in dict(values).items()}
     settings = {}
-    for g in groups:
-        method = d[f"{g.name}{SEP}method"]
+    for group, unit in _units(groups, tie).items():
+        method = d[f"{unit}{SEP}method"]
         params: dict[str, Any] = {}
         for p in get_method(method).params:
             if p.kind == "int":
                 params[p.name] = p.default
             elif p.kind == "weights":
-                w = {a: float(d[f"{g.name}{SEP}{method}{SEP}w_{a}"]) for a in aliases}
+                w = {a: float(d[f"{unit}{SEP}{method}{SEP}w_{a}"]) for a in aliases}
                 params[p.name] = w if sum(w.values()) > 0 else {a: 1.0 for a in aliases}
             elif p.kind == "model_weights":
-                params[p.name] = {a: float(d[f"{g.name}{SEP}{method}{SEP}w_{a}"]) for a in list(aliases)[1:]}
+                params[p.name] = {a: float(d[f"{unit}{SEP}{method}{SEP}w_{a}"]) for a in list(aliases)[1:]}
             else:
-                params[p.name] = d[f"{g.name}{SEP}{method}{SEP}{p.name}"]
-        settings[g.name] = GroupSetting(method, params)
+                params[p.name] = d[f"{unit}{SEP}{method}{SEP}{p.name}"]
+        settings[group] = GroupSetting(method, params)
     return MergeConfig(granularity, separate, settings)
 
 
@@ -101,14 +129,23 @@ def _plain(v: Any) -> Any:
     return v
 
 
-def from_merge_config(cs: ConfigurationSpace, config: MergeConfig, aliases: Sequence[str]) -> Configuration:
-    """A :class:`MergeConfig` -> a ``Configuration`` of ``cs`` (e.g. to seed the initial design).
+def from_merge_config(cs: ConfigurationSpace, config: MergeConfig, aliases: Sequence[str],
+                      tie: Tie | None = None) -> Configuration:
+    """A :class:`MergeConfig` -> a ``Configuration`` of ``cs`` (e.g. to seed the initial design); with ``tie``
+    (``cs`` a tied space), the groups of each unit must share one setting.
 
     Raises:
-        ValueError: a value lies outside the space (for example a scale above the search range).
+        ValueError: a value lies outside the space (for example a scale above the search range), or the groups of
+            a unit differ.
     """
+    units: dict[str, GroupSetting] = {}
+    for group, s in config.groups.items():
+        unit = next((u for u, names in tie.items() if group in names), group) if tie is not None else group
+        if unit in units and units[unit].canonical() != s.canonical():
+            raise ValueError(f"the groups of {unit!r} differ ({group}); the configuration is not in the tied space")
+        units[unit] = s
     values: dict[str, Any] = {}
-    for name, s in config.groups.items():
+    for name, s in units.items():
         values[f"{name}{SEP}method"] = s.method
         for p in get_method(s.method).params:
             if p.kind == "int":
