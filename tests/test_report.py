@@ -58,3 +58,14 @@ def test_write_report_multi_task(tmp_path):
     assert "MedSAMix-M (ParEGO)" in text and "parego" in text and "| 1 (selected) | 0.600 | 0.600 | 0.600 |" in text
     assert "Test split" in text and "| x | **0.550** | 0.500 |" in text
     assert text.count("| linear |") == len(c.groups)
+    assert "Stages:" not in text  # no coarse stage in this search
+
+
+def test_report_says_how_many_trials_each_stage_had(tmp_path):
+    c = _config()
+    trials = [Trial(i, c, {"x": 0.1 * i}, "ok", stage="coarse" if i < 3 else "groups") for i in range(5)]
+    result = SearchResult(trials, [trials[2]], trials[2], 10)
+    text = write_report(tmp_path, result, SearchSettings(tasks=("x",), trials=5), {}, None).read_text()
+    assert ("Stages: 3 trials of a coarse search (one method and its parameters per model component), then 2 per "
+            "layer group, starting from the coarse stage's best; the selected configuration comes from the coarse "
+            "stage.") in text

@@ -30,8 +30,8 @@ def best_so_far(trials: Sequence[Trial]) -> list[float]:
 
 
 def plot_progress(trials: Sequence[Trial], path: str | Path, title: str = "") -> None:
-    """Every trial's mean calibration Dice (colour = budget in slices; full budget in black) and the best-so-far
-    curve of full-budget trials."""
+    """Every trial's mean calibration Dice (colour = budget in slices; full budget in black), the best-so-far
+    curve of full-budget trials, and where the per-group stage begins after a coarse stage."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -50,6 +50,9 @@ def plot_progress(trials: Sequence[Trial], path: str | Path, title: str = "") ->
     if crashed:
         ax.scatter([t.number for t in crashed], [0.0] * len(crashed), marker="x", c="red", label="crashed")
     ax.step(range(len(trials)), best_so_far(trials), where="post", c="tab:red", label="best so far")
+    groups_start = next((t.number for t in trials if t.stage == "groups"), None)
+    if groups_start:  # a coarse stage (one setting per model component) came first
+        ax.axvline(groups_start - 0.5, c="grey", ls="--", lw=1, label="coarse | per-group stage")
     ax.set_xlabel("trial")
     ax.set_ylabel("mean calibration Dice")
     ax.set_ylim(0, 1)
@@ -146,6 +149,12 @@ def write_report(out_dir: str | Path, result: SearchResult, settings: SearchSett
               f"slices); image-encoder passes: {result.encoder_passes}; granularity {settings.granularity}"
               f"{', attn/mlp/norm separate' if settings.separate else ''}; seed {settings.seed}; search wall time "
               f"{result.seconds:.0f} s.", ""]
+    coarse = [t for t in result.trials if t.stage == "coarse"]
+    if coarse:
+        lines += [f"Stages: {len(coarse)} trials of a coarse search (one method and its parameters per model "
+                  f"component), then {len(result.trials) - len(coarse)} per layer group, starting from the coarse "
+                  f"stage's best; the selected configuration comes from the "
+                  f"{'coarse' if result.best.stage == 'coarse' else 'per-group'} stage.", ""]
     lines += ["## Best so far", "", "![progress](progress.png)", ""]
     if settings.multi:
         plot_pareto(result, settings.tasks, out / "pareto.png", "calibration Dice")

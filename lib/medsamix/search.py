@@ -8,6 +8,11 @@ One code path serves both variants; they differ only in the objectives handed to
   (random scalarisations of the per-task costs), giving a Pareto front; the selected configuration is the front
   member with the best mean calibration Dice.
 
+A search has two stages (:attr:`SearchSettings.coarse_share`): a coarse stage over a tied space with one setting
+per model component (:func:`~medsamix.search_space.component_tie`), which holds the initial design, then the
+per-group stage, seeded with the coarse stage's best configurations. Each stage is its own SMAC run (state under
+``out_dir/smac/coarse`` and ``out_dir/smac/medsamix``); trials are numbered across both.
+
 Trials run through SMAC's ask/tell interface, so every finished trial is written to the output directory at once
 (SMAC saves its run history on every ``tell``): an interrupted search resumes where it stopped. A trial whose merge
 is non-finite or that raises is told to SMAC as crashed (cost 1 per task) and the search goes on. The initial design
