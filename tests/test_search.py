@@ -320,12 +320,13 @@ def test_budget_subsets_are_nested(evaluator):
 def test_parallel_trials_on_dask_workers(merger, evaluator, tmp_path):
     from distributed import Client, LocalCluster
 
-    settings = SearchSettings(tasks=("a",), trials=10, granularity=2)
+    settings = SearchSettings(tasks=("a",), trials=13, granularity=2)  # both stages: coarse 10, per group 3
     serial = run_search(merger, evaluator, settings, tmp_path / "serial")
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
             Client(cluster) as client:
         result = run_search(merger, evaluator, settings, tmp_path / "dask", client=client)
-    assert len(result.trials) == 10 and all(t.status == "ok" for t in result.trials)
+    assert len(result.trials) == 13 and all(t.status == "ok" for t in result.trials)
+    assert [t.stage for t in result.trials] == ["coarse"] * 10 + ["groups"] * 3
     assert result.encoder_passes >= 10  # counted on the workers
     # the initial design is the same whichever runs it, so its scores must agree with the serial run
     by_config = {json.dumps(t.config.to_dict(), sort_keys=True): t.dice for t in serial.trials}
