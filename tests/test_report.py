@@ -69,3 +69,9 @@ def test_report_says_how_many_trials_each_stage_had(tmp_path):
     assert ("Stages: 3 trials of a coarse search (one method and its parameters per model component), then 2 per "
             "layer group, starting from the coarse stage's best; the selected configuration comes from the coarse "
             "stage.") in text
+    trials.append(Trial(5, c, {"x": 0.2}, "ok", stage="rescored"))
+    result = SearchResult(trials, [trials[4]], trials[4], 10)
+    text = write_report(tmp_path, result, SearchSettings(tasks=("x",), trials=5), {}, None).read_text()
+    assert ("then 2 per layer group, starting from the coarse stage's best, and 1 initial-design configurations "
+            "dropped early by Hyperband were scored on all calibration slices; the selected configuration comes "
+            "from the per-group stage.") in text

@@ -496,7 +496,8 @@ def restore_search_state(out_dir: str | Path) -> int | None:
 
 def write_history(path: str | Path, trials: Sequence[Trial], tasks: Sequence[str]) -> None:
     """One CSV row per trial: number, status, mean Dice, per-task Dice, budget (calibration slices; '' = all),
-    stage (``coarse``: one setting per model component; ``groups``: per layer group)."""
+    stage (``coarse``: one setting per model component; ``groups``: per layer group; ``rescored``: an initial-design
+    configuration dropped early by Hyperband, scored on all calibration slices after the search)."""
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["trial", "status", "mean_dice", *tasks, "budget", "stage"])

@@ -149,12 +149,14 @@ def write_report(out_dir: str | Path, result: SearchResult, settings: SearchSett
               f"slices); image-encoder passes: {result.encoder_passes}; granularity {settings.granularity}"
               f"{', attn/mlp/norm separate' if settings.separate else ''}; seed {settings.seed}; search wall time "
               f"{result.seconds:.0f} s.", ""]
-    coarse = [t for t in result.trials if t.stage == "coarse"]
-    if coarse:
-        lines += [f"Stages: {len(coarse)} trials of a coarse search (one method and its parameters per model "
-                  f"component), then {len(result.trials) - len(coarse)} per layer group, starting from the coarse "
-                  f"stage's best; the selected configuration comes from the "
-                  f"{'coarse' if result.best.stage == 'coarse' else 'per-group'} stage.", ""]
+    stages = {k: sum(t.stage == k for t in result.trials) for k in ("coarse", "groups", "rescored")}
+    if stages["coarse"]:
+        rescored = (f", and {stages['rescored']} initial-design configurations dropped early by Hyperband were scored "
+                    "on all calibration slices" if stages["rescored"] else "")
+        source = {"coarse": "the coarse stage", "groups": "the per-group stage"}.get(result.best.stage, "the rescoring")
+        lines += [f"Stages: {stages['coarse']} trials of a coarse search (one method and its parameters per model "
+                  f"component), then {stages['groups']} per layer group, starting from the coarse stage's "
+                  f"best{rescored}; the selected configuration comes from {source}.", ""]
     lines += ["## Best so far", "", "![progress](progress.png)", ""]
     if settings.multi:
         plot_pareto(result, settings.tasks, out / "pareto.png", "calibration Dice")

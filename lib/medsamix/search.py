@@ -140,7 +140,9 @@ class Trial:
     dice: dict[str, float]
     status: str  # "ok" or "crashed: <reason>"
     budget: int | None = None  # calibration slices scored (None = all)
-    stage: str = "groups"  # "coarse" (one setting per component) or "groups" (per layer group)
+    # "coarse" (one setting per component), "groups" (per layer group) or "rescored" (after a multi-fidelity search,
+    # an initial-design configuration Hyperband dropped early, scored on all calibration slices; not a SMAC trial)
+    stage: str = "groups"
 
     @property
     def mean_dice(self) -> float:
@@ -310,7 +312,7 @@ def run_search(
         for config in extra:
             dice, status = _run_trial(merger, evaluator, runner.prep, settings, config, None)
             if status == "ok":
-                trials.append(Trial(len(trials), config, dice, "ok", stage=trials[-1].stage))
+                trials.append(Trial(len(trials), config, dice, "ok", stage="rescored"))
                 ok.append(trials[-1])
     if not ok:
         raise SearchError("every trial crashed")
