@@ -271,7 +271,8 @@ def run_search(
             raise SearchError(f"min_budget must lie in [1, {full}) calibration slices, got {settings.min_budget}")
         if settings.eta < 2:
             raise SearchError(f"eta must be at least 2, got {settings.eta}")
-    n_initial = len(initial_configs(merger, settings))
+    design = initial_configs(merger, settings)
+    n_initial = len(design)
     if settings.trials < n_initial:
         raise SearchError(f"trials must be at least {n_initial}: the initial design alone (the uniform merges and "
                           f"each single pool model) has {n_initial} configurations; got {settings.trials}")
@@ -294,11 +295,11 @@ def run_search(
                                 indent=2, default=str))
 
     runner = _Runner(merger, evaluator, settings, out_dir / "smac", overwrite, key, on_trial, client)
-    initial = initial_configs(merger, settings)
+    seeds = design
     if n_coarse:
-        runner.stage("coarse", component_tie(merger.groups), n_coarse, initial)
-        initial = _best_distinct([t for t in runner.trials if t.stage == "coarse"], COARSE_TOP) or initial
-    runner.stage("groups", None, settings.trials - n_coarse, initial)
+        runner.stage("coarse", component_tie(merger.groups), n_coarse, design)
+        seeds = _best_distinct([t for t in runner.trials if t.stage == "coarse"], COARSE_TOP) or design
+    runner.stage("groups", None, settings.trials - n_coarse, seeds)
     trials = runner.trials
     ok = [t for t in trials if t.status == "ok" and t.budget is None]
     if settings.min_budget is not None:
@@ -306,7 +307,7 @@ def run_search(
         # every single model and uniform merge on all calibration slices (so the search never ends below them),
         # and the best partial-budget configuration if none reached the full budget. Not told to SMAC.
         full = {t.config.fingerprint() for t in ok}
-        extra = [c for c in initial_configs(merger, settings) if c.fingerprint() not in full]
+        extra = [c for c in design if c.fingerprint() not in full]
         if not ok and any(t.status == "ok" for t in trials):
             extra.append(max((t for t in trials if t.status == "ok"), key=lambda t: t.mean_dice).config)
         for config in extra:

@@ -38,15 +38,15 @@ def component_tie(groups: Sequence[Group]) -> dict[str, list[str]]:
     return tie
 
 
-def _units(groups: Sequence[Group], tie: Tie | None) -> dict[str, str]:
+def _units(groups: Sequence[str], tie: Tie | None) -> dict[str, str]:
     """Group name -> the name its hyper-parameters carry in the space (itself, or its unit in a tied space)."""
     if tie is None:
-        return {g.name: g.name for g in groups}
+        return {g: g for g in groups}
     unit = {name: u for u, names in tie.items() for name in names}
-    missing = [g.name for g in groups if g.name not in unit]
+    missing = [g for g in groups if g not in unit]
     if missing or len(unit) != sum(len(n) for n in tie.values()):
         raise ValueError(f"the tie must hold every group exactly once; missing {missing}")
-    return {g.name: unit[g.name] for g in groups}
+    return {g: unit[g] for g in groups}
 
 
 def _param_names(group: str, method: str, param: str, kind: str, aliases: Sequence[str]) -> list[str]:
@@ -65,7 +65,7 @@ def build_space(groups: Sequence[Group], aliases: Sequence[str], methods: Sequen
     for m in methods:
         get_method(m)
     cs = ConfigurationSpace(seed=seed)
-    for name in dict.fromkeys(_units(groups, tie).values()):
+    for name in dict.fromkeys(_units([g.name for g in groups], tie).values()):
         choice = Categorical(f"{name}{SEP}method", methods)
         cs.add(choice)
         for m in methods:
@@ -99,7 +99,7 @@ def to_merge_config(values: Configuration | dict[str, Any], groups: Sequence[Gro
     """
     d = {k: _plain(v) for k, v in dict(values).items()}
     settings = {}
-    for group, unit in _units(groups, tie).items():
+    for group, unit in _units([g.name for g in groups], tie).items():
         method = d[f"{unit}{SEP}method"]
         params: dict[str, Any] = {}
         for p in get_method(method).params:
@@ -139,8 +139,8 @@ def from_merge_config(cs: ConfigurationSpace, config: MergeConfig, aliases: Sequ
             a unit differ.
     """
     units: dict[str, GroupSetting] = {}
-    for group, s in config.groups.items():
-        unit = next((u for u, names in tie.items() if group in names), group) if tie is not None else group
+    for group, unit in _units(list(config.groups), tie).items():
+        s = config.groups[group]
         if unit in units and units[unit].canonical() != s.canonical():
             raise ValueError(f"the groups of {unit!r} differ ({group}); the configuration is not in the tied space")
         units[unit] = s
