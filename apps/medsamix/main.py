@@ -18,6 +18,8 @@ Configuration (``--conf key value``):
   ``scripts/make_sample_studies.py``, else "foreground").
 * ``iou_threshold`` (0.4), ``margin`` (2): defaults of 3D propagation.
 * ``device``: where the models run (default ``cuda`` when available, else ``cpu``).
+* ``max_slices`` (no limit): most slices one prompt may segment; ``max_voxels`` (no limit): largest volume read
+  (checked on the header first). The hardened server (``medsamix-server``) sets both from its limits.
 
 Images are datastore ids, or a session's image (a volume the client uploaded with ``PUT /session/``, as 3D Slicer does
 for local volumes). Bad requests (unknown model, image not in the datastore, any other server file path as the image,
@@ -85,7 +87,8 @@ class MedSAMixApp(MONAILabelApp):
         self.margin = float(conf.get("margin", DEFAULT_MARGIN))
         self.device = conf.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
         logger.info("MedSAMix models run on %s", self.device)
-        self.volumes = VolumeCache()
+        self.max_slices = int(conf["max_slices"]) if conf.get("max_slices") else None
+        self.volumes = VolumeCache(max_voxels=int(conf["max_voxels"]) if conf.get("max_voxels") else None)
         self.embeddings = EmbeddingCache()
         self.merged = MergedModelSource(self.pool, self.published_dir, MERGED_TASK, conf.get("merged_preprocessing"))
         super().__init__(
@@ -100,7 +103,7 @@ class MedSAMixApp(MONAILabelApp):
 
     def _service(self, name: str, source: Any, status: Any = None) -> InteractiveService:
         return InteractiveService(name, source, self.volumes, self.embeddings, self.iou_threshold, self.margin,
-                                  status, self.device)
+                                  status, self.device, self.max_slices)
 
     def init_infers(self) -> dict[str, InferTask]:
         # Models are built on first use (MONAI Label also builds the app in each training subprocess, which never
@@ -113,6 +116,17 @@ class MedSAMixApp(MONAILabelApp):
             infers[alias] = InteractiveInfer(self._service(alias, lambda a=alias: self.pool.member(a)),
                                              self.label_names, lambda a=alias: self.pool.describe(a))
         return infers
+
+    def infer_names(self) -> list[str]:
+        """Names of the infer tasks (the merged model and each pool model)."""
+        return sorted(self._infers)
+
+    def train_names(self) -> list[str]:
+        """Names of the train tasks."""
+        return sorted(self._trainers)
+
+    def trainer(self, name: str) -> TrainTask | None:
+        return self._trainers.get(name)
 
     def on_init_complete(self) -> None:
         """Server start-up (not run in training subprocesses): load the pool and build every model now, so the

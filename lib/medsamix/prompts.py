@@ -109,10 +109,16 @@ def ij_to_xy(points_ijk: np.ndarray) -> np.ndarray:
     return np.asarray(points_ijk, dtype=np.float32).reshape(-1, 3)[:, [1, 0]].copy()
 
 
+MAX_COORDINATE = 1 << 31  # voxel indices beyond this are refused (no volume is that large)
+MAX_POINTS = 1000  # points of one kind per request
+
+
 def _number(v: Any, what: str) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise PromptError(f"{what}: expected a number, got {v!r}")
-    if not math.isfinite(v):
+        raise PromptError(f"{what}: expected a number, got {str(v)[:80]!r}")
+    if isinstance(v, int) and abs(v) > MAX_COORDINATE:
+        raise PromptError(f"{what}: {str(v)[:40]}... is out of range (at most {MAX_COORDINATE} in magnitude)")
+    if not math.isfinite(v) or abs(v) > MAX_COORDINATE:
         raise PromptError(f"{what}: expected a finite number, got {v!r}")
     return float(v)
 
@@ -126,7 +132,9 @@ def _points(raw: Any, name: str, shape: tuple[int, int, int]) -> np.ndarray:
     if raw is None:
         return np.zeros((0, 3), dtype=np.int64)
     if not isinstance(raw, Sequence) or isinstance(raw, (str, bytes)):
-        raise PromptError(f"{name}: expected a list of [i, j, k] points, got {raw!r}")
+        raise PromptError(f"{name}: expected a list of [i, j, k] points, got {str(raw)[:80]!r}")
+    if len(raw) > MAX_POINTS:
+        raise PromptError(f"{name}: {len(raw)} points; at most {MAX_POINTS} per request")
     out = []
     for n, p in enumerate(raw):
         if not isinstance(p, Sequence) or isinstance(p, (str, bytes)) or len(p) != 3:

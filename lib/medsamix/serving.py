@@ -34,7 +34,7 @@ from .errors import CheckpointError, ConfigError, MedSAMixError, PoolError
 from .merger import Merger
 from .pool import ModelPool, PoolManifest
 from .preprocess import STYLES, Preprocessor
-from .prompts import parse_prompt
+from .prompts import PromptError, parse_prompt
 from .publish import PublishError, current
 from .segmenter import DEFAULT_IOU_THRESHOLD, DEFAULT_MARGIN, EmbeddingCache, Segmenter
 from .volumes import VolumeCache
@@ -341,12 +341,16 @@ class InteractiveService:
         margin: Default box margin for propagation in pixels (a request may give ``margin``).
         status: Returns a warning about the source to pass on in responses (or None).
         device: Where the model runs ("cpu", "cuda", "cuda:1" ...); the model is moved there on first use.
+        max_slices: Most slices one request may segment (a 3D box's K range, or the slices of 2D point prompts);
+            None: no limit.
     """
 
     def __init__(self, name: str, source: Callable[[], ServedModel], volumes: VolumeCache, cache: EmbeddingCache,
                  iou_threshold: float = DEFAULT_IOU_THRESHOLD, margin: float = DEFAULT_MARGIN,
-                 status: Callable[[], str | None] | None = None, device: str = "cpu") -> None:
+                 status: Callable[[], str | None] | None = None, device: str = "cpu",
+                 max_slices: int | None = None) -> None:
         self.name = name
+        self.max_slices = max_slices
         self.source = source
         self.status = status
         self.device = device
@@ -389,6 +393,9 @@ class InteractiveService:
         margin = self._float(request, "margin", self.margin, 0.0, 1e4)
         volume = self.volumes.get(image_path)
         prompt = parse_prompt(request, volume.shape)
+        n_slices = prompt.propagate[1] - prompt.propagate[0] + 1 if prompt.propagate else len(prompt.seeds)
+        if self.max_slices is not None and n_slices > self.max_slices:
+            raise PromptError(f"the prompt spans {n_slices} slices; at most {self.max_slices} per request")
         load_ms = (time.perf_counter() - t0) * 1e3
         with self._lock:
             segmenter, served = self.segmenter()

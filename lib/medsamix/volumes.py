@@ -77,15 +77,63 @@ def load_volume(path: str | os.PathLike[str], modality: str | None = None) -> Vo
     return Volume(key, p, to_255(image, *intensity_range(image, mod)), affine, mod)
 
 
+def header_shape(path: str | os.PathLike[str]) -> tuple[int, ...]:
+    """The array shape of an image from its header alone (nothing decompressed, no voxel read): NIfTI and NRRD
+    headers; for a DICOM series folder, (Rows, Columns, number of files).
+
+    Raises:
+        StudyError: Missing, unreadable or unsupported file.
+    """
+    p = Path(path)
+    name = p.name.lower()
+    try:
+        if p.is_dir():
+            import pydicom
+
+            files = [f for f in p.rglob("*") if f.is_file()]
+            if not files:
+                raise StudyError(f"{p.name}: empty folder")
+            ds = pydicom.dcmread(str(files[0]), stop_before_pixels=True)
+            return (int(ds.Rows), int(ds.Columns), len(files))
+        if name.endswith((".nii", ".nii.gz")):
+            import nibabel as nib
+
+            return tuple(int(d) for d in nib.load(str(p)).header.get_data_shape())
+        if name.endswith(".nrrd"):
+            import nrrd
+
+            return tuple(int(d) for d in nrrd.read_header(str(p))["sizes"])
+    except StudyError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any reader error means the file cannot be served
+        raise StudyError(f"{p.name}: unreadable image header ({type(e).__name__}: {e})") from None
+    raise StudyError(f"{p.name}: not a NIfTI (.nii, .nii.gz), NRRD (.nrrd) file or DICOM series folder")
+
+
+def check_voxels(path: str | os.PathLike[str], max_voxels: int | None) -> tuple[int, ...]:
+    """The header shape of ``path`` if it has at most ``max_voxels`` voxels (None: no limit).
+
+    Raises:
+        StudyError: Too many voxels (the message gives both numbers) or an unreadable header.
+    """
+    shape = header_shape(path)
+    n = int(np.prod(shape, dtype=np.int64)) if shape else 0
+    if max_voxels is not None and n > max_voxels:
+        raise StudyError(f"{Path(path).name}: {n} voxels (shape {list(shape)}) is over the limit of {max_voxels}")
+    return shape
+
+
 DEFAULT_VOLUME_CACHE_BYTES = 1 << 30
 
 
 class VolumeCache:
     """The most recently used volumes (at most ``max_bytes`` of 0-255 arrays, and always the last one), keyed by path
-    and file state, so a changed file is read again."""
+    and file state, so a changed file is read again. A volume of more than ``max_voxels`` voxels (by its header)
+    is refused before it is read."""
 
-    def __init__(self, max_bytes: int = DEFAULT_VOLUME_CACHE_BYTES) -> None:
+    def __init__(self, max_bytes: int = DEFAULT_VOLUME_CACHE_BYTES, max_voxels: int | None = None) -> None:
         self.max_bytes = max_bytes
+        self.max_voxels = max_voxels
         self._items: collections.OrderedDict[str, Volume] = collections.OrderedDict()
         self._lock = threading.Lock()
 
@@ -99,6 +147,8 @@ class VolumeCache:
             if v is not None:
                 self._items.move_to_end(key)
                 return v
+        if self.max_voxels is not None:
+            check_voxels(p, self.max_voxels)
         v = load_volume(p, modality)
         with self._lock:
             self._items[v.key] = v

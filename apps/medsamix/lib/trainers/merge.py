@@ -96,6 +96,13 @@ class MergeTrain(TrainTask):
         """The options shown by Slicer / OHIF (and sent back with the train request)."""
         return dict(self._defaults)
 
+    def check_options(self, request: dict[str, Any]) -> MergeOptions:
+        """The request's options, checked before any process starts (the hardened server calls this).
+
+        Raises:
+            MedSAMixError: A bad value, with the option's name."""
+        return MergeOptions.from_mapping(request, self._defaults)
+
     def stats(self) -> dict[str, Any]:
         """Progress of the current or last run: ``epoch`` (trials done), ``total_epochs``, ``best_metric`` (best
         calibration Dice so far), ``status``, ``message``, ``start_ts`` and, when finished, ``total_time``."""

@@ -1,0 +1,153 @@
+"""What every endpoint shares: the settings, the MONAI Label app instance, authentication, the inference queue and
+the training supervisor; plus the FastAPI dependencies that check roles and the helpers that turn request fields
+into checked ids and paths."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import json
+import os
+import pathlib
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from fastapi import Depends, HTTPException, Request
+
+from .auth import Authenticator, AuthError, User
+from .config import ServerConfig
+from .security import RequestError, contained, safe_name
+
+if TYPE_CHECKING:
+    from .training import TrainSupervisor
+
+T = TypeVar("T")
+
+
+class InferQueue:
+    """Inference on ``workers`` dedicated threads (never the event loop), at most ``capacity`` requests waiting or
+    running; more are refused with 503 and ``Retry-After``."""
+
+    def __init__(self, workers: int, capacity: int) -> None:
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="infer")
+        self._capacity = capacity
+        self._pending = 0
+        self._lock = threading.Lock()
+
+    @property
+    def pending(self) -> int:
+        return self._pending
+
+    async def run(self, fn: Callable[[], T]) -> T:
+        with self._lock:
+            if self._pending >= self._capacity:
+                raise HTTPException(503, f"inference queue full ({self._capacity} requests); retry shortly",
+                                    headers={"Retry-After": "2"})
+            self._pending += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._pool, fn)
+        finally:
+            with self._lock:
+                self._pending -= 1
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+@dataclasses.dataclass
+class ServerContext:
+    """Shared state of one server (``request.app.state.ctx``)."""
+
+    config: ServerConfig
+    auth: Authenticator
+    infer: InferQueue
+    instance: Any = None  # the MONAI Label app (MedSAMixApp), built at start-up
+    trainer: TrainSupervisor | None = None
+
+    # -- ids and paths -------------------------------------------------------------------------------------------
+    def datastore(self) -> Any:
+        return self.instance.datastore()
+
+    def datastore_root(self) -> pathlib.Path:
+        """Folder every datastore file must resolve into (for DICOMweb: MONAI Label's series cache)."""
+        if self.config.dicomweb:
+            cache = os.environ.get("MONAI_LABEL_DICOMWEB_CACHE_PATH") or os.environ.get(
+                "MONAI_LABEL_DATASTORE_CACHE_PATH") or str(pathlib.Path.home() / ".cache" / "monailabel" / "dicom")
+            return pathlib.Path(cache)
+        return pathlib.Path(self.config.studies)
+
+    def known_image(self, image: object) -> str:
+        """A safe image id that the datastore lists (404 otherwise). Blocking (a PACS may be asked)."""
+        image_id = safe_name(image, "image")
+        if image_id not in set(self.datastore().list_images()):
+            raise RequestError(f"image {image_id!r} is not in the datastore", 404)
+        return image_id
+
+    def image_path(self, image_id: str) -> pathlib.Path:
+        uri = self.datastore().get_image_uri(image_id)
+        if not uri:
+            raise RequestError(f"image {image_id!r} has no file", 404)
+        return contained(uri, self.datastore_root(), f"image {image_id!r}")
+
+    def session(self, session_id: object) -> Any:
+        sessions = self.instance.sessions()
+        if sessions is None:
+            raise RequestError("sessions are not enabled on this server", 404)
+        sid = safe_name(session_id, "session_id")
+        if not (self.config.sessions_dir / sid).is_dir():
+            raise RequestError(f"session {sid!r} not found", 404)
+        info = sessions.get_session(sid)
+        if info is None:
+            raise RequestError(f"session {sid!r} not found", 404)
+        contained(info.image, self.config.sessions_dir, f"session {sid!r}")
+        return info
+
+
+def ctx_of(request: Request) -> ServerContext:
+    return request.app.state.ctx
+
+
+def current_user(request: Request) -> User:
+    ctx = ctx_of(request)
+    try:
+        return ctx.auth.user(request.headers.get("authorization"))
+    except AuthError as e:
+        raise HTTPException(e.status, str(e), headers={"WWW-Authenticate": "Bearer"}) from None
+
+
+def role(name: str) -> Callable[..., User]:
+    """Dependency: the current user, who must have role ``name`` (admins have every role)."""
+
+    def check(user: User = Depends(current_user)) -> User:
+        if not user.allows(name):
+            raise HTTPException(403, f"this needs the {name} role; user {user.name!r} is {user.role}")
+        return user
+
+    return check
+
+
+ANNOTATOR = Depends(role("annotator"))
+ADMIN = Depends(role("admin"))
+
+
+def json_object(text: str | bytes | None, what: str, allowed: set[str] | None = None,
+                limit: int = 1 << 20) -> dict[str, Any]:
+    """A JSON object from a form field or body (``{}`` when empty), its keys checked against ``allowed``."""
+    if text is None or text in ("", b""):
+        return {}
+    if len(text) > limit:
+        raise RequestError(f"{what}: larger than {limit} bytes", 413)
+    try:
+        value = json.loads(text)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise RequestError(f"{what}: not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise RequestError(f"{what}: must be a JSON object, got {type(value).__name__}")
+    if allowed is not None:
+        unknown = sorted(str(k) for k in value if k not in allowed)
+        if unknown:
+            raise RequestError(f"{what}: unknown option(s) {', '.join(map(repr, unknown[:10]))}; "
+                               f"allowed: {', '.join(sorted(allowed))}")
+    return value

@@ -1,0 +1,98 @@
+"""The OHIF viewer MONAI Label bundles (``GET /ohif/...``, public static files) and the DICOMweb proxy it reads
+studies through (``GET /proxy/dicom/{qido,wado}/...``, annotator, DICOMweb studies only).
+
+The proxy is confined to QIDO-RS / WADO-RS reads below the configured DICOMweb root: ``studies``, a study, its
+series, a series' instances, metadata, frames and rendered views, with UIDs of digits and dots only; a short
+allow-list of query parameters; GET only (no STOW, no other PACS REST call). It passes the viewer's ``Accept``
+header (so the PACS need not transcode), adds the configured PACS credentials itself, streams the answer with
+connect/read timeouts and never blocks other requests.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+from fastapi import APIRouter, Request
+from fastapi.responses import FileResponse, Response, StreamingResponse
+
+from ..context import ANNOTATOR, ctx_of
+from ..security import RequestError, contained
+
+router = APIRouter()
+
+_UID = r"[0-9]+(?:\.[0-9]+)*"
+_FRAMES = r"[0-9]+(?:,[0-9]+)*"
+DICOMWEB_PATH = re.compile(
+    rf"^studies(?:/{_UID}(?:/(?:metadata|rendered|thumbnail|series(?:/{_UID}(?:/(?:metadata|rendered|thumbnail|"
+    rf"instances(?:/{_UID}(?:/(?:metadata|rendered|thumbnail|frames/{_FRAMES}(?:/rendered)?))?)?))?)?))?)?$")
+QUERY_KEYS = {"StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "PatientID", "PatientName", "StudyDate",
+              "StudyDescription", "AccessionNumber", "ModalitiesInStudy", "Modality", "SeriesNumber", "limit",
+              "offset", "fuzzymatching", "includefield", "00100020", "00100010", "00080020", "00080050",
+              "00081030", "00080061", "0020000D", "0020000E", "00080060", "00200011"}
+PASS_HEADERS = ("content-type", "content-length", "content-encoding", "etag", "last-modified", "cache-control")
+OHIF_DIR = Path(__import__("monailabel").__file__).resolve().parent / "endpoints" / "static" / "ohif"
+
+
+@router.get("/ohif/{path:path}", include_in_schema=False)
+@router.get("/ohif", include_in_schema=False)
+async def ohif(path: str = "") -> FileResponse:
+    index = OHIF_DIR / "index.html"
+    target = index
+    if path:
+        candidate = OHIF_DIR / path
+        try:
+            real = contained(candidate, OHIF_DIR, "path")
+        except RequestError:
+            raise RequestError("not found", 404) from None
+        if real.is_file():
+            target = real
+    if not target.is_file():
+        raise RequestError("the OHIF viewer is not installed", 404)
+    return FileResponse(target)
+
+
+@router.get("/proxy/dicom/{op}/{path:path}", dependencies=[ANNOTATOR], include_in_schema=False)
+async def proxy(request: Request, op: str, path: str) -> Response:
+    ctx = ctx_of(request)
+    if not ctx.config.dicomweb:
+        raise RequestError("the studies are not a DICOMweb server; nothing to proxy", 404)
+    if op not in ("qido", "wado"):
+        raise RequestError("only /proxy/dicom/qido/... and /proxy/dicom/wado/... are served", 404)
+    path = path.strip("/")
+    if not DICOMWEB_PATH.match(path):
+        raise RequestError(f"not a QIDO-RS / WADO-RS resource path: {path[:200]!r}", 400)
+    params = []
+    for k, v in request.query_params.multi_items():
+        if k not in QUERY_KEYS or len(v) > 256 or any(ord(c) < 32 for c in v):
+            raise RequestError(f"query parameter {k[:64]!r} is not allowed here", 400)
+        params.append((k, v))
+    prefix = os.environ.get("MONAI_LABEL_WADO_PREFIX" if op == "wado" else "MONAI_LABEL_QIDO_PREFIX") or ""
+    url = "/".join(p.strip("/") for p in (ctx.config.studies, prefix, path) if p.strip("/"))
+    headers = {"Accept": request.headers.get("accept", "*/*")[:512]}
+    user = os.environ.get("MONAI_LABEL_DICOMWEB_USERNAME") or os.environ.get("MONAI_LABEL_DATASTORE_USERNAME")
+    password = os.environ.get("MONAI_LABEL_DICOMWEB_PASSWORD") or os.environ.get("MONAI_LABEL_DATASTORE_PASSWORD")
+    timeout = ctx.config.limits.proxy_timeout_s
+    client = httpx.AsyncClient(timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)), follow_redirects=False,
+                               auth=(user, password) if user and password else None)
+    try:
+        upstream = await client.send(client.build_request("GET", url, params=params, headers=headers), stream=True)
+    except httpx.HTTPError as e:
+        await client.aclose()
+        raise RequestError(f"the PACS did not answer: {type(e).__name__}", 502) from None
+
+    async def body() -> AsyncIterator[bytes]:
+        try:
+            async for chunk in upstream.aiter_raw():
+                yield chunk
+        except httpx.HTTPError:
+            return
+        finally:
+            await upstream.aclose()
+            await client.aclose()
+
+    out_headers = {k: v for k, v in upstream.headers.items() if k.lower() in PASS_HEADERS}
+    return StreamingResponse(body(), status_code=upstream.status_code, headers=out_headers)

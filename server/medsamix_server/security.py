@@ -1,0 +1,169 @@
+"""Validation of names, paths and archives that come from requests.
+
+Every id, tag and archive member a client sends is hostile until checked here:
+
+* :func:`safe_name` accepts an id or tag only if it is a plain name: letters, digits, ``.``, ``_``, ``-`` (DICOM UIDs
+  such as ``1.2.826.0.1`` are fine), not starting with ``.`` or ``-``, no ``..``, no separators, no NUL or control
+  characters, at most :data:`MAX_NAME` characters.
+* :func:`contained` resolves a path with every symbolic link followed and accepts it only inside its root (so a
+  symbolic link placed in the studies folder that points outside is refused, whatever its name).
+* :func:`extract_archive` unpacks a zip or tar file member by member, refusing absolute names, ``..``, links, devices
+  and anything that would land outside the target folder, and bounding member count and unpacked bytes.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import stat
+import tarfile
+import zipfile
+from pathlib import Path
+
+MAX_NAME = 128
+_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
+
+
+class RequestError(ValueError):
+    """A request field that is refused; ``status`` is the HTTP status to answer with (400 unless said)."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def safe_name(value: object, what: str) -> str:
+    """``value`` if it is a safe id/tag (see the module docstring), else :class:`RequestError` naming ``what``."""
+    if not isinstance(value, str) or not value:
+        raise RequestError(f"{what}: a non-empty name is required")
+    if len(value) > MAX_NAME:
+        raise RequestError(f"{what}: longer than {MAX_NAME} characters")
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise RequestError(f"{what}: control characters (NUL, newline ...) are not allowed")
+    if ".." in value or not _NAME.match(value):
+        raise RequestError(f"{what} {value!r}: only letters, digits, '.', '_' and '-' are allowed (not first: '.', "
+                           "'-'; no '..', no path separators)")
+    return value
+
+
+def contained(path: str | os.PathLike[str], root: str | os.PathLike[str], what: str) -> Path:
+    """``path`` with every link resolved, if it lies inside ``root`` (also resolved); else :class:`RequestError`
+    (403). A missing path is resolved as far as it exists."""
+    real_root = os.path.realpath(root)
+    real = os.path.realpath(path)
+    if real != real_root and os.path.commonpath([real_root, real]) != real_root:
+        raise RequestError(f"{what} resolves outside its folder; refused", status=403)
+    return Path(real)
+
+
+def extract_archive(archive: str | os.PathLike[str], dest: str | os.PathLike[str], max_members: int,
+                    max_bytes: int) -> list[Path]:
+    """Unpack a zip or tar archive into the existing folder ``dest``, member by member.
+
+    Only regular files and folders are written; absolute names, ``..``, links (symbolic or hard), devices and
+    FIFOs are refused, as is anything whose resolved target is outside ``dest``. Nothing is kept on refusal: the
+    caller removes ``dest``.
+
+    Returns:
+        The files written.
+
+    Raises:
+        RequestError: Not an archive, a refused member, more than ``max_members`` members or more than
+            ``max_bytes`` unpacked bytes (413).
+    """
+    dest_real = os.path.realpath(dest)
+    written: list[Path] = []
+    total = 0
+
+    def target(name: str) -> Path:
+        if not name or name.startswith(("/", "\\")) or "\x00" in name or re.match(r"^[A-Za-z]:", name):
+            raise RequestError(f"archive member {name!r}: absolute names are not allowed")
+        parts = [p for p in name.replace("\\", "/").split("/") if p not in ("", ".")]
+        if any(p == ".." for p in parts) or not parts:
+            raise RequestError(f"archive member {name!r}: '..' is not allowed")
+        out = os.path.realpath(os.path.join(dest_real, *parts))
+        if os.path.commonpath([dest_real, out]) != dest_real:
+            raise RequestError(f"archive member {name!r} would be written outside the upload folder")
+        return Path(out)
+
+    def count(size: int) -> None:
+        nonlocal total
+        total += size
+        if total > max_bytes:
+            raise RequestError(f"archive unpacks to more than {max_bytes} bytes", status=413)
+
+    if zipfile.is_zipfile(archive):
+        with zipfile.ZipFile(archive) as z:
+            infos = z.infolist()
+            if len(infos) > max_members:
+                raise RequestError(f"archive has {len(infos)} members; at most {max_members} are allowed", 413)
+            for info in infos:
+                mode = info.external_attr >> 16
+                if mode and (stat.S_ISLNK(mode) or not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))):
+                    raise RequestError(f"archive member {info.filename!r}: links and special files are refused")
+                out = target(info.filename)
+                if info.is_dir():
+                    out.mkdir(parents=True, exist_ok=True)
+                    continue
+                out.parent.mkdir(parents=True, exist_ok=True)
+                with z.open(info) as src, open(out, "xb") as dst:
+                    _copy_bounded(src, dst, count)
+                written.append(out)
+        return written
+    try:
+        tf = tarfile.open(archive)
+    except (tarfile.TarError, OSError):
+        raise RequestError("the upload is not a zip or tar archive") from None
+    with tf:
+        n = 0
+        for member in tf:
+            n += 1
+            if n > max_members:
+                raise RequestError(f"archive has more than {max_members} members", 413)
+            if not (member.isfile() or member.isdir()):
+                raise RequestError(f"archive member {member.name!r}: links and special files are refused")
+            out = target(member.name)
+            if member.isdir():
+                out.mkdir(parents=True, exist_ok=True)
+                continue
+            out.parent.mkdir(parents=True, exist_ok=True)
+            src = tf.extractfile(member)
+            if src is None:
+                raise RequestError(f"archive member {member.name!r} cannot be read")
+            with src, open(out, "xb") as dst:
+                _copy_bounded(src, dst, count)
+            written.append(out)
+    return written
+
+
+def _copy_bounded(src, dst, count) -> None:  # type: ignore[no-untyped-def]
+    while True:
+        chunk = src.read(1 << 20)
+        if not chunk:
+            return
+        count(len(chunk))
+        dst.write(chunk)
+
+
+def remove_tree(path: str | os.PathLike[str]) -> None:
+    """Remove a file or folder (not following links out of it); missing is fine."""
+    p = Path(path)
+    if p.is_symlink() or p.is_file():
+        p.unlink(missing_ok=True)
+    elif p.exists():
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def folder_bytes(path: str | os.PathLike[str]) -> int:
+    """Bytes of the regular files under ``path`` (links not followed)."""
+    total = 0
+    for dirpath, _, files in os.walk(path):
+        for f in files:
+            try:
+                st = os.lstat(os.path.join(dirpath, f))
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode):
+                total += st.st_size
+    return total
