@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Main job: the MedSAMix MONAI Label server on the embedded tiny pool and the sample studies.
+# Main job: the hardened MedSAMix server (medsamix-server) on the embedded tiny pool and the sample studies.
 # Creates/reuses .venv, writes the sample studies to .demo/studies if missing, then runs
-#   monailabel start_server --app apps/medsamix --studies .demo/studies --host 127.0.0.1 --port 8000
-# Environment: PORT (8000), HOST (127.0.0.1), STUDIES (.demo/studies, or a DICOMweb URL such as
-# http://pacs:8042/dicom-web). Extra arguments go to start_server
-# (e.g. --conf pool /path/to/pool or --conf models sam=sam_vit_b.pth,medsam=medsam_vit_b.pth).
+#   medsamix-server --studies .demo/studies --host 127.0.0.1 --port 8000
+# Environment: PORT (8000), HOST (127.0.0.1; any other address needs a users file: see README "Security"),
+# STUDIES (.demo/studies, or a DICOMweb URL such as http://pacs:8042/dicom-web). Extra arguments go to
+# medsamix-server (e.g. --conf pool /path/to/pool, --users FILE, --allowed-host NAME; medsamix-server --help).
+# The unhardened MONAI Label server still works: monailabel start_server --app apps/medsamix --studies ...
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$root/scripts/venv.sh"
@@ -17,6 +18,4 @@ case "$studies" in
      fi ;;
 esac
 export PATH="$root/.venv/bin:$PATH"
-export MONAILABEL_PYEXE="$root/.venv/bin/python"
-exec monailabel start_server --app apps/medsamix --studies "$studies" --host "${HOST:-127.0.0.1}" \
-  --port "${PORT:-8000}" "$@"
+exec medsamix-server --studies "$studies" --host "${HOST:-127.0.0.1}" --port "${PORT:-8000}" "$@"

@@ -1,4 +1,5 @@
-"""The README's main job, ``bash scripts/serve.sh``: makes the sample studies when missing and serves them."""
+"""The README's main job, ``bash scripts/serve.sh``: makes the sample studies when missing and serves them with the
+hardened server (``medsamix-server``)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ def test_serve_sh_makes_the_studies_and_starts_the_server(tmp_path):
     log = tmp_path / "serve.log"
     with open(log, "wb") as f:
         proc = subprocess.Popen(["bash", str(REPO / "scripts" / "serve.sh"), "--conf", "model_dir",
-                                 str(tmp_path / "model")], cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT,
+                                 str(tmp_path / "model"), "--state-dir", str(tmp_path / "state")], cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     try:
         deadline = time.monotonic() + 150
@@ -33,6 +34,8 @@ def test_serve_sh_makes_the_studies_and_starts_the_server(tmp_path):
         images = [p for p in studies.iterdir() if p.name.endswith(".nii.gz")]
         assert images and all((studies / "labels" / "final" / p.name).is_file() for p in images)
         assert info["datastore"]["total"] == len(images)
+        assert (tmp_path / "state" / "logs" / "server.log").is_file()  # the hardened server, not monailabel's
+        assert "medsamix_server" in log.read_text()
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)
