@@ -53,7 +53,7 @@ def fetch_info(url: str) -> dict | None:
 
 @contextlib.contextmanager
 def running_server(studies: Path, conf: dict[str, str] | None = None,
-                   timeout_s: float = START_TIMEOUT_S) -> Iterator[str]:
+                   timeout_s: float = START_TIMEOUT_S, kind: str = "monailabel") -> Iterator[str]:
     """Start the MedSAMix MONAI Label server on ``studies`` and yield its base URL (``http://127.0.0.1:<port>``).
 
     Args:
@@ -61,10 +61,18 @@ def running_server(studies: Path, conf: dict[str, str] | None = None,
         conf: App configuration (each pair becomes ``--conf key value``); ``model_dir`` defaults to a temporary
             folder removed afterwards.
         timeout_s: How long to wait for ``/info/`` before giving up (the log tail is in the error).
+        kind: ``"monailabel"`` (``monailabel start_server``, the unhardened path) or ``"hardened"`` (the project's
+            server, ``python -m medsamix_server``, authentication off on loopback).
 
     Raises:
         RuntimeError: The server exited or did not answer in time.
     """
+    if kind == "hardened":
+        from hardened_server import hardened_server
+
+        with hardened_server(studies, conf, timeout_s=timeout_s) as srv:
+            yield srv.url
+        return
     conf = dict(conf or {})
     with tempfile.TemporaryDirectory(prefix="medsamix-server-") as tmp:
         conf.setdefault("model_dir", str(Path(tmp) / "model"))

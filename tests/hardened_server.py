@@ -107,7 +107,8 @@ def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
 @contextlib.contextmanager
 def hardened_server(studies: str | Path, conf: dict[str, str] | None = None, args: list[str] | None = None,
                     users: dict[str, tuple[str, str]] | None = None, state_dir: Path | None = None,
-                    model_dir: Path | None = None, env: dict[str, str] | None = None) -> Iterator[Server]:
+                    model_dir: Path | None = None, env: dict[str, str] | None = None,
+                    timeout_s: float = START_TIMEOUT_S) -> Iterator[Server]:
     with tempfile.TemporaryDirectory(prefix="medsamix-hardened-") as tmp:
         t = Path(tmp)
         state = state_dir or t / "state"
@@ -120,7 +121,7 @@ def hardened_server(studies: str | Path, conf: dict[str, str] | None = None, arg
         log_path = t / "server.log"
         proc = start(studies, state, model, log_path, port, conf, args, env)
         try:
-            wait_ready(url, proc, log_path)
+            wait_ready(url, proc, log_path, timeout_s)
             yield Server(url, proc, state, model, log_path, port, t)
             if proc.poll() is not None:
                 raise RuntimeError(f"server died during the test (status {proc.returncode})")

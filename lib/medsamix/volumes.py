@@ -65,8 +65,7 @@ def load_volume(path: str | os.PathLike[str], modality: str | None = None) -> Vo
     if not p.exists():
         raise StudyError(f"{p}: no such image")
     if p.is_file() and not p.name.lower().endswith(FILE_SUFFIXES):
-        raise StudyError(f"{p.name}: not a 3D image format: interactive segmentation reads NIfTI (.nii, .nii.gz), "
-                         "NRRD (.nrrd) or a DICOM series folder; 2D images (PNG, JPEG, TIFF) are not supported")
+        raise StudyError(f"{p.name}: {NOT_3D_FORMAT}")
     key = volume_key(p)
     image, affine = _read(p, "image")
     image = image.astype(np.float32, copy=False)
@@ -75,6 +74,10 @@ def load_volume(path: str | os.PathLike[str], modality: str | None = None) -> Vo
     found = _dicom_modality(p) if p.is_dir() else None
     mod = found or modality or guess_modality(image)
     return Volume(key, p, to_255(image, *intensity_range(image, mod)), affine, mod)
+
+
+NOT_3D_FORMAT = ("not a 3D image format: interactive segmentation reads NIfTI (.nii, .nii.gz), NRRD (.nrrd) or a "
+                 "DICOM series folder; 2D images (PNG, JPEG, TIFF) are not supported")
 
 
 def header_shape(path: str | os.PathLike[str]) -> tuple[int, ...]:
@@ -107,7 +110,7 @@ def header_shape(path: str | os.PathLike[str]) -> tuple[int, ...]:
         raise
     except Exception as e:  # noqa: BLE001 - any reader error means the file cannot be served
         raise StudyError(f"{p.name}: unreadable image header ({type(e).__name__}: {e})") from None
-    raise StudyError(f"{p.name}: not a NIfTI (.nii, .nii.gz), NRRD (.nrrd) file or DICOM series folder")
+    raise StudyError(f"{p.name}: {NOT_3D_FORMAT}")
 
 
 def check_voxels(path: str | os.PathLike[str], max_voxels: int | None) -> tuple[int, ...]:
