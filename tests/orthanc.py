@@ -277,10 +277,12 @@ def running_orthanc(sandbox: Sandbox, workdir: Path) -> Iterator[Orthanc]:
 
 @contextlib.contextmanager
 def running_dicomweb_server(sandbox: Sandbox, studies_url: str, workdir: Path, conf: dict[str, str] | None = None,
-                            port: int = 8000, timeout_s: float = START_TIMEOUT_S) -> Iterator[str]:
+                            port: int = 8000, timeout_s: float = START_TIMEOUT_S, kind: str = "monailabel"
+                            ) -> Iterator[str]:
     """Start the MedSAMix MONAI Label server in ``sandbox`` with ``--studies <DICOMweb URL>``; yield its base URL.
 
-    The DICOMweb cache is a folder under ``workdir``; ``itkimage2segimage`` (PyPI ``dcmqi``, DICOM SEG writing) is
+    ``kind``: ``"monailabel"`` (``monailabel start_server``) or ``"hardened"`` (``python -m medsamix_server``, its
+    state folder under ``workdir``). The DICOMweb cache is a folder under ``workdir``; ``itkimage2segimage`` (PyPI ``dcmqi``, DICOM SEG writing) is
     found through the virtual environment's ``bin`` on ``PATH``; ``model_dir`` defaults to ``workdir/model``.
     """
     conf = dict(conf or {})
@@ -288,13 +290,18 @@ def running_dicomweb_server(sandbox: Sandbox, studies_url: str, workdir: Path, c
     if not sandbox.isolated:
         port = _free_host_port()
     url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(APP_DIR), "--studies", studies_url,
-           "--host", "127.0.0.1", "--port", str(port)]
+    if kind == "hardened":
+        cmd = [sys.executable, "-m", "medsamix_server", "--studies", studies_url, "--host", "127.0.0.1",
+               "--port", str(port), "--state-dir", str(workdir / "state")]
+    else:
+        cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(APP_DIR), "--studies",
+               studies_url, "--host", "127.0.0.1", "--port", str(port)]
     for k, v in conf.items():
         cmd += ["--conf", k, str(v)]
     env = dict(os.environ)
     env.setdefault("MEDSAMIX_COMPILE", "0")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO / "lib"), env.get("PYTHONPATH", "")) if p)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO / "lib"), str(REPO / "server"),
+                                                     env.get("PYTHONPATH", "")) if p)
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env["MONAILABEL_PYEXE"] = sys.executable
     env["MONAI_LABEL_DICOMWEB_CACHE_PATH"] = str(workdir / "dicomweb-cache")
@@ -302,7 +309,7 @@ def running_dicomweb_server(sandbox: Sandbox, studies_url: str, workdir: Path, c
     log = workdir / "server.log"
     proc = sandbox.start(cmd, log, cwd=REPO, env=env)
     try:
-        sandbox.wait_http(f"{url}/info/", proc, log, "MONAI Label server", timeout_s=timeout_s)
+        sandbox.wait_http(f"{url}/info/", proc, log, "MedSAMix server", timeout_s=timeout_s)
         yield url
         if proc.poll() is not None:
             raise RuntimeError(f"server died during the test (status {proc.returncode}):\n{_tail(log)}")

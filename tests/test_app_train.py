@@ -30,11 +30,12 @@ TRIALS = 20
 POOL = Path(__file__).resolve().parents[1] / "sample-data" / "pool"
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
+@pytest.fixture(scope="module", params=["hardened", "monailabel"])
+def server(tmp_path_factory, request):
     studies = make_datastore(tmp_path_factory.mktemp("studies"), n=5, labelled=4)
     model_dir = tmp_path_factory.mktemp("model")
-    with running_server(studies, {"pool": str(POOL), "labels": "ellipsoid", "model_dir": str(model_dir)}) as url:
+    with running_server(studies, {"pool": str(POOL), "labels": "ellipsoid", "model_dir": str(model_dir)},
+                        kind=request.param) as url:
         yield url, model_dir
 
 

@@ -830,6 +830,7 @@ PROTECTED = [
     ("DELETE", "/datastore/label?id={A}&tag=final"), ("PUT", "/session/"), ("GET", "/session/abc"),
     ("DELETE", "/session/abc"), ("GET", "/train/"), ("POST", "/train/merge"), ("DELETE", "/train/"),
     ("GET", "/logs/"), ("GET", "/proxy/dicom/qido/studies"), ("GET", "/auth/token/valid"),
+    ("POST", "/activelearning/random"),
 ]
 
 
@@ -961,7 +962,7 @@ def test_loopback_host_names_are_accepted(world):
 
 
 ABSENT = ["/datastore/dataset", "/datastore/dataset?limit_cases=1", "/model/medsamix", "/model/", "/scoring/",
-          "/scoring/dice", "/batch/infer/medsamix", "/activelearning/random", "/activelearning/first", "/reload",
+          "/scoring/dice", "/batch/infer/medsamix", "/batch/infer/medsamix?images=all", "/reload",
           "/docs", "/redoc", "/openapi.json", "/infer/wsi/medsamix", "/datastore/image/info?image={A}",
           "/datastore/label/info?label={A}&tag=final", "/datastore/updatelabelinfo", "/proxy/dicom/studies", "/proxy",
           "/train/merge/../../reload", "/wsi"]
@@ -973,6 +974,27 @@ def test_monai_label_routes_that_are_not_served_are_404(world, path):
         r = raw(world.main, method, world.fmt(path), "adm", headers={"Content-Type": "application/json"}, body=b"{}")
         check(r, 404, 405)
     check(raw(world.main, "GET", world.fmt(path), "adm"), 404)
+
+
+@pytest.mark.parametrize("path, body, codes", [
+    ("/activelearning/nope", "{}", (404,)),
+    ("/activelearning/..%2f..%2freload", "{}", (404,)),
+    ("/activelearning/%2e%2e", "{}", (400,)),
+    ("/activelearning/random%00", "{}", (400,)),
+    ("/activelearning/random", '{"strategy": "first"}', (400,)),
+    ("/activelearning/random", '{"image": "/etc/passwd"}', (400,)),
+    ("/activelearning/random", "[1]", (400,)),
+    ("/activelearning/random", '{"client_id": NaN}', (400,)),
+    ("/activelearning/random", "[" * 50000 + "]" * 50000, (400,)),
+], ids=lambda x: x[:40] if isinstance(x, str) else None)
+def test_activelearning_refuses(world, path, body, codes):
+    check(raw(world.main, "POST", path, "ann", headers={"Content-Type": "application/json"}, body=body.encode()),
+          *codes)
+
+
+def test_control_activelearning_answers_no_paths(world):
+    r = check(req(world.main, "POST", "/activelearning/random", "ann", json={"client_id": "slicer"}), 200)
+    assert str(world.root) not in r.text and "/" not in "".join(str(v) for v in r.json().values())
 
 
 # =============================================================================================== 4. proxy
@@ -1177,7 +1199,7 @@ def test_training_second_request_is_429_and_stop_leaves_no_worker(world):
     '{"roi": "5,25,5,30,10,10"}',
     '{"roi": {"a": 1}}',
     '{"roi": [5, 25, 5, 30, 10, 10], "slice": [1]}',
-    '{"roi": [5, 25, 5, 30, 10, 10], "mode": {}}',
+    '{"roi": [5, 25, 5, 30, 10, 10], "mode": {"x": 1}}',
     '{"foreground": {"a": [1, 2, 3]}}',
     '{"foreground": [[1, 2, 3]] , "background": "x"}',
     '{"pos_boxes": [[[1, 2], [3]]]}',
@@ -1186,7 +1208,7 @@ def test_training_second_request_is_429_and_stop_leaves_no_worker(world):
     "[1]", "null", '"x"', "1", "true", "{", "{\"roi\": [1,2,", "\xff\xfe",
     "[" * 100000 + "]" * 100000,
     '{"a": ' * 50000 + "1" + "}" * 50000,
-], ids=lambda p: repr(p)[:30])
+], ids=lambda p: repr(p)[:24] + repr(p)[-16:] if len(p) > 40 else repr(p))
 def test_bad_infer_params_are_400(world, params):
     r = check(infer(world.main, world.a, params, raw_params=True), 400, 413)
     assert r.status_code == 400 or len(params) > 1 << 20

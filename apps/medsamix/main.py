@@ -125,6 +125,10 @@ class MedSAMixApp(MONAILabelApp):
         """Names of the train tasks."""
         return sorted(self._trainers)
 
+    def info_strategies(self) -> list[str]:
+        """Names of the active-learning strategies."""
+        return sorted(self._strategies)
+
     def trainer(self, name: str) -> TrainTask | None:
         return self._trainers.get(name)
 

@@ -18,12 +18,13 @@ route                                   who          notes
 ``POST /train/{model}``,                admin        options allow-listed; one run at a time (429)
 ``DELETE /train/``
 ``GET /logs/``                          admin
+``POST /activelearning/{strategy}``     annotator    the next study to label (id and info, no paths)
 ``GET /ohif/...``                       anyone       static viewer files
 ``GET /proxy/dicom/{qido,wado}/...``    annotator    DICOMweb reads only
 ======================================  ===========  ===============================================================
 
 Absent: MONAI Label's ``/datastore/dataset`` (every image and label as one zip), ``/model``, ``/scoring``,
-``/batch``, ``/activelearning``, ``/infer/wsi``, ``/reload``, ``/datastore/*/info`` updates, STOW and the
+``/batch``, ``/infer/wsi``, ``/reload``, ``/datastore/*/info`` updates, STOW and the
 unrestricted ``/proxy/dicom/{path}``, the API docs.
 """
 
@@ -138,9 +139,9 @@ def create_app(config: ServerConfig) -> FastAPI:
     app = FastAPI(title="MedSAMix server", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.ctx = ctx
 
-    from .routes import core, data, train, viewer
+    from .routes import activelearning, core, data, train, viewer
 
-    for r in (core.router, data.router, train.router, viewer.router):
+    for r in (core.router, data.router, train.router, viewer.router, activelearning.router):
         app.include_router(r)
 
     @app.exception_handler(RequestError)

@@ -8,6 +8,7 @@ import asyncio
 import concurrent.futures
 import dataclasses
 import json
+import math
 import os
 import pathlib
 import threading
@@ -132,17 +133,45 @@ ANNOTATOR = Depends(role("annotator"))
 ADMIN = Depends(role("admin"))
 
 
+MAX_JSON_INT_DIGITS = 18  # |n| < 10**18: every count, index and seed a request may carry; bigger is refused
+
+
+def _json_int(s: str) -> int:
+    if len(s.lstrip("-")) > MAX_JSON_INT_DIGITS:
+        raise RequestError(f"the number {s[:24]}... is too large (at most {MAX_JSON_INT_DIGITS} digits)")
+    return int(s)
+
+
+def _json_float(s: str) -> float:
+    v = float(s)
+    if not math.isfinite(v):
+        raise RequestError(f"the number {s[:24]} is out of range")
+    return v
+
+
+def _json_constant(s: str) -> float:
+    raise RequestError(f"{s} is not a JSON number")
+
+
 def json_object(text: str | bytes | None, what: str, allowed: set[str] | None = None,
                 limit: int = 1 << 20) -> dict[str, Any]:
-    """A JSON object from a form field or body (``{}`` when empty), its keys checked against ``allowed``."""
+    """A JSON object from a form field or body (``{}`` when empty), its keys checked against ``allowed``.
+
+    Strict JSON: ``NaN`` / ``Infinity``, floats that overflow to infinity, integers of more than
+    :data:`MAX_JSON_INT_DIGITS` digits and nesting too deep for the parser are refused (400), so no handler ever
+    sees a value that overflows ``float()`` or ``int`` arithmetic."""
     if text is None or text in ("", b""):
         return {}
     if len(text) > limit:
         raise RequestError(f"{what}: larger than {limit} bytes", 413)
     try:
-        value = json.loads(text)
+        value = json.loads(text, parse_int=_json_int, parse_float=_json_float, parse_constant=_json_constant)
+    except RequestError as e:
+        raise RequestError(f"{what}: {e}") from None
     except (ValueError, UnicodeDecodeError) as e:
         raise RequestError(f"{what}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise RequestError(f"{what}: nested too deeply") from None
     if not isinstance(value, dict):
         raise RequestError(f"{what}: must be a JSON object, got {type(value).__name__}")
     if allowed is not None:

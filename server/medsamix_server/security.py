@@ -7,6 +7,8 @@ Every id, tag and archive member a client sends is hostile until checked here:
   characters, at most :data:`MAX_NAME` characters.
 * :func:`contained` resolves a path with every symbolic link followed and accepts it only inside its root (so a
   symbolic link placed in the studies folder that points outside is refused, whatever its name).
+* :func:`unlinked` is the stricter check for files the server writes or deletes: inside its root and no symbolic
+  link on the way at all (MONAI Label copies onto a label path and deletes resolved paths).
 * :func:`extract_archive` unpacks a zip or tar file member by member, refusing absolute names, ``..``, links, devices
   and anything that would land outside the target folder, and bounding member count and unpacked bytes.
 """
@@ -55,6 +57,18 @@ def contained(path: str | os.PathLike[str], root: str | os.PathLike[str], what: 
     if real != real_root and os.path.commonpath([real_root, real]) != real_root:
         raise RequestError(f"{what} resolves outside its folder; refused", status=403)
     return Path(real)
+
+
+def unlinked(path: str | os.PathLike[str], root: str | os.PathLike[str], what: str) -> Path:
+    """``path`` if it lies inside ``root`` with no symbolic link anywhere between ``root`` and it (the path itself
+    included, dangling links too); else :class:`RequestError` (403). For files the server writes or deletes: a
+    library that copies onto ``path`` or removes its resolved target would otherwise write or delete whatever a
+    link placed in the folder points to."""
+    real_root = os.path.realpath(root)
+    lexical = os.path.normpath(os.path.join(real_root, os.path.relpath(os.path.abspath(path), os.path.abspath(root))))
+    if os.path.commonpath([real_root, lexical]) != real_root or os.path.realpath(path) != lexical:
+        raise RequestError(f"{what} is (or lies under) a symbolic link or outside its folder; refused", status=403)
+    return Path(lexical)
 
 
 def extract_archive(archive: str | os.PathLike[str], dest: str | os.PathLike[str], max_members: int,

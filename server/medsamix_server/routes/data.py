@@ -39,7 +39,7 @@ from medsamix.volumes import check_voxels
 
 from ..auth import User
 from ..context import ADMIN, ANNOTATOR, ServerContext, ctx_of, json_object
-from ..security import RequestError, contained, extract_archive, folder_bytes, remove_tree, safe_name
+from ..security import RequestError, contained, extract_archive, folder_bytes, remove_tree, safe_name, unlinked
 
 logger = logging.getLogger(__name__)
 router = APIRouter()
@@ -102,6 +102,34 @@ def _params(ctx: ServerContext, form: Any, allowed: set[str]) -> dict[str, Any]:
     if raw is not None and not isinstance(raw, str):
         raise RequestError("params must be a JSON form field, not a file")
     return json_object(raw, "params", allowed, ctx.config.limits.json_bytes)
+
+
+# -- what MONAI Label's local datastore writes and deletes -------------------------------------------------------
+# It copies a new image onto ``realpath(<studies>/<id><ext>)``, a label onto ``<studies>/labels/<tag>/<id><ext>``
+# (following a link there) and deletes the resolved paths of an image and of all its labels: a symbolic link placed
+# in the studies folder would make it write or delete outside (or elsewhere inside). Every such path is checked
+# with :func:`unlinked` (inside the folder, no link on the way) before the datastore is called.
+def _unlinked_stored(ctx: ServerContext, uri: str, folder: Path, file_id: str, what: str) -> Path:
+    """The datastore file ``uri`` (MONAI Label's resolved path of ``<folder>/<file_id><ext>``) if it is that very
+    file, not reached through a link."""
+    name = os.path.basename(uri or "")
+    if not name.startswith(f"{file_id}."):
+        raise RequestError(f"{what} resolves to another file through a symbolic link; refused", 403)
+    path = unlinked(folder / name, ctx.datastore_root(), what)
+    if os.path.realpath(uri) != str(path):
+        raise RequestError(f"{what} resolves to another file through a symbolic link; refused", 403)
+    return path
+
+
+def _check_removable_image(ctx: ServerContext, image_id: str) -> None:
+    """Removing an image removes its file and every label of it: none may be (or lie under) a link."""
+    ds = ctx.datastore()
+    root = ctx.datastore_root()
+    _unlinked_stored(ctx, ds.get_image_uri(image_id), root, image_id, f"image {image_id!r}")
+    for tag, label_id in (ds.get_labels_by_image_id(image_id) or {}).items():
+        tag = safe_name(tag, "tag")
+        _unlinked_stored(ctx, ds.get_label_uri(label_id, tag), root / "labels" / tag, label_id,
+                         f"label {label_id!r} ({tag}) of image {image_id!r}")
 
 
 # -- datastore ---------------------------------------------------------------------------------------------------
@@ -173,6 +201,10 @@ async def add_image(request: Request, image: str = "", user: User = ANNOTATOR) -
             def add() -> str:
                 if image_id in set(ctx.datastore().list_images()):
                     raise RequestError(f"image {image_id!r} already exists", 409)
+                dest = ctx.datastore_root() / f"{image_id}{suffix}"
+                unlinked(dest, ctx.datastore_root(), f"image {image_id!r}")
+                if os.path.lexists(dest):
+                    raise RequestError(f"image {image_id!r}: a file of that name already exists", 409)
                 return ctx.datastore().add_image(image_id, str(path), {"user": user.name})
 
             added = await run_in_threadpool(add)
@@ -193,6 +225,7 @@ async def remove_image(request: Request, id: str, user: User = ADMIN) -> dict[st
     def remove() -> None:
         image_id = ctx.known_image(id)
         ctx.image_path(image_id)
+        _check_removable_image(ctx, image_id)
         ctx.datastore().remove_image(image_id)
 
     await run_in_threadpool(remove)
@@ -237,6 +270,9 @@ async def save_label(request: Request, image: str, tag: str = "final", user: Use
                     if tuple(shape[:3]) != tuple(want[:3]):
                         raise RequestError(f"label shape {list(shape)} does not match image {image_id!r} shape "
                                            f"{list(want)}")
+                if not ctx.config.dicomweb:  # the datastore copies onto this path, following a link there
+                    unlinked(ctx.datastore_root() / "labels" / tag / f"{image_id}{suffix}", ctx.datastore_root(),
+                             f"label of image {image_id!r} ({tag})")
                 label_id = ctx.datastore().save_label(image_id, str(path), tag, dict(info, user=user.name))
                 ctx.instance.on_save_label(image_id, label_id)
                 return label_id
@@ -268,7 +304,9 @@ async def remove_label(request: Request, id: str, tag: str, user: User = ADMIN) 
     ctx = ctx_of(request)
 
     def remove() -> None:
-        _label_file(ctx, id, tag)
+        path = _label_file(ctx, id, tag)
+        if not ctx.config.dicomweb:  # the datastore deletes the resolved path
+            _unlinked_stored(ctx, str(path), ctx.datastore_root() / "labels" / tag, id, f"label {id!r} ({tag})")
         ctx.datastore().remove_label(id, tag)
 
     await run_in_threadpool(remove)

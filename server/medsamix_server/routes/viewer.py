@@ -26,15 +26,40 @@ router = APIRouter()
 
 _UID = r"[0-9]+(?:\.[0-9]+)*"
 _FRAMES = r"[0-9]+(?:,[0-9]+)*"
+# Anchored with \Z and matched with fullmatch: a plain "$" also matches before a trailing newline.
 DICOMWEB_PATH = re.compile(
-    rf"^studies(?:/{_UID}(?:/(?:metadata|rendered|thumbnail|series(?:/{_UID}(?:/(?:metadata|rendered|thumbnail|"
-    rf"instances(?:/{_UID}(?:/(?:metadata|rendered|thumbnail|frames/{_FRAMES}(?:/rendered)?))?)?))?)?))?)?$")
+    rf"studies(?:/{_UID}(?:/(?:metadata|rendered|thumbnail|series(?:/{_UID}(?:/(?:metadata|rendered|thumbnail|"
+    rf"instances(?:/{_UID}(?:/(?:metadata|rendered|thumbnail|frames/{_FRAMES}(?:/rendered)?))?)?))?)?))?)?\Z",
+    re.ASCII)
 QUERY_KEYS = {"StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "PatientID", "PatientName", "StudyDate",
               "StudyDescription", "AccessionNumber", "ModalitiesInStudy", "Modality", "SeriesNumber", "limit",
               "offset", "fuzzymatching", "includefield", "00100020", "00100010", "00080020", "00080050",
               "00081030", "00080061", "0020000D", "0020000E", "00080060", "00200011"}
+MAX_QUERY_PARAMS = 32
+MAX_QUERY_VALUE = 256
 PASS_HEADERS = ("content-type", "content-length", "content-encoding", "etag", "last-modified", "cache-control")
 OHIF_DIR = Path(__import__("monailabel").__file__).resolve().parent / "endpoints" / "static" / "ohif"
+
+
+def dicomweb_path(path: str) -> str:
+    """``path`` if it is a QIDO-RS / WADO-RS resource path the proxy serves (see the module docstring), else
+    :class:`RequestError` (400)."""
+    if not isinstance(path, str) or len(path) > 1024 or not DICOMWEB_PATH.fullmatch(path):
+        raise RequestError(f"not a QIDO-RS / WADO-RS resource path: {str(path)[:200]!r}", 400)
+    return path
+
+
+def proxy_query(items: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The query parameters passed to the PACS: allow-listed names, at most :data:`MAX_QUERY_PARAMS` of them, values
+    of at most :data:`MAX_QUERY_VALUE` characters without control characters; else :class:`RequestError` (400)."""
+    if len(items) > MAX_QUERY_PARAMS:
+        raise RequestError(f"more than {MAX_QUERY_PARAMS} query parameters", 400)
+    out = []
+    for k, v in items:
+        if k not in QUERY_KEYS or len(v) > MAX_QUERY_VALUE or any(ord(c) < 32 or ord(c) == 127 for c in v):
+            raise RequestError(f"query parameter {k[:64]!r} is not allowed here", 400)
+        out.append((k, v))
+    return out
 
 
 @router.get("/ohif/{path:path}", include_in_schema=False)
@@ -62,14 +87,8 @@ async def proxy(request: Request, op: str, path: str) -> Response:
         raise RequestError("the studies are not a DICOMweb server; nothing to proxy", 404)
     if op not in ("qido", "wado"):
         raise RequestError("only /proxy/dicom/qido/... and /proxy/dicom/wado/... are served", 404)
-    path = path.strip("/")
-    if not DICOMWEB_PATH.match(path):
-        raise RequestError(f"not a QIDO-RS / WADO-RS resource path: {path[:200]!r}", 400)
-    params = []
-    for k, v in request.query_params.multi_items():
-        if k not in QUERY_KEYS or len(v) > 256 or any(ord(c) < 32 for c in v):
-            raise RequestError(f"query parameter {k[:64]!r} is not allowed here", 400)
-        params.append((k, v))
+    path = dicomweb_path(path.strip("/"))
+    params = proxy_query(request.query_params.multi_items())
     prefix = os.environ.get("MONAI_LABEL_WADO_PREFIX" if op == "wado" else "MONAI_LABEL_QIDO_PREFIX") or ""
     url = "/".join(p.strip("/") for p in (ctx.config.studies, prefix, path) if p.strip("/"))
     headers = {"Accept": request.headers.get("accept", "*/*")[:512]}
@@ -96,3 +115,14 @@ async def proxy(request: Request, op: str, path: str) -> Response:
 
     out_headers = {k: v for k, v in upstream.headers.items() if k.lower() in PASS_HEADERS}
     return StreamingResponse(body(), status_code=upstream.status_code, headers=out_headers)
+
+
+@router.api_route("/proxy/{rest:path}", methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"],
+                  include_in_schema=False)
+@router.api_route("/proxy", methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"], include_in_schema=False)
+async def proxy_refused(request: Request, rest: str = "") -> Response:
+    """Everything else below ``/proxy`` (STOW, ``/proxy/dicom/tools``, other methods, MONAI Label's unrestricted
+    ``/proxy/dicom/{path}``): refused here, so no slash redirect or other route ever answers it."""
+    status = 404 if request.method in ("GET", "HEAD") else 405
+    raise RequestError("only GET /proxy/dicom/qido/... and /proxy/dicom/wado/... (QIDO-RS / WADO-RS reads) are "
+                       "served", status)
