@@ -50,7 +50,8 @@ async def train_start(request: Request, model: str, run_sync: bool = False, enqu
     if len(body) > TRAIN_BODY_BYTES:
         raise RequestError(f"train options larger than {TRAIN_BODY_BYTES} bytes", 413)
     task = ctx.instance.trainer(model)
-    options = json_object(body, "train options", set(task.config()), TRAIN_BODY_BYTES)
+    options = json_object(body, "train options", set(task.config()) | {"client_id"}, TRAIN_BODY_BYTES)
+    options.pop("client_id", None)  # monailabel's client (3D Slicer's) adds it
     check = getattr(task, "check_options", None)
     if check is not None:
         try:
