@@ -277,18 +277,20 @@ def running_orthanc(sandbox: Sandbox, workdir: Path) -> Iterator[Orthanc]:
 
 @contextlib.contextmanager
 def running_dicomweb_server(sandbox: Sandbox, studies_url: str, workdir: Path, conf: dict[str, str] | None = None,
-                            port: int = 8000, timeout_s: float = START_TIMEOUT_S) -> Iterator[str]:
+                            port: int = 8000, timeout_s: float = START_TIMEOUT_S,
+                            app_dir: Path = APP_DIR) -> Iterator[str]:
     """Start the MedSAMix MONAI Label server in ``sandbox`` with ``--studies <DICOMweb URL>``; yield its base URL.
 
     The DICOMweb cache is a folder under ``workdir``; ``itkimage2segimage`` (PyPI ``dcmqi``, DICOM SEG writing) is
-    found through the virtual environment's ``bin`` on ``PATH``; ``model_dir`` defaults to ``workdir/model``.
+    found through the virtual environment's ``bin`` on ``PATH``; ``model_dir`` defaults to ``workdir/model``;
+    ``app_dir`` is the app folder (default ``apps/medsamix``; tests may pass a modified copy).
     """
     conf = dict(conf or {})
     conf.setdefault("model_dir", str(workdir / "model"))
     if not sandbox.isolated:
         port = _free_host_port()
     url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(APP_DIR), "--studies", studies_url,
+    cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(app_dir), "--studies", studies_url,
            "--host", "127.0.0.1", "--port", str(port)]
     for k, v in conf.items():
         cmd += ["--conf", k, str(v)]
