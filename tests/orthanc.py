@@ -277,13 +277,15 @@ def running_orthanc(sandbox: Sandbox, workdir: Path) -> Iterator[Orthanc]:
 
 @contextlib.contextmanager
 def running_dicomweb_server(sandbox: Sandbox, studies_url: str, workdir: Path, conf: dict[str, str] | None = None,
-                            port: int = 8000, timeout_s: float = START_TIMEOUT_S, kind: str = "monailabel"
-                            ) -> Iterator[str]:
+                            port: int = 8000, timeout_s: float = START_TIMEOUT_S, kind: str = "monailabel",
+                            app_dir: Path = APP_DIR) -> Iterator[str]:
     """Start the MedSAMix MONAI Label server in ``sandbox`` with ``--studies <DICOMweb URL>``; yield its base URL.
 
     ``kind``: ``"monailabel"`` (``monailabel start_server``) or ``"hardened"`` (``python -m medsamix_server``, its
-    state folder under ``workdir``). The DICOMweb cache is a folder under ``workdir``; ``itkimage2segimage`` (PyPI ``dcmqi``, DICOM SEG writing) is
-    found through the virtual environment's ``bin`` on ``PATH``; ``model_dir`` defaults to ``workdir/model``.
+    state folder under ``workdir``). The DICOMweb cache is a folder under ``workdir``; ``itkimage2segimage`` (PyPI
+    ``dcmqi``, DICOM SEG writing) is found through the virtual environment's ``bin`` on ``PATH``; ``model_dir``
+    defaults to ``workdir/model``; ``app_dir`` is the app folder (default ``apps/medsamix``; tests may pass a
+    modified copy).
     """
     conf = dict(conf or {})
     conf.setdefault("model_dir", str(workdir / "model"))
@@ -292,9 +294,9 @@ def running_dicomweb_server(sandbox: Sandbox, studies_url: str, workdir: Path, c
     url = f"http://127.0.0.1:{port}"
     if kind == "hardened":
         cmd = [sys.executable, "-m", "medsamix_server", "--studies", studies_url, "--host", "127.0.0.1",
-               "--port", str(port), "--state-dir", str(workdir / "state")]
+               "--port", str(port), "--state-dir", str(workdir / "state"), "--app", str(app_dir)]
     else:
-        cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(APP_DIR), "--studies",
+        cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(app_dir), "--studies",
                studies_url, "--host", "127.0.0.1", "--port", str(port)]
     for k, v in conf.items():
         cmd += ["--conf", k, str(v)]
