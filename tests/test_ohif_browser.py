@@ -8,7 +8,7 @@ server, chromedriver and Chromium) runs in one private loopback-only network nam
 * With the app as it is, the server answers 200 with a gzip NIfTI, the plugin parses the answer as NRRD and throws
   ``Error: File is not an NRRD file!`` (an unhandled promise rejection): nothing is shown. The test checks exactly
   that and ends as an expected failure (``xfail``) of the display check; it fails once the app is fixed.
-* With a copy of the app whose infer task writes the answer with ``medsamix_server.ohif.encode_label`` (the format
+* With a copy of the app whose infer task writes the answer with ``medsamix.labelfile.encode_label`` (the format
   the request asks for: raw uint8 NRRD), the labelmap in the viewer equals the server's mask voxel for voxel
   (same axis order and slice order) and the overlay is drawn where the mask is.
 
@@ -67,7 +67,7 @@ def pacs(tmp_path_factory):
 
 def nrrd_answer_app(dest: Path) -> Path:
     """A copy of ``apps/medsamix`` whose infer tasks answer in the format the request asks for
-    (``medsamix_server.ohif.encode_label``) instead of always NIfTI: the fix of issue 11, tried before the server
+    (``medsamix.labelfile.encode_label``) instead of always NIfTI: the fix of issue 11, tried before the server
     itself changes."""
     shutil.copytree(APP_DIR, dest, ignore=shutil.ignore_patterns("model", "logs", "bin", "__pycache__"))
     patch = f'''
@@ -75,7 +75,7 @@ def nrrd_answer_app(dest: Path) -> Path:
 # --- added by tests/test_ohif_browser.py: answer in the format the request asks for (issue 11)
 import sys as _sys
 _sys.path.insert(0, {str(REPO / "server")!r})
-from medsamix_server.ohif import encode_label as _encode_label
+from medsamix.labelfile import encode_label as _encode_label
 
 
 def _call_in_the_asked_format(self, request):

@@ -18,7 +18,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "server"))
 
-from medsamix_server.ohif import (  # noqa: E402
+from medsamix.labelfile import (  # noqa: E402
     EncodedLabel,
     ResultFormat,
     ResultFormatError,
@@ -61,7 +61,7 @@ def test_ohif_request_gets_a_raw_uint8_nrrd_whose_data_is_the_viewer_voxel_order
     assert enc.format == ResultFormat(".nrrd", "uint8", False)
     assert enc.filename.endswith(".nrrd") and enc.media_type == "application/octet-stream"
     lines, data = _split(enc.body)
-    assert lines[0] == "NRRD0004"
+    assert lines[0] in ("NRRD0004", "NRRD0005")  # nrrd-js reads both (/^NRRD\d{4}$/)
     fields = dict(ln.split(": ", 1) for ln in lines[1:] if not ln.startswith("#"))
     assert fields["type"] == "uint8" and fields["encoding"] == "raw" and fields["sizes"] == "7 5 3"
     assert "endian" not in fields  # not needed for one byte; nrrd-js requires it only for wider types

@@ -28,11 +28,11 @@ logger = logging.getLogger(__name__)
 router = APIRouter()
 
 # Prompt fields the interactive task reads (medsamix.prompts / medsamix.serving).
+# and the answer's file format (medsamix.labelfile: NRRD for Slicer and OHIF, NIfTI by default).
 PROMPT_KEYS = {"roi", "foreground", "background", "pos_points", "neg_points", "pos_boxes", "neg_boxes", "slice",
-               "mode", "label", "iou_threshold", "margin"}
+               "mode", "label", "iou_threshold", "margin", "result_extension", "result_dtype", "result_compress"}
 # Fields real clients send along that change nothing here: accepted and dropped.
-CLIENT_KEYS = {"client_id", "result_extension", "result_dtype", "result_compress", "label_info", "largest_cc",
-               "restore_label_idx"}
+CLIENT_KEYS = {"client_id", "label_info", "largest_cc", "restore_label_idx"}
 OUTPUTS = ("image", "json", "all")
 
 

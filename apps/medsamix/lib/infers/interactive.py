@@ -1,7 +1,9 @@
 """A deepgrow-type infer task over :class:`medsamix.serving.InteractiveService` (box/point prompts, 2D or 3D).
 
 Thin: prompt parsing, segmentation and caching live in ``lib/medsamix``; this class only adapts MONAI Label's request
-and writes the label map (NIfTI, the image's affine) to a temporary file that MONAI Label sends back and deletes.
+and writes the label map to a temporary file that the server sends back and deletes: in the format the client asks
+for (``result_extension`` / ``result_dtype`` / ``result_compress``: NRRD for 3D Slicer and OHIF, whose plugin reads
+the raw voxels; NIfTI by default), with the image's geometry (:func:`medsamix.labelfile.encode_label`).
 """
 
 from __future__ import annotations
@@ -13,8 +15,8 @@ from typing import Any
 
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
+from medsamix.labelfile import ResultFormat, encode_label
 from medsamix.serving import InteractiveService
-from medsamix.volumes import write_label
 
 
 class InteractiveInfer(InferTask):
@@ -50,11 +52,13 @@ class InteractiveInfer(InferTask):
 
     def __call__(self, request: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         t0 = time.perf_counter()
+        fmt = ResultFormat.from_params(request)  # a bad format is refused before any work
         result = self.service.run(request["image"], request)
-        with tempfile.NamedTemporaryFile(suffix=".nii.gz", prefix="medsamix-", delete=False) as f:
-            path = f.name
         t1 = time.perf_counter()
-        write_label(result.mask, result.affine, path)
+        encoded = encode_label(result.mask, result.affine, fmt, "label")
+        with tempfile.NamedTemporaryFile(suffix=fmt.extension, prefix="medsamix-", delete=False) as f:
+            f.write(encoded.body)
+            path = f.name
         t2 = time.perf_counter()
         result.params["latencies"].update(write_ms=round((t2 - t1) * 1e3, 3), task_ms=round((t2 - t0) * 1e3, 3))
         return path, result.params

@@ -1,8 +1,8 @@
 """A label map in the file format a client asked for: the bytes and media type of an infer answer.
 
-Pure functions (numpy, the standard library, nibabel for NIfTI); no web framework. The server calls
-:func:`encode_label` with the mask it computed and the request's parameters and sends the result as the body of
-``POST /infer/<model>?output=image`` (or as the ``image`` part of ``output=all``).
+Pure functions (numpy, pynrrd for NRRD, nibabel for NIfTI); no web framework. The app's infer task calls
+:func:`encode_label` with the mask it computed and the request's parameters, and the server sends the result as the
+body of ``POST /infer/<model>?output=image`` (or as the ``image`` part of ``output=all``).
 
 What the clients ask for (``params`` form field of the request, JSON):
 
@@ -31,6 +31,8 @@ from typing import Any
 
 import numpy as np
 
+from .errors import MedSAMixError
+
 DEFAULT_EXTENSION = ".nii.gz"
 EXTENSIONS = (".nrrd", ".nii.gz", ".nii")
 MEDIA_TYPE = "application/octet-stream"  # what MONAI Label answers for label files, NRRD and NIfTI alike
@@ -42,7 +44,7 @@ DTYPE_ALIASES = {"float": "float32", "double": "float64", "uchar": "uint8", "uns
 LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0])
 
 
-class ResultFormatError(ValueError):
+class ResultFormatError(MedSAMixError):
     """The request asks for a format, type or mask that cannot be answered (the server answers HTTP 400)."""
 
 
@@ -127,29 +129,27 @@ def encode_label(mask: np.ndarray, affine: np.ndarray, params: Mapping[str, Any]
 
 
 def nrrd_bytes(data: np.ndarray, affine: np.ndarray, compress: bool = False) -> bytes:
-    """An NRRD file (``NRRD0004``, inline data) of a ``(I, J, K)`` array: data in Fortran order (I fastest),
+    """An NRRD file (inline data, written by pynrrd) of a ``(I, J, K)`` array: data in Fortran order (I fastest),
     little-endian, raw or gzip; geometry in LPS (``space directions`` are the affine's columns, ``space origin`` its
     translation). This is the order OHIF copies into its labelmap without looking at the header, and what
-    ITK / 3D Slicer read with the image's geometry. The header has no blank line before the data (``nrrd-js``
-    takes the first blank line as the end of the header)."""
+    ITK / 3D Slicer read with the image's geometry."""
+    import io
+
+    import nrrd
+
     if data.ndim != 3:
         raise ResultFormatError(f"expected a (I, J, K) label map, got shape {data.shape}")
     dtype = np.dtype(data.dtype)
-    type_name = NRRD_TYPES.get(dtype.name)
-    if type_name is None:
+    if dtype.name not in NRRD_TYPES:
         raise ResultFormatError(f"NRRD cannot hold {dtype.name} here; use one of {', '.join(NRRD_TYPES)}")
     lps = _affine(affine)
     lps[:3, :] = LPS_FROM_RAS @ lps[:3, :]
-    directions = " ".join(_vector(lps[:3, c]) for c in range(3))
-    lines = ["NRRD0004", "# MedSAMix label map", f"type: {type_name}", "dimension: 3",
-             "space: left-posterior-superior", "sizes: " + " ".join(str(int(s)) for s in data.shape),
-             f"space directions: {directions}", "kinds: domain domain domain"]
-    if dtype.itemsize > 1:
-        lines.append("endian: little")
-    lines += [f"encoding: {'gzip' if compress else 'raw'}", f"space origin: {_vector(lps[:3, 3])}"]
-    raw = np.asarray(data, dtype=dtype.newbyteorder("<")).tobytes(order="F")
-    payload = gzip.compress(raw, compresslevel=6, mtime=0) if compress else raw
-    return ("\n".join(lines) + "\n\n").encode("ascii") + payload
+    header = {"space": "left-posterior-superior", "space directions": lps[:3, :3].T,
+              "space origin": lps[:3, 3], "kinds": ["domain"] * 3, "encoding": "gzip" if compress else "raw",
+              "endian": "little"}
+    out = io.BytesIO()
+    nrrd.write(out, np.asarray(data, dtype=dtype.newbyteorder("<")), header, index_order="F", compression_level=6)
+    return out.getvalue()
 
 
 def nifti_bytes(data: np.ndarray, affine: np.ndarray, compress: bool = True) -> bytes:
