@@ -65,7 +65,10 @@ def test_config_lists_the_options_clients_show():
     t = merge.MergeTrain(str(APP), "/nowhere", "", "/nowhere/model/merged", {})
     assert set(t.config()) == {"task", "trials", "granularity", "separate", "min_budget", "seed", "restart",
                                "preprocessing", "min_gain"}
-    assert t.stats() == {} and t.runs_dir == Path("/nowhere/model/runs")
+    # before any run: an idle entry that OHIF's panel shows as 0 of the default trials (not "100 %")
+    assert t.stats() == {"status": "idle", "epoch": 0, "total_epochs": 30, "best_metric": 0.0,
+                         "total_time": "0:00:00", "message": "no merge run yet"}
+    assert t.runs_dir == Path("/nowhere/model/runs")
 
 
 def test_train_publishes_reports_progress_and_a_second_request_resumes(studies, models_spec, tmp_path):

@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import os
+from pathlib import Path
 from collections.abc import Mapping
 from typing import Any
 
@@ -211,3 +213,32 @@ def _boolean(v: Any, name: str) -> bool:
     if v is None:
         return False
     raise ResultFormatError(f"{name} must be true or false, got {v!r}")
+
+
+def label_from_viewer_bytes(raw: bytes, image: str | os.PathLike[str]) -> bytes:
+    """A NIfTI (``.nii.gz``) label on ``image``'s grid from a viewer's raw label buffer: one uint8 per voxel in the
+    viewer's order (:func:`viewer_order`: I fastest, then J, then K), as OHIF's labelmap holds it.
+
+    Args:
+        raw: ``I * J * K`` bytes.
+        image: The image file (NIfTI or NRRD) the label belongs to.
+
+    Raises:
+        ResultFormatError: The byte count is not the image's voxel count.
+    """
+    from .volumes import load_volume
+
+    path = Path(image)
+    if path.name.lower().endswith((".nii", ".nii.gz")):
+        import nibabel as nib
+
+        img = nib.load(str(path))
+        shape, affine = tuple(int(s) for s in img.shape[:3]), img.affine
+    else:
+        vol = load_volume(path)
+        shape, affine = vol.shape, vol.affine
+    n = int(np.prod(shape))
+    if len(raw) != n:
+        raise ResultFormatError(f"the label has {len(raw)} voxels (bytes); the image has {n} ({list(shape)})")
+    mask = np.frombuffer(raw, dtype=np.uint8).reshape(shape, order="F")
+    return nifti_bytes(mask, affine, compress=True)

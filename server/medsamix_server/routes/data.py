@@ -35,6 +35,7 @@ from fastapi.responses import FileResponse, Response
 from starlette.datastructures import UploadFile
 
 from medsamix.errors import StudyError
+from medsamix.labelfile import label_from_viewer_bytes
 from medsamix.volumes import check_voxels
 
 from ..auth import User
@@ -255,15 +256,24 @@ async def save_label(request: Request, image: str, tag: str = "final", user: Use
     try:
         _only(form, {"label", "params"})
         upload = _file(form, "label")
-        suffix = _suffix(upload.filename, "label")
+        raw_viewer = (upload.filename or "").lower().endswith(".bin")  # OHIF: uint8 voxels in viewer order
+        suffix = ".bin" if raw_viewer else _suffix(upload.filename, "label")
         info = _label_info(_params(ctx, form, {"label_info", "client_id"}))
         with request_folder(ctx) as folder:
             path = folder / f"label{suffix}"
             await run_in_threadpool(_save, upload, path)
 
             def save() -> str:
+                nonlocal path
                 image_id = ctx.known_image(image)
                 image_path = ctx.image_path(image_id)
+                if raw_viewer:
+                    if not image_path.is_file():
+                        raise RequestError("a raw (.bin) label needs an image file to take its grid from")
+                    _check_volume(ctx, image_path, f"image {image_id!r}")
+                    nifti = folder / "label.nii.gz"
+                    nifti.write_bytes(label_from_viewer_bytes(path.read_bytes(), image_path))
+                    path = nifti
                 shape = _check_volume(ctx, path, "label")
                 if image_path.is_file():
                     want = _check_volume(ctx, image_path, f"image {image_id!r}")
@@ -271,8 +281,8 @@ async def save_label(request: Request, image: str, tag: str = "final", user: Use
                         raise RequestError(f"label shape {list(shape)} does not match image {image_id!r} shape "
                                            f"{list(want)}")
                 if not ctx.config.dicomweb:  # the datastore copies onto this path, following a link there
-                    unlinked(ctx.datastore_root() / "labels" / tag / f"{image_id}{suffix}", ctx.datastore_root(),
-                             f"label of image {image_id!r} ({tag})")
+                    dest = ctx.datastore_root() / "labels" / tag / f"{image_id}{suffix}"
+                    unlinked(dest, ctx.datastore_root(), f"label of image {image_id!r} ({tag})")
                 label_id = ctx.datastore().save_label(image_id, str(path), tag, dict(info, user=user.name))
                 ctx.instance.on_save_label(image_id, label_id)
                 return label_id

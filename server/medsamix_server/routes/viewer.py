@@ -62,21 +62,37 @@ def proxy_query(items: list[tuple[str, str]]) -> list[tuple[str, str]]:
     return out
 
 
+OVERLAY_DIR = Path(__file__).resolve().parents[1] / "static" / "ohif"
+OVERLAY_PREFIX = "medsamix/"
+# the project's overlay on the bundled viewer (box prompts, label submit, training progress): a versioned script
+OVERLAY_TAG = b'<script src="/ohif/medsamix/overlay.js?v=1"></script>'
+
+
 @router.get("/ohif/{path:path}", include_in_schema=False)
 @router.get("/ohif", include_in_schema=False)
-async def ohif(path: str = "") -> FileResponse:
-    index = OHIF_DIR / "index.html"
-    target = index
-    if path:
-        candidate = OHIF_DIR / path
+async def ohif(path: str = "") -> Response:
+    """The bundled OHIF viewer's files (sub-folders included); any other path is a viewer route and gets
+    ``index.html``, with the project's overlay script added. ``/ohif/medsamix/...`` are the overlay's own files."""
+    root, rel = OHIF_DIR, path
+    if path.startswith(OVERLAY_PREFIX):
+        root, rel = OVERLAY_DIR, path[len(OVERLAY_PREFIX):]
+    target = OHIF_DIR / "index.html"
+    if rel:
         try:
-            real = contained(candidate, OHIF_DIR, "path")
+            real = contained(root / rel, root, "path")
         except RequestError:
             raise RequestError("not found", 404) from None
         if real.is_file():
             target = real
+        elif root is OVERLAY_DIR:
+            raise RequestError("not found", 404)
     if not target.is_file():
         raise RequestError("the OHIF viewer is not installed", 404)
+    if target.name == "index.html" and target.parent == OHIF_DIR:
+        html = target.read_bytes()
+        if (OVERLAY_DIR / "overlay.js").is_file():
+            html = html.replace(b"</body>", OVERLAY_TAG + b"</body>", 1)
+        return Response(html, media_type="text/html", headers={"Cache-Control": "no-cache"})
     return FileResponse(target)
 
 

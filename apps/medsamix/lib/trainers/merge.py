@@ -107,6 +107,9 @@ class MergeTrain(TrainTask):
         """Progress of the current or last run: ``epoch`` (trials done), ``total_epochs``, ``best_metric`` (best
         calibration Dice so far), ``status``, ``message``, ``start_ts`` and, when finished, ``total_time``."""
         data = effective_status(self.progress.read())
+        if not data:  # nothing has run: the OHIF panel reads an empty entry as "100 %, 1/1 epochs"
+            return {"status": "idle", "epoch": 0, "total_epochs": int(self._defaults["trials"]),
+                    "best_metric": 0.0, "total_time": "0:00:00", "message": "no merge run yet"}
         if data.get("status") in ("preparing", "running", "finishing") and data.get("start_ts"):
             data["current_time"] = str(datetime.timedelta(seconds=int(time.time() - float(data["start_ts"]))))
         return data
