@@ -40,6 +40,7 @@ import sys
 import tarfile
 import time
 import urllib.parse
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -230,6 +231,7 @@ def world(tmp_path_factory) -> Any:
     main = _start("main", root, main_src, users, ["--cors-origin", GOOD_ORIGIN])
     lim = _start("lim", root, src, {"adm": ("admin", PW["adm"])}, LIM_ARGS)
     lim.login_each_call = True
+    SERVER_PIDS[:] = [main.proc.pid, lim.proc.pid]
     shutil.rmtree(main_src)
     shutil.rmtree(src)
     try:
@@ -394,7 +396,8 @@ def label_path(w: World, image: str) -> Path:
 def zip_bytes(members: list[tuple[str, bytes, int | None]]) -> bytes:
     """members: (name, data, unix mode or None)."""
     buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+    with warnings.catch_warnings(), zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+        warnings.simplefilter("ignore")  # duplicate names are one of the attacks
         for name, data, mode in members:
             info = zipfile.ZipInfo(name)
             info.compress_type = zipfile.ZIP_DEFLATED
@@ -430,15 +433,19 @@ def upload_session(s: Srv, data: bytes, filename: str, uncompress: bool, user: s
                files={"files": (filename, data)})
 
 
+SERVER_PIDS: list[int] = []  # this module's servers (other test sessions may run training workers of their own)
+
+
 def worker_pids() -> list[int]:
+    """Training worker processes of this module's servers (``python -m medsamix_server.train_worker <server pid>``)."""
     pids = []
     for d in os.listdir("/proc"):
         if d.isdigit():
             try:
-                cmd = Path(f"/proc/{d}/cmdline").read_bytes()
+                cmd = Path(f"/proc/{d}/cmdline").read_bytes().split(b"\0")
             except OSError:
                 continue
-            if b"medsamix_server.train_worker" in cmd:
+            if b"medsamix_server.train_worker" in cmd and any(str(p).encode() in cmd for p in SERVER_PIDS):
                 pids.append(int(d))
     return pids
 
@@ -687,6 +694,19 @@ def test_put_label_with_bad_target(world, image, tag, codes):
               files={"label": ("label.nii.gz", data)}), *codes)
 
 
+@pytest.mark.parametrize("image, tag", [("{T}", "final"), ("{A}", "original")])
+def test_put_raw_viewer_label_through_a_link_is_refused(world, image, tag):
+    """OHIF's raw label (``.bin``: uint8 voxels in viewer order) is converted to NIfTI before it is stored: the
+    stored file's path is what must not be a link."""
+    img = nib.load(str(world.main.studies / f"{world.fmt(image)}.nii.gz"))
+    raw_label = bytes(int(np.prod(img.shape[:3])))
+    r = req(world.main, "PUT", "/datastore/label", "ann", params={"image": world.fmt(image), "tag": tag},
+            files={"label": ("label.bin", raw_label)})
+    if r.status_code == 400 and "only NIfTI" in r.text:
+        pytest.skip("this server takes no raw .bin labels")
+    check(r, 403)
+
+
 @pytest.mark.parametrize("label, tag, codes", [
     ("evil", "final", (403,)),
     ("{T}", "final", (403,)),
@@ -774,20 +794,47 @@ def _archives(w: World) -> list[tuple[str, bytes, str]]:
         ("tar-fifo", tar_bytes([ifo]), "tar"),
         ("tar-device", tar_bytes([dev]), "tar"),
         ("not-an-archive", os.urandom(2000), "zip"),
+        # damaged or conflicting archives: 400 with the reason, never a 500
+        ("zip-duplicate", zip_bytes([("a.dcm", payload, None), ("a.dcm", payload, None)]), "zip"),
+        ("zip-file-then-dir", zip_bytes([("a", payload, None), ("a/b", payload, None)]), "zip"),
+        ("zip-method-99", _zip_method_99(), "zip"),
+        ("zip-bad-crc", _zip_bad_crc(), "zip"),
+        ("tar-truncated", tar_bytes([("a.dcm", os.urandom(50000))])[:20000], "tar.gz"),
+        ("tar-file-then-dir", tar_bytes([("x", payload), ("x/y", payload)]), "tar"),
     ]
+
+
+def _zip_method_99() -> bytes:
+    """A zip whose member claims compression method 99 (AES), which the reader does not support."""
+    d = bytearray(zip_bytes([("a.dcm", b"x" * 100, 0o100644)]))
+    d[8:10] = (99).to_bytes(2, "little")
+    cd = d.find(b"PK\x01\x02")
+    d[cd + 10:cd + 12] = (99).to_bytes(2, "little")
+    return bytes(d)
+
+
+def _zip_bad_crc() -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as z:
+        z.writestr("a.dcm", os.urandom(3000))
+    d = bytearray(buf.getvalue())
+    d[100:110] = bytes(10)
+    return bytes(d)
 
 
 ARCHIVE_IDS = ["zip-dotdot", "zip-dotdot-inner", "zip-absolute", "zip-backslash", "zip-symlink", "zip-symlink-dir",
                "zip-drive", "tar-dotdot", "tar-absolute", "tar-symlink", "tar-symlink-then-write", "tar-hardlink",
-               "tar-hardlink-rel", "tar-fifo", "tar-device", "not-an-archive"]
+               "tar-hardlink-rel", "tar-fifo", "tar-device", "not-an-archive", "zip-duplicate", "zip-file-then-dir",
+               "zip-method-99", "zip-bad-crc", "tar-truncated", "tar-file-then-dir"]
+DAMAGED = {"not-an-archive", "zip-duplicate", "zip-file-then-dir", "zip-method-99", "zip-bad-crc", "tar-truncated",
+           "tar-file-then-dir"}
 
 
 @pytest.mark.parametrize("name", ARCHIVE_IDS)
 def test_session_archive_members_cannot_escape(world, name):
     data, ext = next((d, e) for n, d, e in _archives(world) if n == name)
     r = check(upload_session(world.main, data, f"series.{ext}", True), 400)
-    if name != "not-an-archive":
-        assert "archive member" in r.json()["detail"], r.json()
+    assert ("archive" if name in DAMAGED else "archive member") in r.json()["detail"], r.json()
     for p in (world.root / "pwned-zip", world.root / "pwned-tar", world.root / "abs-pwned", Path("/pwned")):
         assert not p.exists()
 
@@ -811,6 +858,61 @@ def test_session_archive_bomb_over_the_limit(world, kind):
 def test_session_single_file_names_and_garbage(world, filename):
     # a file's name never becomes a path; garbage content is refused by the header check
     check(upload_session(world.main, os.urandom(3000), filename, False), 400)
+
+
+def dicom_bytes(rows: int, cols: int, frames: int) -> bytes:
+    """A DICOM file header (no pixel data) of a multi-frame image."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Rows, ds.Columns, ds.NumberOfFrames, ds.Modality = rows, cols, frames, "CT"
+    buf = io.BytesIO()
+    try:
+        ds.save_as(buf, enforce_file_format=True)
+    except TypeError:  # pydicom 2
+        ds.save_as(buf, write_like_original=False)
+    return buf.getvalue()
+
+
+def nrrd_bytes(fields: str, data: bytes = b"") -> bytes:
+    return f"NRRD0004\ntype: uint8\ndimension: 3\n{fields}\n".encode() + data
+
+
+@pytest.mark.parametrize("case", ["detached-absolute", "detached-relative", "detached-list", "gzip-bomb",
+                                  "bzip2-bomb", "dicom-multiframe"])
+def test_volume_headers_that_reach_outside_or_inflate(world, case):
+    """An NRRD header may name a separate data file (a reader would open it wherever it points) or carry
+    compressed data far larger than its sizes; a DICOM file may hold many frames. All refused at upload."""
+    s, user = world.main, "ann"
+    if case == "detached-absolute":
+        data, name = nrrd_bytes(f"sizes: 4 4 4\nencoding: raw\ndata file: {world.canary}\n"), "x.nrrd"
+    elif case == "detached-relative":
+        data, name = nrrd_bytes("sizes: 4 4 4\nencoding: raw\ndatafile: ../../../../canary.txt\n"), "x.nrrd"
+    elif case == "detached-list":
+        data, name = nrrd_bytes("sizes: 4 4 4\nencoding: raw\ndata file: LIST\n../../../../canary.txt\n"), "x.nrrd"
+    elif case in ("gzip-bomb", "bzip2-bomb"):
+        import bz2
+
+        zeros = b"\0" * (40 << 20)
+        packed = gzip.compress(zeros) if case == "gzip-bomb" else bz2.compress(zeros)
+        data, name = nrrd_bytes(f"sizes: 10 10 10\nencoding: {case.split('-')[0]}\n", packed), "bomb.nrrd"
+        s, user = world.lim, "adm"
+    else:
+        data, name = zip_bytes([("series/0001.dcm", dicom_bytes(1000, 1000, 50), 0o100644)]), "series.zip"
+        s, user = world.lim, "adm"
+    r = check(upload_session(s, data, name, name.endswith(".zip"), user=user), 400, 413)
+    assert any(w in r.text for w in ("data file", "inflates", "voxels", "unreadable image header")), r.text
+    if name.endswith(".nrrd"):
+        check(req(s, "PUT", "/datastore/image", user, params={"image": "nrrdtrap"}, files={"file": (name, data)}),
+              400, 413)
+        assert "nrrdtrap" not in req(s, "GET", "/datastore/?output=ids", user).json()
 
 
 def test_symlinked_image_get_infer_delete_refused_and_canary_kept(world):
@@ -1181,6 +1283,33 @@ def test_training_second_request_is_429_and_stop_leaves_no_worker(world):
     assert not worker_pids()
     check(req(s, "GET", "/train/?check_if_running=true", "ann"), 404)
     check(req(s, "DELETE", "/train/"), 404)
+
+
+def test_answers_carry_no_server_paths(world):
+    """Info, listings, training status and refusals name ids, never the server's folders."""
+    s = world.main
+    secret = (str(world.root), str(REPO), str(Path.home()))
+    answers = [
+        req(s, "GET", "/info/", "ann"), req(s, "GET", "/datastore/?output=all", "ann"),
+        req(s, "GET", "/datastore/image", "ann", params={"image": "evil"}),
+        req(s, "GET", "/datastore/label", "ann", params={"label": world.trapped, "tag": "final"}),
+        req(s, "PUT", "/datastore/label", "ann", params={"image": world.trapped, "tag": "final"},
+            files={"label": ("l.nii.gz", label_for(world, world.trapped))}),
+        upload_session(s, os.urandom(3000), "x.nii.gz", False),
+        upload_session(s, zip_bytes([("a.dcm", b"not dicom", 0o100644)]), "s.zip", True),
+        infer(s, "evil", {"roi": [5, 25, 5, 30, 1, 1]}),
+        infer(s, world.a, {"roi": [500, 600, 5, 30, 1, 1]}),
+        req(s, "GET", "/session/0a3b3c1e-aaaa-bbbb-cccc-000000000000", "ann"),
+    ]
+    nan = np.full((20, 20, 4), np.nan, np.float32)
+    sid = check(upload_session(s, gzip.compress(nib.Nifti1Image(nan, np.eye(4)).to_bytes()), "nan.nii.gz", False),
+                200).json()["session_id"]
+    answers.append(check(infer(s, None, {"roi": [2, 10, 2, 10, 1, 1]}, session_id=sid), 400))
+    check(req(s, "DELETE", f"/session/{sid}", "ann"), 200)
+    for r in answers:
+        assert r.status_code < 500
+        for p in secret:
+            assert p not in r.text, f"{r.request.method} {r.request.url} answers a server path: {r.text[:400]}"
 
 
 # =============================================================================================== 8. 500s that must be 4xx

@@ -13,6 +13,7 @@ import dataclasses
 import os
 import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -80,6 +81,19 @@ NOT_3D_FORMAT = ("not a 3D image format: interactive segmentation reads NIfTI (.
                  "DICOM series folder; 2D images (PNG, JPEG, TIFF) are not supported")
 
 
+def without_folders(message: str, path: str | os.PathLike[str]) -> str:
+    """``message`` with the folder that holds ``path`` left out wherever it appears (as given and resolved), so an
+    error a server answers names the file (``image.nii.gz``, ``series/0001.dcm``), never where the server keeps it.
+    """
+    p = Path(path)
+    out = message
+    for folder in sorted({str(p.parent), str(p.absolute().parent), os.path.realpath(p.parent)}, key=len,
+                         reverse=True):
+        if folder not in ("", ".", os.sep):
+            out = out.replace(folder.rstrip(os.sep) + os.sep, "")
+    return out
+
+
 def header_shape(path: str | os.PathLike[str]) -> tuple[int, ...]:
     """The array shape of an image from its header alone (nothing decompressed, no voxel read): NIfTI and NRRD
     headers; for a DICOM series folder, (Rows, Columns, number of files).
@@ -97,20 +111,73 @@ def header_shape(path: str | os.PathLike[str]) -> tuple[int, ...]:
             if not files:
                 raise StudyError(f"{p.name}: empty folder")
             ds = pydicom.dcmread(str(files[0]), stop_before_pixels=True)
-            return (int(ds.Rows), int(ds.Columns), len(files))
+            frames = max(1, int(getattr(ds, "NumberOfFrames", 1) or 1))  # a multi-frame file holds many slices
+            return (int(ds.Rows), int(ds.Columns), len(files) * frames)
         if name.endswith((".nii", ".nii.gz")):
             import nibabel as nib
 
             return tuple(int(d) for d in nib.load(str(p)).header.get_data_shape())
         if name.endswith(".nrrd"):
-            import nrrd
-
-            return tuple(int(d) for d in nrrd.read_header(str(p))["sizes"])
+            return _nrrd_shape(p)
     except StudyError:
         raise
     except Exception as e:  # noqa: BLE001 - any reader error means the file cannot be served
-        raise StudyError(f"{p.name}: unreadable image header ({type(e).__name__}: {e})") from None
+        raise StudyError(f"{p.name}: unreadable image header ({type(e).__name__}: {without_folders(str(e), p)})"
+                         ) from None
     raise StudyError(f"{p.name}: {NOT_3D_FORMAT}")
+
+
+NRRD_MAX_BYTES_PER_VOXEL = 16  # complex128, the widest NRRD type
+
+
+def _nrrd_shape(p: Path) -> tuple[int, ...]:
+    """Sizes of an NRRD file, refusing what a header-only check cannot bound: a header that points to a separate
+    data file (``data file:``, which a reader would open wherever it points) and compressed data that inflates to
+    more bytes than the header's sizes allow (a decompression bomb: readers inflate all of it before checking)."""
+    import nrrd
+
+    with open(p, "rb") as fh:
+        header = nrrd.read_header(fh)
+        if any(str(k).replace(" ", "").lower() == "datafile" for k in header):
+            raise StudyError(f"{p.name}: NRRD headers that point to a separate data file are not accepted; save "
+                             "the volume as one .nrrd (or .nii.gz) file")
+        shape = tuple(int(d) for d in header["sizes"])
+        encoding = str(header.get("encoding", "raw")).lower()
+        if encoding in ("gzip", "gz", "bzip2", "bz2"):
+            limit = int(np.prod(shape, dtype=np.int64)) * NRRD_MAX_BYTES_PER_VOXEL + 4096
+            if _inflated_size(fh, encoding.startswith("bz"), limit) > limit:
+                raise StudyError(f"{p.name}: the compressed NRRD data inflates to more than the {limit} bytes its "
+                                 f"sizes {list(shape)} allow")
+    return shape
+
+
+def _inflated_size(fh: Any, bzip2: bool, limit: int) -> int:
+    """Bytes the gzip/zlib (or bzip2) stream from ``fh`` inflates to, counted in bounded steps and given up as soon
+    as they pass ``limit`` (nothing is kept)."""
+    import bz2
+    import zlib
+
+    step = 1 << 22
+    total = 0
+    if bzip2:
+        bd = bz2.BZ2Decompressor()
+        while not bd.eof and total <= limit:
+            data = fh.read(1 << 20)
+            total += len(bd.decompress(data, step))
+            while not bd.eof and not bd.needs_input and total <= limit:
+                total += len(bd.decompress(b"", step))
+            if not data:
+                break
+        return total
+    zd = zlib.decompressobj(zlib.MAX_WBITS | 32)  # gzip or zlib header
+    while not zd.eof and total <= limit:
+        data = fh.read(1 << 20)
+        if not data:
+            break
+        while data and total <= limit:
+            total += len(zd.decompress(data, step))
+            data = zd.unconsumed_tail
+    return total
 
 
 def check_voxels(path: str | os.PathLike[str], max_voxels: int | None) -> tuple[int, ...]:
@@ -141,7 +208,17 @@ class VolumeCache:
         self._lock = threading.Lock()
 
     def get(self, path: str | os.PathLike[str], modality: str | None = None) -> Volume:
-        p = Path(path)
+        """The volume of ``path`` (read unless cached).
+
+        Raises:
+            StudyError: As :func:`load_volume`; the message names the file without its folder (it is answered to
+                clients of the server)."""
+        try:
+            return self._get(Path(path), modality)
+        except StudyError as e:
+            raise StudyError(without_folders(str(e), path)) from None
+
+    def _get(self, p: Path, modality: str | None) -> Volume:
         if not p.exists():
             raise StudyError(f"{p}: no such image")
         key = volume_key(p)

@@ -21,6 +21,7 @@ import shutil
 import stat
 import tarfile
 import zipfile
+import zlib
 from pathlib import Path
 
 MAX_NAME = 128
@@ -76,16 +77,32 @@ def extract_archive(archive: str | os.PathLike[str], dest: str | os.PathLike[str
     """Unpack a zip or tar archive into the existing folder ``dest``, member by member.
 
     Only regular files and folders are written; absolute names, ``..``, links (symbolic or hard), devices and
-    FIFOs are refused, as is anything whose resolved target is outside ``dest``. Nothing is kept on refusal: the
-    caller removes ``dest``.
+    FIFOs are refused, as is anything whose resolved target is outside ``dest``. A zip member whose mode has no
+    file-type bits (as Python's ``zipfile.writestr`` and Windows tools write them) is a regular file. Nothing is
+    kept on refusal: the caller removes ``dest``.
 
     Returns:
         The files written.
 
     Raises:
         RequestError: Not an archive, a refused member, more than ``max_members`` members or more than
-            ``max_bytes`` unpacked bytes (413).
+            ``max_bytes`` unpacked bytes (413); a damaged, encrypted or unsupported member, or two members that
+            write one name (400, naming the member, never a server path).
     """
+    current = [""]
+    try:
+        return _extract(archive, dest, max_members, max_bytes, current)
+    except RequestError:
+        raise
+    except (OSError, EOFError, RuntimeError, NotImplementedError, zipfile.BadZipFile, tarfile.TarError, zlib.error,
+            ValueError, UnicodeError) as e:
+        which = f"member {current[0]!r}" if current[0] else "archive"
+        raise RequestError(f"the archive cannot be unpacked: {which} is damaged, encrypted, of an unsupported "
+                           f"kind or written twice ({type(e).__name__})") from None
+
+
+def _extract(archive: str | os.PathLike[str], dest: str | os.PathLike[str], max_members: int, max_bytes: int,
+             current: list[str]) -> list[Path]:
     dest_real = os.path.realpath(dest)
     written: list[Path] = []
     total = 0
@@ -113,8 +130,9 @@ def extract_archive(archive: str | os.PathLike[str], dest: str | os.PathLike[str
             if len(infos) > max_members:
                 raise RequestError(f"archive has {len(infos)} members; at most {max_members} are allowed", 413)
             for info in infos:
-                mode = info.external_attr >> 16
-                if mode and (stat.S_ISLNK(mode) or not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))):
+                current[0] = info.filename
+                kind = stat.S_IFMT(info.external_attr >> 16)
+                if kind and kind not in (stat.S_IFREG, stat.S_IFDIR):
                     raise RequestError(f"archive member {info.filename!r}: links and special files are refused")
                 out = target(info.filename)
                 if info.is_dir():
@@ -132,6 +150,7 @@ def extract_archive(archive: str | os.PathLike[str], dest: str | os.PathLike[str
     with tf:
         n = 0
         for member in tf:
+            current[0] = member.name
             n += 1
             if n > max_members:
                 raise RequestError(f"archive has more than {max_members} members", 413)

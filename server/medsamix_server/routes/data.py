@@ -281,7 +281,7 @@ async def save_label(request: Request, image: str, tag: str = "final", user: Use
                         raise RequestError(f"label shape {list(shape)} does not match image {image_id!r} shape "
                                            f"{list(want)}")
                 if not ctx.config.dicomweb:  # the datastore copies onto this path, following a link there
-                    dest = ctx.datastore_root() / "labels" / tag / f"{image_id}{suffix}"
+                    dest = ctx.datastore_root() / "labels" / tag / f"{image_id}{_suffix(path.name, 'label')}"
                     unlinked(dest, ctx.datastore_root(), f"label of image {image_id!r} ({tag})")
                 label_id = ctx.datastore().save_label(image_id, str(path), tag, dict(info, user=user.name))
                 ctx.instance.on_save_label(image_id, label_id)
