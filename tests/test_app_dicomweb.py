@@ -75,7 +75,7 @@ def pacs(source, tmp_path_factory, request):
         assert all(u["Status"] == "Success" for u in uploaded), uploaded
         with running_dicomweb_server(sandbox, orthanc.dicomweb, work,
                                      {"pool": str(POOL), "labels": "liver"}, kind=request.param) as url:
-            yield {"sandbox": sandbox, "orthanc": orthanc, "url": url, "work": work}
+            yield {"sandbox": sandbox, "orthanc": orthanc, "url": url, "work": work, "kind": request.param}
 
 
 @pytest.fixture(scope="module")
@@ -373,3 +373,15 @@ def test_merge_train_on_the_labelled_studies_in_orthanc(pacs, client, source, tm
     assert st["calibration_slices"] == 20 and st["test_slices"] == 1, st
     if st.get("promoted"):  # published: the merged infer task serves it
         assert st["published_version"] in _call(pacs, client.info)["models"]["medsamix"]["description"]
+
+
+def test_no_temp_file_of_a_request_outlives_it(pacs, client, source):
+    """MONAI Label's DICOMweb datastore leaves the NIfTI it converts a series or SEG to in the temp folder; the
+    hardened server removes what a request's datastore calls left there (run last: after fetches, label saves and
+    SEG read-backs)."""
+    if pacs["kind"] != "hardened":
+        pytest.skip("MONAI Label's own server leaves its temp files (the hardened server's state folder is checked)")
+    _save_middle_slice_label(pacs, client, source)
+    _get_json(pacs, "/datastore/?output=all")
+    left = sorted(p.name for p in (pacs["work"] / "state" / "tmp").iterdir())
+    assert left == [], left

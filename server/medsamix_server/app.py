@@ -46,7 +46,7 @@ from medsamix.errors import MedSAMixError
 
 from .auth import Authenticator, UserStore
 from .config import ServerConfig
-from .context import InferQueue, ServerContext
+from .context import InferQueue, ServerContext, TempJanitor
 from .middleware import GuardMiddleware, _is_body_too_large
 from .security import RequestError, remove_tree
 from .training import TrainSupervisor
@@ -113,7 +113,8 @@ def create_app(config: ServerConfig) -> FastAPI:
     """The server application for ``config`` (:func:`prepare_environment` must have run)."""
     store = UserStore(config.users_file) if config.users_file and config.users_file.exists() else None
     ctx = ServerContext(config=config, auth=Authenticator(store, config.token_ttl_s),
-                        infer=InferQueue(config.infer_workers, config.limits.infer_queue))
+                        infer=InferQueue(config.infer_workers, config.limits.infer_queue),
+                        janitor=TempJanitor(config.tmp_dir))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -57,6 +57,36 @@ class InferQueue:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
+class TempJanitor:
+    """Removes the temp files MONAI Label's datastores leave behind (a DICOMweb series or SEG converted to NIfTI is
+    copied into the cache and its temp file kept): datastore calls run one at a time inside :meth:`guard`, and what
+    they added to the server's temp folder is removed when they return. Request folders (``req-*``) and inference
+    results (``medsamix-*``, deleted by their request) are not touched."""
+
+    KEEP = ("req-", "medsamix-", "train-")
+
+    def __init__(self, folder: pathlib.Path) -> None:
+        self.folder = folder
+        self._lock = threading.Lock()
+
+    def _entries(self) -> set[str]:
+        try:
+            return {n for n in os.listdir(self.folder) if not n.startswith(self.KEEP)}
+        except FileNotFoundError:
+            return set()
+
+    def guard(self, fn: Callable[[], T]) -> T:
+        with self._lock:
+            before = self._entries()
+            try:
+                return fn()
+            finally:
+                from .security import remove_tree
+
+                for name in self._entries() - before:
+                    remove_tree(self.folder / name)
+
+
 @dataclasses.dataclass
 class ServerContext:
     """Shared state of one server (``request.app.state.ctx``)."""
@@ -66,6 +96,11 @@ class ServerContext:
     infer: InferQueue
     instance: Any = None  # the MONAI Label app (MedSAMixApp), built at start-up
     trainer: TrainSupervisor | None = None
+    janitor: TempJanitor | None = None
+
+    def guarded(self, fn: Callable[[], T]) -> T:
+        """Run a datastore call whose temp files must not outlive it (see :class:`TempJanitor`)."""
+        return self.janitor.guard(fn) if self.janitor is not None else fn()
 
     # -- ids and paths -------------------------------------------------------------------------------------------
     def datastore(self) -> Any:

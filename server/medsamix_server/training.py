@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import ServerConfig
+from .security import remove_tree
 
 logger = logging.getLogger(__name__)
 
@@ -133,6 +134,9 @@ class TrainSupervisor:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p and os.path.isdir(p))
         env["PYTHONUNBUFFERED"] = "1"
+        tmp = self.config.tmp_dir / f"train-{uuid.uuid4().hex}"  # the worker's temp files, removed when it ends
+        tmp.mkdir(parents=True)
+        env["TMPDIR"] = str(tmp)
         job = {"app_dir": str(self.config.app_dir), "studies": self.config.studies, "conf": self.config.conf,
                "request": dict(request, model=model), "result": str(result_path)}
         log = open(log_path, "wb")  # noqa: SIM115 - handed to the child
@@ -156,12 +160,12 @@ class TrainSupervisor:
                       "request": {k: v for k, v in request.items()}, "details": collections.deque(maxlen=20),
                       "result": None}
         self._tasks.append(self._task)
-        self._watch = asyncio.create_task(self._wait(proc, self._task, log_path, result_path, self._done))
+        self._watch = asyncio.create_task(self._wait(proc, self._task, log_path, result_path, self._done, tmp))
         logger.info("training %s started (pid %d): %s", model, proc.pid, json.dumps(request)[:500])
         return self._public(self._task)
 
     async def _wait(self, proc: asyncio.subprocess.Process, task: dict[str, Any], log_path: Path,
-                    result_path: Path, done: asyncio.Event) -> None:
+                    result_path: Path, done: asyncio.Event, tmp: Path) -> None:
         try:
             while proc.returncode is None:
                 try:
@@ -181,6 +185,7 @@ class TrainSupervisor:
             logger.info("training process %d ended with status %s (%s)", proc.pid, proc.returncode, task["status"])
         finally:
             (self.folder / WORKER_FILE).unlink(missing_ok=True)
+            remove_tree(tmp)
             done.set()
 
     async def wait(self) -> dict[str, Any]:

@@ -35,4 +35,4 @@ async def next_sample(request: Request, strategy: str) -> dict[str, Any]:
         out["id"] = res["id"]
         return out
 
-    return await run_in_threadpool(pick)
+    return await run_in_threadpool(ctx.guarded, pick)

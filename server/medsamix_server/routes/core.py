@@ -106,7 +106,7 @@ async def infer(request: Request, model: str, image: str = "", session_id: str =
         await form.close()
     if not image and not session_id:
         raise RequestError("no image: give ?image=<datastore id> or ?session_id=<session>")
-    req = await run_in_threadpool(_infer_request, ctx, model, image, session_id, params)
+    req = await run_in_threadpool(ctx.guarded, lambda: _infer_request(ctx, model, image, session_id, params))
     logger.info("infer %s on %s by %s (%s)", model, session_id or req["image"], user.name,
                 ", ".join(sorted(k for k in req if k in PROMPT_KEYS)) or "no prompt")
     result = await ctx.infer.run(lambda: ctx.instance.infer(req))

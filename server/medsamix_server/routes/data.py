@@ -157,13 +157,15 @@ def _image_file(ctx: ServerContext, image: str) -> Path:
 
 @router.get("/datastore/image", dependencies=[ANNOTATOR])
 async def download_image(request: Request, image: str) -> FileResponse:
-    path = await run_in_threadpool(_image_file, ctx_of(request), image)
+    ctx = ctx_of(request)
+    path = await run_in_threadpool(ctx.guarded, lambda: _image_file(ctx, image))
     return FileResponse(path, media_type="application/octet-stream", filename=path.name)
 
 
 @router.head("/datastore/image", dependencies=[ANNOTATOR])
 async def check_image(request: Request, image: str, check_sum: str | None = None) -> Response:
-    path = await run_in_threadpool(_image_file, ctx_of(request), image)
+    ctx = ctx_of(request)
+    path = await run_in_threadpool(ctx.guarded, lambda: _image_file(ctx, image))
     if check_sum:
         algo, _, digest = check_sum.rpartition(":")
         if (algo or "SHA256").upper() != "SHA256":
@@ -208,7 +210,7 @@ async def add_image(request: Request, image: str = "", user: User = ANNOTATOR) -
                     raise RequestError(f"image {image_id!r}: a file of that name already exists", 409)
                 return ctx.datastore().add_image(image_id, str(path), {"user": user.name})
 
-            added = await run_in_threadpool(add)
+            added = await run_in_threadpool(ctx.guarded, add)
         del params
     finally:
         await form.close()
@@ -229,7 +231,7 @@ async def remove_image(request: Request, id: str, user: User = ADMIN) -> dict[st
         _check_removable_image(ctx, image_id)
         ctx.datastore().remove_image(image_id)
 
-    await run_in_threadpool(remove)
+    await run_in_threadpool(ctx.guarded, remove)
     logger.info("image %s removed by %s", id, user.name)
     return {}
 
@@ -287,7 +289,7 @@ async def save_label(request: Request, image: str, tag: str = "final", user: Use
                 ctx.instance.on_save_label(image_id, label_id)
                 return label_id
 
-            label_id = await run_in_threadpool(save)
+            label_id = await run_in_threadpool(ctx.guarded, save)
     finally:
         await form.close()
     logger.info("label %s (%s) of %s saved by %s", label_id, tag, image, user.name)
@@ -305,7 +307,8 @@ def _label_file(ctx: ServerContext, label: str, tag: str) -> Path:
 
 @router.get("/datastore/label", dependencies=[ANNOTATOR])
 async def download_label(request: Request, label: str, tag: str = "final") -> FileResponse:
-    path = await run_in_threadpool(_label_file, ctx_of(request), label, tag)
+    ctx = ctx_of(request)
+    path = await run_in_threadpool(ctx.guarded, lambda: _label_file(ctx, label, tag))
     return FileResponse(path, media_type="application/octet-stream", filename=path.name)
 
 
@@ -319,7 +322,7 @@ async def remove_label(request: Request, id: str, tag: str, user: User = ADMIN) 
             _unlinked_stored(ctx, str(path), ctx.datastore_root() / "labels" / tag, id, f"label {id!r} ({tag})")
         ctx.datastore().remove_label(id, tag)
 
-    await run_in_threadpool(remove)
+    await run_in_threadpool(ctx.guarded, remove)
     logger.info("label %s (%s) removed by %s", id, tag, user.name)
     return {}
 
