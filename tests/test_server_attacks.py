@@ -645,10 +645,14 @@ def test_get_image_with_bad_id(world, bad, codes):
     ("/ohif/..%2f..%2f..%2f..%2fetc%2fpasswd", (404,)),
     ("/ohif/../../../../etc/passwd", (404,)),
     ("/ohif/%2e%2e/%2e%2e/%2e%2e/%2e%2e/etc/passwd", (404,)),
+    ("/ohif/medsamix/..%2f..%2f..%2f..%2f..%2fetc%2fpasswd", (404,)),
+    ("/ohif/medsamix/../../routes/core.py", (404,)),
+    ("/ohif/medsamix/..%2f..%2froutes%2fcore.py", (404,)),
+    ("/ohif/medsamix/%2e%2e/%2e%2e/auth.py", (404,)),
 ], ids=lambda x: x if isinstance(x, str) else None)
 def test_raw_traversal_paths(world, path, codes):
     r = check(raw(world.main, "GET", world.fmt(path), "ann"), *codes)
-    assert b"root:" not in r.content
+    assert b"root:" not in r.content and b"import" not in r.content
 
 
 def test_head_image_through_a_link_is_refused(world):
@@ -705,6 +709,28 @@ def test_put_raw_viewer_label_through_a_link_is_refused(world, image, tag):
     if r.status_code == 400 and "only NIfTI" in r.text:
         pytest.skip("this server takes no raw .bin labels")
     check(r, 403)
+
+
+@pytest.mark.parametrize("size", ["empty", "short", "long"])
+def test_put_raw_viewer_label_of_the_wrong_size_is_400(world, size):
+    img = nib.load(str(world.main.studies / f"{world.b}.nii.gz"))
+    n = int(np.prod(img.shape[:3]))
+    raw_label = {"empty": b"", "short": bytes(n - 1), "long": bytes(n * 8)}[size]
+    r = req(world.main, "PUT", "/datastore/label", "ann", params={"image": world.b, "tag": "final"},
+            files={"label": ("label.bin", raw_label)})
+    if r.status_code == 400 and "only NIfTI" in r.text:
+        pytest.skip("this server takes no raw .bin labels")
+    check(r, 400)
+    assert str(world.root) not in r.text
+
+
+@pytest.mark.parametrize("fmt", [
+    {"result_extension": "../../../canary.txt"}, {"result_extension": ".exe"}, {"result_extension": 5},
+    {"result_extension": "/tmp/x.nrrd"}, {"result_dtype": "object"}, {"result_dtype": ["uint8"]},
+    {"result_compress": "maybe"}, {"result_extension": ".nrrd", "result_dtype": "float1024"},
+], ids=lambda f: json.dumps(f)[:40])
+def test_infer_result_format_options_are_checked(world, fmt):
+    check(infer(world.main, world.a, dict({"roi": [5, 25, 5, 30, 10, 10]}, **fmt), output="image"), 400)
 
 
 @pytest.mark.parametrize("label, tag, codes", [
