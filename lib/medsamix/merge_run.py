@@ -519,15 +519,20 @@ def _atomic(path: Path, write: Callable[[Path], None]) -> None:
 # --------------------------------------------------------------------------------------------------- options
 
 
+MAX_OPTION_INT = 2**31 - 1  # integer options (trials, seed, ...) beyond this are refused
+
+
 def _as_int(name: str, value: Any) -> int:
     if isinstance(value, bool):
         raise MergeRunError(f"{name}: expected an integer, got {value!r}")
     try:
         f = float(value)
-    except (TypeError, ValueError):
-        raise MergeRunError(f"{name}: expected an integer, got {value!r}") from None
+    except (TypeError, ValueError, OverflowError):
+        raise MergeRunError(f"{name}: expected an integer, got {str(value)[:40]!r}") from None
     if not f.is_integer():
-        raise MergeRunError(f"{name}: expected an integer, got {value!r}")
+        raise MergeRunError(f"{name}: expected an integer, got {str(value)[:40]!r}")
+    if abs(f) > MAX_OPTION_INT:
+        raise MergeRunError(f"{name}: {str(value)[:40]} is out of range (at most {MAX_OPTION_INT})")
     return int(f)
 
 

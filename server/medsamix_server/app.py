@@ -137,7 +137,8 @@ def create_app(config: ServerConfig) -> FastAPI:
             await ctx.trainer.shutdown()
             ctx.infer.shutdown()
 
-    app = FastAPI(title="MedSAMix server", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app = FastAPI(title="MedSAMix server", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan,
+                  redirect_slashes=False)  # unknown paths are 404, not a redirect to a near one
     app.state.ctx = ctx
 
     from .routes import activelearning, core, data, train, viewer

@@ -59,6 +59,11 @@ def config_from_args(argv: list[str] | None = None) -> ServerConfig:
     studies = a.studies if a.studies.startswith(("http://", "https://")) else str(Path(a.studies).resolve())
     if not studies.startswith("http") and not Path(studies).is_dir():
         p.error(f"--studies {a.studies}: not a folder")
+    if not studies.startswith("http"):
+        for name in ("datastore_v2.json", ".lock", "labels"):  # MONAI Label writes these; a link would redirect it
+            if (Path(studies) / name).is_symlink():
+                p.error(f"--studies {a.studies}: {name} is a symbolic link; MONAI Label writes it and would write "
+                        "through the link (replace it by a plain file or folder)")
     state = Path(a.state_dir).resolve() if a.state_dir else app_dir / "state"
     users = Path(a.users).resolve() if a.users else state / "users.json"
     for o in a.cors_origin:
@@ -94,6 +99,11 @@ def config_from_args(argv: list[str] | None = None) -> ServerConfig:
 
 def main(argv: list[str] | None = None) -> int:
     config = config_from_args(argv)
+    import os
+
+    # this environment's tools first (dcmqi's itkimage2segimage writes DICOM SEG; without it on PATH MONAI Label
+    # tries to download it from the internet)
+    os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     from .app import create_app, prepare_environment, setup_logging
 
     prepare_environment(config)  # before MONAI Label is imported: it reads its settings from the environment

@@ -60,6 +60,7 @@ async def auth_valid(request: Request) -> dict[str, Any]:
 
 
 @router.get("/info/", dependencies=[ANNOTATOR])
+@router.get("/info", dependencies=[ANNOTATOR], include_in_schema=False)
 async def info(request: Request) -> dict[str, Any]:
     ctx = ctx_of(request)
     data = await run_in_threadpool(ctx.instance.info)

@@ -25,13 +25,20 @@ router = APIRouter()
 TRAIN_BODY_BYTES = 64 << 10
 
 
-@router.get("/train/", dependencies=[ANNOTATOR])
-@router.get("/train", dependencies=[ANNOTATOR], include_in_schema=False)
-async def train_status(request: Request, all: bool = False, check_if_running: bool = False) -> Any:  # noqa: A002
+@router.get("/train/")
+@router.get("/train", include_in_schema=False)
+async def train_status(request: Request, all: bool = False, check_if_running: bool = False,  # noqa: A002
+                       user: User = ANNOTATOR) -> Any:
+    """MONAI Label's train task entry; the worker's log lines (``details``) and the request go to admins only
+    (they name server folders)."""
     sup = ctx_of(request).trainer
     res = sup.status(all, check_if_running) if sup else None
     if res is None:
         raise HTTPException(404, "no training task is running" if check_if_running else "no training task yet")
+    if not user.is_admin:
+        strip = ("details", "request", "result")
+        res = [{k: v for k, v in t.items() if k not in strip} for t in res] if isinstance(res, list) else \
+            {k: v for k, v in res.items() if k not in strip}
     return res
 
 
