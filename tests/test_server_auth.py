@@ -140,3 +140,18 @@ def test_unsafe_start_up_settings_are_refused(tmp_path, args, reason):
                         "--state-dir", str(tmp_path / "state"), *args], capture_output=True, text=True, env=env,
                        timeout=60)
     assert r.returncode == 2 and reason in r.stderr, r.stderr
+
+
+def test_a_linked_datastore_file_is_refused_at_start(tmp_path):
+    """MONAI Label rewrites <studies>/datastore_v2.json with a plain open(): through a link it would overwrite the
+    link's target, so the server does not start on such a folder."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "lib"), str(REPO / "server")]))
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    target = tmp_path / "precious.txt"
+    target.write_text("keep me")
+    (studies / "datastore_v2.json").symlink_to(target)
+    r = subprocess.run([sys.executable, "-m", "medsamix_server", "--studies", str(studies), "--state-dir",
+                        str(tmp_path / "state")], capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 2 and "datastore_v2.json is a symbolic link" in r.stderr, r.stderr
+    assert target.read_text() == "keep me"

@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -126,8 +127,26 @@ def test_kill_server_mid_search_and_mid_publish_then_resume(tmp_path):
         assert not (merged / "versions" / ".tmp-deadbeef").exists()
         assert not (merged / ".current.json.tmp-deadbeef").exists()
         assert _stats(url).get("status") == "stopped"
-        code, task = _call(f"{url}/train/merge?run_sync=true", "POST", request, timeout=600)
+        # a synchronous train request waits without holding up anyone: /info/ is polled meanwhile
+        latencies: list[float] = []
+        stop_polling = threading.Event()
+
+        def poll() -> None:
+            while not stop_polling.is_set():
+                t0 = time.perf_counter()
+                _call(f"{url}/info/")
+                latencies.append(time.perf_counter() - t0)
+                time.sleep(0.2)
+
+        poller = threading.Thread(target=poll, daemon=True)
+        poller.start()
+        try:
+            code, task = _call(f"{url}/train/merge?run_sync=true", "POST", request, timeout=600)
+        finally:
+            stop_polling.set()
+            poller.join(timeout=30)
         assert code == 200, task
+        assert len(latencies) > 10 and max(latencies) < 5.0, (len(latencies), max(latencies))
         st = _stats(url)
         assert st["status"] == "done" and st["epoch"] == request["trials"], st
         assert st["resumed_trials"] >= len(done_before), st
