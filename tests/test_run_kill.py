@@ -66,9 +66,10 @@ def pool_dir(tmp_path_factory) -> Path:
     return d
 
 
-def _start(args: list[str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            cwd=ROOT)
+def _start(args: list[str], log: Path) -> subprocess.Popen:
+    """A search process; its output goes to ``log`` (a pipe nobody reads could fill up and stall it)."""
+    with open(log, "w") as f:
+        return subprocess.Popen([sys.executable, *args], stdout=f, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
 
 
 def _wait_for(proc: subprocess.Popen, ready, what: str) -> None:
@@ -77,7 +78,7 @@ def _wait_for(proc: subprocess.Popen, ready, what: str) -> None:
         if ready():
             return
         if proc.poll() is not None:
-            raise AssertionError(f"the search ended before {what}: {proc.communicate()[1][-3000:]}")
+            raise AssertionError(f"the search ended (exit {proc.returncode}) before {what}: {proc.args}")
         time.sleep(0.02)
     raise AssertionError(f"no {what} within {TIMEOUT} s")
 
@@ -141,11 +142,22 @@ def _assert_kept(before: list[tuple[str, list[dict]]], out: Path) -> None:
             assert final[stage].get(json.dumps(r["config"], sort_keys=True)) == r["cost"]
 
 
+def _records(lines: list[str]) -> list[dict]:
+    out = []
+    for line in lines:
+        try:
+            out.append(json.loads(line))
+        except ValueError:  # cut by the kill
+            out.append({"trial": "cut"})
+    return out
+
+
 def test_cli_killed_mid_search_resumes_with_each_trial_once(studies, pool_dir, tmp_path):
     out = tmp_path / "run"
     args = [str(CLI), "--studies", str(studies), "--pool", str(pool_dir), "--task", "label_1", "--trials",
             str(TRIALS), "--out", str(out)]
-    _stop_then_refuse_then_kill(_start(args), lambda: _checkpoint(out) >= 3, args, lambda: out)
+    _stop_then_refuse_then_kill(_start(args, tmp_path / "first.log"), lambda: _checkpoint(out) >= 3, args,
+                                lambda: out)
     kept = _checkpoint(out)
     assert 3 <= kept < TRIALS, kept
     before = _runhistory(out / f"smac.checkpoint-{kept}")
@@ -164,17 +176,18 @@ def test_run_killed_mid_search_keeps_its_trials_log_exact(studies, pool_dir, tmp
         found = list(runs.glob("*/trials.jsonl"))
         return found[0].read_text().splitlines() if found else []
 
-    out = _stop_then_refuse_then_kill(_start(args), lambda: len(logged()) >= 3, args,
+    out = _stop_then_refuse_then_kill(_start(args, tmp_path / "first.log"), lambda: len(logged()) >= 3, args,
                                       lambda: next(runs.glob("*/trials.jsonl")).parent)
     kept = _checkpoint(out)
     assert 2 <= kept < TRIALS, kept
-    before = [json.loads(line) for line in logged() if line.endswith("}")]
+    before = _records(logged())
     smac_before = _runhistory(out / f"smac.checkpoint-{kept}")
     res = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=TIMEOUT, cwd=ROOT)
     assert res.returncode == 0, res.stderr[-3000:]
     assert f"done {TRIALS} trials" in res.stdout
-    records = [json.loads(line) for line in logged()]
-    assert [r["trial"] for r in records] == list(range(TRIALS))  # each trial once, none lost
-    assert records[:kept] == before[:kept]  # the trials finished before the kill were kept, not run again
+    records = _records(logged())
+    why = f"kept {kept}; before the kill {[r['trial'] for r in before]}; after {[r['trial'] for r in records]}"
+    assert [r["trial"] for r in records] == list(range(TRIALS)), why  # each trial once, none lost
+    assert records[:kept] == before[:kept], why  # the trials finished before the kill were kept, not run again
     _assert_each_trial_once(out, TRIALS)
     _assert_kept(smac_before, out)

@@ -142,11 +142,15 @@ class RunLock:
             if _same_file(fd, self.path):
                 break
             os.close(fd)  # the file was removed or replaced after we opened it: lock the one the path names now
-        pid = os.getpid()
-        record = {"pid": pid, "started": process_started(pid), "host": socket.gethostname(),
-                  "acquired_at": time.time()}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(record).encode(), 0)
+        try:
+            pid = os.getpid()
+            record = {"pid": pid, "started": process_started(pid), "host": socket.gethostname(),
+                      "acquired_at": time.time()}
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(record).encode(), 0)
+        except BaseException:
+            os.close(fd)
+            raise
         self._fd = fd
         return self
 
@@ -161,7 +165,8 @@ class RunLock:
             os.close(fd)  # closing the only descriptor drops the flock
 
     def holder(self) -> LockHolder | None:
-        """Who holds the lock now, as recorded in the lock file; ``None`` when nobody holds it."""
+        """Who holds the lock now, as recorded in the lock file; ``None`` when nobody holds it (found by taking the
+        lock for a moment: for messages and tests, not to decide whether to take it)."""
         if self._fd is not None:
             return _read_holder(self.path) or LockHolder(os.getpid(), process_started(os.getpid()), None, None)
         probe = RunLock(self.folder)
