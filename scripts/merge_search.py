@@ -13,7 +13,8 @@ Calibration = 20% of the patients (slabs of slices for single-volume sets), test
 segment_anything layout, written atomically), ``history.csv``, ``report.md``, SMAC's state under ``smac/`` and a
 copy of it after the last finished trial (``smac.checkpoint-<n>/``). Re-running the same command resumes an
 interrupted search (from that copy, so a kill while SMAC rewrites its files loses nothing); a different command on
-the same --out is refused unless --restart. The last line also says whether the merge passes the no-regression
+the same --out is refused unless --restart; a second process on an --out while one searches there is refused with
+the first one's pid and start time (``medsamix.runlock``). The last line also says whether the merge passes the no-regression
 guard (calibration Dice not below the best single pool model's with its own preprocessing), as the server's
 ``merge`` train task decides before publishing (``medsamix.merge_run``).
 """

@@ -149,3 +149,28 @@ def test_bad_requests_fail_with_the_reason_in_stats(labelled, request_, needle, 
     assert st["status"] == "failed" and needle in st["message"]
     assert current(tmp_path / "model" / "merged") is None
     json.dumps(st)
+
+
+def test_a_request_while_another_task_or_process_holds_the_run_is_refused(studies, models_spec, tmp_path):
+    from fastapi import HTTPException
+
+    from medsamix.runlock import RunLock
+
+    root, ds = studies
+    task = _task(root, tmp_path / "model", models_spec)
+    res = task({"model": "merge", "task": "ellipsoid", "trials": 10}, ds)
+    run_dir = Path(res["out_dir"])
+    before = task.stats()
+    # another merge train task of the app still runs (started before a server restart): 409, its status untouched
+    with RunLock(tmp_path / "model" / "runs"):
+        with pytest.raises(HTTPException) as e:
+            task({"model": "merge", "task": "ellipsoid", "trials": 10, "restart": True}, ds)
+    assert e.value.status_code == 409 and "model/runs is in use" in e.value.detail
+    assert task.stats() == before
+    # another process (scripts/merge_search.py) runs in the run folder: restart does not discard it
+    with RunLock(run_dir):
+        with pytest.raises(HTTPException) as e:
+            task({"model": "merge", "task": "ellipsoid", "trials": 10, "restart": True}, ds)
+    assert e.value.status_code == 400 and f"{run_dir} is in use" in e.value.detail
+    assert len((run_dir / "trials.jsonl").read_text().splitlines()) == 10 and (run_dir / "recipe.yaml").is_file()
+    assert task.stats()["status"] == "failed" and "is in use" in task.stats()["message"]

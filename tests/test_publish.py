@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,8 +16,9 @@ from medsamix.architecture import TINY256
 from medsamix.config import MergeConfig
 from medsamix.groups import group_parameters
 from medsamix.architecture import reference_param_names
-from medsamix.publish import PublishError, current, publish
+from medsamix.publish import Published, PublishError, clean_incomplete, current, publish
 from medsamix.recipe import ModelRef, Recipe
+from medsamix.runlock import RunLockedError
 
 
 def _recipe() -> Recipe:
@@ -52,4 +58,107 @@ def test_broken_pointer_is_named(tmp_path):
         current(tmp_path)
     (tmp_path / "current.json").write_text("{not json")
     with pytest.raises(PublishError, match="unreadable"):
+        current(tmp_path)
+
+
+# ------------------------------------------------------------------------------------------------ killed publishes
+
+LIB = Path(__file__).resolve().parents[1] / "lib"
+
+# publish() in a child process that hangs at a chosen point, to be killed there with kill -9
+KILLED_PUBLISH = """
+import os, sys, time
+from pathlib import Path
+sys.path.insert(0, {lib!r})
+import torch
+import medsamix.publish as P
+from medsamix.recipe import Recipe
+
+folder, where = Path(sys.argv[1]), sys.argv[2]
+if where == "saving":  # the checkpoint half written
+    def save(sd, path):
+        Path(path).write_bytes(b"half a checkpoint")
+        time.sleep(300)
+    P.save_sam_checkpoint = save
+else:  # the version complete, current.json not replaced yet
+    replace = os.replace
+    def hang(src, dst):
+        if Path(dst).name == "current.json":
+            time.sleep(300)
+        replace(src, dst)
+    P.os.replace = hang
+P.publish(folder, Recipe.load(sys.argv[3]), {{"w": torch.full((3,), 7.0)}})
+"""
+
+
+def _killed_publish(folder: Path, where: str, served: Published, ready) -> None:
+    """Start a publish into ``folder`` that hangs at ``where`` ("saving" / "pointer"), check what others see while it
+    hangs there (``ready()``: it got there), then kill it with kill -9."""
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_PUBLISH.format(lib=str(LIB)), str(folder), where,
+                             str(served.recipe)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not ready():
+            assert proc.poll() is None, proc.communicate()[1][-2000:]
+            assert time.monotonic() < deadline, "the publish did not get there in time"
+            time.sleep(0.02)
+        # publishing (lock held): the served model is the old one, the cleanup leaves the live publish alone and
+        # another publish waits for it
+        assert current(folder) == served
+        assert clean_incomplete(folder) == []
+        with pytest.raises(RunLockedError, match=f"locked by process {proc.pid} "):
+            publish(folder, _recipe(), {"w": torch.zeros(3)}, wait=0.2)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+
+
+def _versions(folder: Path) -> list[str]:
+    return sorted(p.name for p in (folder / "versions").iterdir() if not p.name.startswith("."))
+
+
+def test_a_publish_killed_midway_serves_the_previous_version_and_leaves_removable_leftovers(tmp_path):
+    first = publish(tmp_path, _recipe(), {"w": torch.ones(3)})
+    # killed while saving the checkpoint: a half-written temporary folder
+    _killed_publish(tmp_path, "saving", first,
+                    lambda: any((p / "merged.pth").is_file() for p in (tmp_path / "versions").glob(".tmp-*")))
+    assert current(tmp_path) == first
+    leftovers = list((tmp_path / "versions").glob(".tmp-*"))
+    assert len(leftovers) == 1 and (leftovers[0] / "merged.pth").read_bytes() == b"half a checkpoint"
+    # a pointer naming it (or an empty checkpoint) is never served
+    entry = json.loads((tmp_path / "current.json").read_text())
+    (leftovers[0] / "recipe.yaml").write_text(first.recipe.read_text())
+    for name in ("recipe", "checkpoint"):
+        bad = {**entry, name: f"versions/{leftovers[0].name}/{Path(entry[name]).name}"}
+        (tmp_path / "current.json").write_text(json.dumps(bad))
+        with pytest.raises(PublishError, match="not the files of a complete version"):
+            current(tmp_path)
+    (tmp_path / "current.json").write_text(json.dumps(entry))
+    assert clean_incomplete(tmp_path) == leftovers
+    assert not leftovers[0].exists() and _versions(tmp_path) == [first.version] and current(tmp_path) == first
+    # killed after the new version was complete, before current.json was replaced: the pointer's temporary file
+    # is removed, the complete (unpublished) version stays
+    _killed_publish(tmp_path, "pointer", first, lambda: list(tmp_path.glob(".current.json.tmp-*")))
+    assert current(tmp_path) == first
+    pointer_tmp = list(tmp_path.glob(".current.json.tmp-*"))
+    complete = [v for v in _versions(tmp_path) if v != first.version]
+    assert len(pointer_tmp) == 1 and len(complete) == 1
+    assert clean_incomplete(tmp_path) == pointer_tmp
+    assert _versions(tmp_path) == sorted([first.version, *complete])
+    assert torch.equal(torch.load(tmp_path / "versions" / complete[0] / "merged.pth", weights_only=True)["w"],
+                       torch.full((3,), 7.0))
+    assert clean_incomplete(tmp_path) == [] and current(tmp_path) == first
+    # the next publish cleans up by itself too
+    (tmp_path / "versions" / ".tmp-left").mkdir()
+    (tmp_path / ".current.json.tmp-left").write_text("{")
+    third = publish(tmp_path, _recipe(), {"w": torch.zeros(3)})
+    assert current(tmp_path) == third
+    assert not list((tmp_path / "versions").glob(".tmp-*")) and not list(tmp_path.glob(".current.json.tmp-*"))
+    assert len(_versions(tmp_path)) == 3
+
+
+def test_an_empty_checkpoint_is_never_served(tmp_path):
+    pub = publish(tmp_path, _recipe(), {"w": torch.ones(3)})
+    pub.checkpoint.write_bytes(b"")
+    with pytest.raises(PublishError, match="not the files of a complete version"):
         current(tmp_path)

@@ -13,7 +13,8 @@ Configuration (``--conf key value``):
 * ``merged_preprocessing``: preprocessing of the uniform merge served before anything is published (default: the
   base model's).
 * ``model_dir``: the app's model folder (default ``apps/medsamix/model``); merged models are published to
-  ``<model_dir>/merged`` and picked up by the ``medsamix`` infer task without a restart.
+  ``<model_dir>/merged`` and picked up by the ``medsamix`` infer task without a restart (what a publish killed
+  midway left there is removed at server start).
 * ``labels``: comma-separated label names (default: ``<studies>/.medsamix-labels.json`` written by
   ``scripts/make_sample_studies.py``, else "foreground").
 * ``iou_threshold`` (0.4), ``margin`` (2): defaults of 3D propagation.
@@ -42,6 +43,7 @@ from monailabel.interfaces.tasks.train import TrainTask
 
 from lib.infers.interactive import InteractiveInfer
 from medsamix.errors import MedSAMixError
+from medsamix.publish import clean_incomplete
 from medsamix.segmenter import DEFAULT_IOU_THRESHOLD, DEFAULT_MARGIN, EmbeddingCache
 from medsamix.serving import InteractiveService, MergedModelSource, PoolLoader
 from medsamix.volumes import VolumeCache
@@ -134,7 +136,9 @@ class MedSAMixApp(MONAILabelApp):
 
     def on_init_complete(self) -> None:
         """Server start-up (not run in training subprocesses): load the pool and build every model now, so the
-        first click does not pay for it; a broken pool stops the server here with the reason."""
+        first click does not pay for it; a broken pool stops the server here with the reason. Leftovers of a publish
+        killed midway (``versions/.tmp-*``) are removed first."""
+        clean_incomplete(self.published_dir)  # logs what it removes
         self.merged.get()
         for alias in self.pool.aliases:
             self.pool.member(alias)

@@ -7,7 +7,8 @@ MONAI Label:
   pairs or a datastore folder (calibration = 20% of the patients, test = the rest);
 * :func:`select_tasks` picks the requested tasks' slices and checks that there are enough of them;
 * :func:`run_merge` runs (or resumes) the search into an output folder, writes ``recipe.yaml``, ``merged.pth`` and
-  ``history.csv`` there, scores the selected configuration on the test split, and decides :class:`Promotion`;
+  ``history.csv`` there, scores the selected configuration on the test split, and decides :class:`Promotion`; it
+  holds the folder's :class:`~medsamix.runlock.RunLock` throughout, so a second process on the folder is refused;
 * :func:`run_name` gives every combination of settings and data a stable output folder name, so a stopped run
   resumes when it is asked for again with the same settings;
 * :class:`MergeOptions` parses a user's options (a MONAI Label train request) and :func:`plan_run` turns them into
@@ -15,8 +16,9 @@ MONAI Label:
 * :class:`ProgressFile` is a small JSON file replaced atomically, for a process that watches the run from outside
   (the MONAI Label server process reads it while the search runs in a subprocess); :class:`RunMonitor` fills it
   after every trial and :func:`effective_status` reports a run whose process is gone as stopped;
-* :func:`checkpoint_search_state` / :func:`restore_search_state` keep a complete copy of SMAC's state after every
-  trial, so a run killed while SMAC rewrites its files resumes from the last finished trial.
+* :func:`checkpoint_search_state` / :func:`restore_search_state` keep a complete copy of SMAC's state and of the
+  trials log after every trial, so a run killed anywhere (while SMAC rewrites its files, between two records)
+  resumes from the last finished trial with every finished trial kept and logged exactly once.
 
 The no-regression guard: the merged model is promoted only when its mean calibration Dice is not below that of the
 best single pool model, each single model scored on the same calibration slices *with its own preprocessing* (as it
@@ -50,6 +52,7 @@ from .pool import ModelPool, PoolManifest
 from .preprocess import Preprocessor
 from .recipe import PREPROCESSING_STYLES, ModelRef, Recipe
 from .report import uniform_scores, write_report
+from .runlock import RunLock, pid_alive, process_started  # noqa: F401 - process_started: part of this API
 from .search import SearchResult, SearchSettings, Trial, _settings_key, run_search, score
 from .shared_data import TaskSet, normalized
 from .slices import SliceSample, extract_slices
@@ -353,7 +356,8 @@ def run_merge(
         calibration: Calibration slices of ``settings.tasks`` (see :func:`select_tasks`).
         test: Test slices (may be empty: no test Dice then).
         settings: The search settings.
-        out_dir: Output folder; a search there with the same settings and data is resumed.
+        out_dir: Output folder; a search there with the same settings and data is resumed. Locked for the whole
+            call (search, selection, ``on_ready``, report): one process per folder.
         split: How calibration and test were split (part of the resume check and of the recipe).
         styles: Alias -> preprocessing style of each pool model (its own, as served alone), for the
             no-regression guard; see :func:`manifest_styles`.
@@ -370,17 +374,35 @@ def run_merge(
     Returns:
         The outcome; ``recipe.yaml``, ``merged.pth`` and ``history.csv`` are in ``out_dir`` (each written
         atomically), and ``recipe.scores`` carries the calibration and test Dice and the promotion decision.
+
+    Raises:
+        RunLockedError: another process (or another call in this one) runs in ``out_dir``.
     """
     out_dir = Path(out_dir)
+    with RunLock(out_dir):  # one process per run folder, for the whole run (a second one fails at once)
+        return _run_merge(pool, calibration, test, settings, out_dir, split, styles, restart, on_trial, client, report,
+                          min_gain, device, on_ready)
+
+
+def _run_merge(pool: ModelPool, calibration: Sequence[SliceSample], test: Sequence[SliceSample],
+               settings: SearchSettings, out_dir: Path, split: str, styles: Mapping[str, str] | None, restart: bool,
+               on_trial: Callable[[Trial, int], None] | None, client: Any | None, report: bool, min_gain: float,
+               device: str, on_ready: Callable[["MergeOutcome"], None] | None) -> MergeOutcome:
+    """:func:`run_merge` with the run folder's lock held."""
     merger = Merger(pool, settings.granularity, settings.separate, device)
     evaluator = Evaluator(list(calibration), device=device)
     context = search_context(pool, calibration, split)
-    restore_search_state(out_dir)
+    if restore_search_state(out_dir) is None and not (out_dir / SMAC_DIR).exists():
+        checkpoint_search_state(out_dir, 0)  # a new run: a kill before the first trial's checkpoint returns here
 
     def after_trial(trial: Trial, done: int) -> None:
-        checkpoint_search_state(out_dir, done)
-        if on_trial is not None:
-            on_trial(trial, done)
+        # the caller's callback first (RunMonitor appends the trial to trials.jsonl), then the checkpoint, which
+        # copies that log with SMAC's state: a resumed run gets both as they were after the same trial
+        try:
+            if on_trial is not None:
+                on_trial(trial, done)
+        finally:
+            checkpoint_search_state(out_dir, done)
 
     result = run_search(merger, evaluator, settings, out_dir, context, restart, after_trial, client)
     prep = Preprocessor(settings.preprocessing, pool.arch.img_size)
@@ -431,6 +453,7 @@ def write_comparison_report(out_dir: Path, merger: Merger, calibration: Evaluato
 
 
 SMAC_DIR = "smac"
+TRIALS_LOG = "trials.jsonl"
 CHECKPOINT_PREFIX = "smac.checkpoint-"
 
 
@@ -443,20 +466,29 @@ def _checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def checkpoint_search_state(out_dir: str | Path, done: int) -> Path | None:
-    """Copy SMAC's state (``out_dir/smac``) to ``out_dir/smac.checkpoint-<done>`` atomically and drop older copies.
+def checkpoint_search_state(out_dir: str | Path, done: int) -> Path:
+    """Copy SMAC's state (``out_dir/smac``) and the trials log (``out_dir/trials.jsonl``, see :class:`RunMonitor`)
+    to ``out_dir/smac.checkpoint-<done>`` atomically and drop older copies.
 
     SMAC rewrites its JSON files in place after every trial; a process killed in the middle of that (a stop
     request) could leave them cut off. Called after each trial, this keeps a complete copy of the state as it was
-    after the last finished trial, which :func:`restore_search_state` puts back before a resumed run.
+    after the last finished trial, which :func:`restore_search_state` puts back before a resumed run. The trials log
+    is part of that state: restored with it, every trial SMAC keeps is logged once and a trial SMAC lost (and runs
+    again) is not logged twice. Without a ``smac`` folder (``done`` = 0, a new run) the copy is an empty state.
     """
     out_dir = Path(out_dir)
     src = out_dir / SMAC_DIR
-    if not src.is_dir():
-        return None
     tmp = out_dir / f".{CHECKPOINT_PREFIX}tmp-{uuid.uuid4().hex}"
     try:
-        shutil.copytree(src, tmp)
+        if src.is_dir():
+            shutil.copytree(src, tmp)
+        else:
+            tmp.mkdir()
+        trials_log = out_dir / TRIALS_LOG
+        if trials_log.is_file():
+            shutil.copyfile(trials_log, tmp / TRIALS_LOG)
+        else:
+            (tmp / TRIALS_LOG).touch()  # empty: no log at this point
         dst = out_dir / f"{CHECKPOINT_PREFIX}{done}"
         if dst.exists():
             shutil.rmtree(dst)
@@ -474,7 +506,8 @@ def checkpoint_search_state(out_dir: str | Path, done: int) -> Path | None:
 
 
 def restore_search_state(out_dir: str | Path) -> int | None:
-    """Put the newest checkpoint of SMAC's state back in place (see :func:`checkpoint_search_state`).
+    """Put the newest checkpoint of SMAC's state and of the trials log back in place (see
+    :func:`checkpoint_search_state`; a checkpoint written before the log was part of it leaves the log alone).
 
     Returns:
         The number of trials of the restored state, or ``None`` when there is no checkpoint (a new run).
@@ -487,6 +520,13 @@ def restore_search_state(out_dir: str | Path) -> int | None:
     live = out_dir / SMAC_DIR
     tmp = out_dir / f".{SMAC_DIR}.restore-{uuid.uuid4().hex}"
     shutil.copytree(ckpt, tmp)
+    saved_log = tmp / TRIALS_LOG
+    if saved_log.is_file():
+        if saved_log.stat().st_size:
+            os.replace(saved_log, out_dir / TRIALS_LOG)
+        else:
+            saved_log.unlink()
+            (out_dir / TRIALS_LOG).unlink(missing_ok=True)
     if live.exists():
         shutil.rmtree(live)
     os.rename(tmp, live)
@@ -669,14 +709,15 @@ def plan_run(task_set: TaskSet, options: MergeOptions, pool: ModelPool, runs_dir
 # --------------------------------------------------------------------------------------------------- monitoring
 
 
-TRIALS_LOG = "trials.jsonl"
 ACTIVE = ("preparing", "running", "finishing")
 
 
 class RunMonitor:
     """Reports a run's progress in a :class:`ProgressFile` in the keys MONAI Label clients read (``epoch`` = trials
     done, ``total_epochs`` = trials, ``best_metric`` = best calibration Dice so far) and appends every trial to
-    ``<out_dir>/trials.jsonl`` (so that a resumed run reports the trials it already has at once).
+    ``<out_dir>/trials.jsonl`` (so that a resumed run reports the trials it already has at once). Under
+    :func:`run_merge` the log is part of the run's checkpoints: a resumed run puts it back as it was after the last
+    checkpointed trial (a trial logged after that is run and logged again, once).
 
     ``best_metric`` counts trials scored on all calibration slices only (multi-fidelity trials on a subset are not
     comparable), unless no trial reached the full budget yet.
@@ -737,34 +778,6 @@ class RunMonitor:
         message = f"trial {done}/{self.total}: {last}; best {self.best or 0.0:.4f}"
         log.info(message)
         self.progress.update(**self.fields(), last_trial=rec, message=message)
-
-
-def process_started(pid: int) -> float | None:
-    """Start time of process ``pid`` (seconds since the epoch, as psutil gives it), or ``None`` when unknown."""
-    try:
-        import psutil
-
-        return float(psutil.Process(pid).create_time())
-    except Exception:  # noqa: BLE001 - no psutil, no such process, no access: unknown
-        return None
-
-
-def pid_alive(pid: int | None, started: float | None = None) -> bool:
-    """Whether a process with this id exists (on this machine) and, when ``started`` is given (see
-    :func:`process_started`), is the same process (not a later one that got the id again)."""
-    if not pid:
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    if started is not None:
-        now = process_started(int(pid))
-        if now is not None and abs(now - float(started)) > 1.0:
-            return False
-    return True
 
 
 def effective_status(data: Mapping[str, Any]) -> dict[str, Any]:

@@ -5,7 +5,10 @@ MONAI Label runs a train request in a subprocess (``POST /train/merge`` -> ``pyt
 the server process, which calls :meth:`MergeTrain.stats`. Progress therefore goes through a small JSON file,
 ``<runs_dir>/status.json``, replaced atomically after every trial. ``DELETE /train/`` kills the subprocess; every
 finished trial is already in the run's folder (``<runs_dir>/<run name>/``, one stable folder per combination of
-settings and data), so the same request resumes the search.
+settings and data), so the same request resumes the search. The task holds a lock on ``<runs_dir>`` and
+:func:`~medsamix.merge_run.run_merge` one on the run folder (:mod:`medsamix.runlock`): a request while an earlier
+task still runs (e.g. one started before a server restart) is refused with 409, and ``restart`` empties the run
+folder under its lock (:func:`~medsamix.runlock.discard_run`), never under a live run.
 
 Request options (all optional; strings are accepted): ``task`` (or ``tasks`` / ``labels``; one name -> MedSAMix-S,
 several comma-separated -> MedSAMix-M, empty -> every label of the data), ``trials``, ``granularity`` (ViT blocks per
@@ -31,7 +34,6 @@ from __future__ import annotations
 import datetime
 import logging
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -53,6 +55,7 @@ from medsamix.merge_run import (
     task_set_from_pairs,
 )
 from medsamix.publish import PublishError, current, publish
+from medsamix.runlock import RunLock, RunLockedError, discard_run
 from medsamix.serving import ServedPool, load_served_pool
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.train import TrainTask
@@ -121,8 +124,21 @@ class MergeTrain(TrainTask):
             HTTPException: 400 for bad options, too few labelled studies, an unknown task ... with the reason
                 (also in :meth:`stats`). In MONAI Label's train subprocess this ends the process with an error
                 (task status ERROR, the reason in its details) and the server keeps running; with
-                ``POST /train/merge?run_sync=true`` the client gets the 400 itself.
+                ``POST /train/merge?run_sync=true`` the client gets the 400 itself. 409 when another merge train
+                task of this app still runs (one started before a server restart): its progress is left as is.
         """
+        lock = RunLock(self.runs_dir)  # one merge train task per runs folder (and its status.json)
+        try:
+            lock.acquire()
+        except RunLockedError as e:
+            logger.error("merge training refused: %s", e)
+            raise HTTPException(status_code=409, detail=str(e)) from None
+        try:
+            return self._call(request, datastore)
+        finally:
+            lock.release()
+
+    def _call(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
         start = time.time()
         self.progress.write({"status": "preparing", "pid": os.getpid(),
                              "pid_started": process_started(os.getpid()), "start_ts": int(start), "epoch": 0,
@@ -190,7 +206,7 @@ class MergeTrain(TrainTask):
             The outcome and the published version (``None`` when not promoted)."""
         if options.restart and plan.out_dir.exists():
             logger.info("restart: discarding %s", plan.out_dir)
-            shutil.rmtree(plan.out_dir)
+            discard_run(plan.out_dir)  # under the run folder's lock: refused while another process runs there
         monitor = RunMonitor(self.progress, plan.out_dir, plan.settings.trials)
         resumed = monitor.done
         self.progress.update(status="running", **monitor.fields(), resumed_trials=resumed, device=self.device,
