@@ -36,6 +36,34 @@ class OhifPage:
         """Open the study in the MONAI Label mode and wait until the axial viewport shows its volume; returns the
         volume's geometry (``dimensions``, ``origin``, ``direction``, ``spacing``, image positions in order)."""
         self.b.open(f"{self.server}/ohif/{MODE}?StudyInstanceUIDs={study_uid}")
+        return self.wait_volume(timeout_s)
+
+    def study_list(self, count: int, timeout_s: float = 60.0) -> list[str]:
+        """Open the viewer's study list (``/ohif/``) and wait for ``count`` rows; returns their StudyInstanceUIDs."""
+        self.b.open(f"{self.server}/ohif/")
+        self.b.wait_js(f"document.querySelectorAll('tr[data-cy^=\"studyRow-\"]').length >= {int(count)}", timeout_s,
+                       f"{count} rows in the study list")
+        return self.b.js("return [...document.querySelectorAll('tr[data-cy^=\"studyRow-\"]')]"
+                         ".map(r => r.getAttribute('data-cy').slice('studyRow-'.length));")
+
+    def open_from_study_list(self, study_uid: str, timeout_s: float = 120.0) -> dict[str, Any]:
+        """On the study list: click the study's row, then its "MONAI Label" mode button (real mouse clicks); wait
+        for the volume as :meth:`open_study` does."""
+        xy = self.b.js("const e = document.querySelector('tr[data-cy=\"studyRow-' + arguments[0] + '\"]');"
+                       "if (!e) return null; e.scrollIntoView(); const r = e.getBoundingClientRect();"
+                       "return [r.left + Math.min(60, r.width / 2), r.top + Math.min(20, r.height / 2)];", study_uid)
+        if xy is None:
+            raise AssertionError(f"study {study_uid} is not in the study list")
+        self.b.mouse_click(*xy)
+        button = f"mode-{MODE}-{study_uid}"
+        self.b.wait_js(f"document.querySelector('[data-cy=\"{button}\"]')", 30, "the study's mode buttons")
+        xy = self.b.js("const r = document.querySelector('[data-cy=\"' + arguments[0] + '\"]').getBoundingClientRect();"
+                       "return [r.left + r.width / 2, r.top + r.height / 2];", button)
+        self.b.mouse_click(*xy)
+        return self.wait_volume(timeout_s)
+
+    def wait_volume(self, timeout_s: float = 120.0) -> dict[str, Any]:
+        """Wait until the axial viewport shows a fully loaded volume; hide the banner; return its geometry."""
         self.b.wait_js("window.cornerstone && window.cornerstone.getRenderingEngines().length > 0 && "
                        f"window.cornerstone.getRenderingEngines()[0].getViewport('{AXIAL}') && "
                        f"window.cornerstone.getRenderingEngines()[0].getViewport('{AXIAL}').getAllVolumeIds().length",
@@ -182,3 +210,116 @@ class OhifPage:
                        timeout_s, f"the answer to {path}")
         time.sleep(2.0)  # the plugin parses the answer and updates the labelmap after the request settles
         return self.b.requests(path)[before]
+
+    # ------------------------------------------------------------ MedSAMix overlay (server/.../static/ohif/overlay.js)
+    def overlay_ready(self, timeout_s: float = 60.0) -> dict[str, Any]:
+        """Wait for the MedSAMix panel to be connected (its model list filled); returns its selects' options."""
+        self.b.wait_js("document.getElementById('medsamix-panel') && "
+                       "document.getElementById('medsamix-model').options.length > 0", timeout_s,
+                       "the MedSAMix panel, connected")
+        return self.b.js("const o = id => [...document.getElementById(id).options].map(x => x.value);"
+                         "return {models: o('medsamix-model'), labels: o('medsamix-label'),"
+                         " version: window.__medsamixOverlay.version};")
+
+    def overlay_text(self, element: str = "medsamix-status") -> dict[str, str]:
+        """Text and class (``medsamix-error`` / ``-ok`` / ``-info`` / ``-warn``) of a panel line."""
+        return self.b.js("const e = document.getElementById(arguments[0]);"
+                         "return {text: e.textContent, kind: e.className, color: getComputedStyle(e).color};", element)
+
+    def overlay_click(self, element: str) -> None:
+        """A real mouse click on a panel element (by id)."""
+        xy = self.b.js("const e = document.getElementById(arguments[0]); if (!e || e.disabled) return null;"
+                       "const r = e.getBoundingClientRect(); return [r.left + r.width / 2, r.top + r.height / 2];",
+                       element)
+        if xy is None:
+            raise AssertionError(f"panel element {element!r} is missing or disabled")
+        self.b.mouse_click(*xy)
+
+    def set_3d(self, slices: int | None) -> None:
+        """The panel's 3D checkbox (on with ``slices`` above and below, off with None)."""
+        self.b.js("const c = document.getElementById('medsamix-3d'); const want = arguments[0] !== null;"
+                  "if (c.checked !== want) c.click();"
+                  "if (want) { const r = document.getElementById('medsamix-range'); r.value = String(arguments[0]);"
+                  " r.dispatchEvent(new Event('input', {bubbles: true})); }"
+                  "return true;", slices)
+
+    def draw_box(self, ij0: tuple[float, float], ij1: tuple[float, float], viewport: str = AXIAL) -> dict[str, Any]:
+        """Box mode on (the panel's Box button), then drag with the mouse from voxel ``ij0`` to ``ij1`` of the slice
+        ``viewport`` shows; returns the overlay's box (IJK)."""
+        if not self.b.js("return window.__medsamixOverlay.boxMode;"):
+            self.overlay_click("medsamix-box")
+        k = self.current_slice(viewport)
+        x0, y0 = self.page_xy((ij0[0], ij0[1], k), viewport)
+        x1, y1 = self.page_xy((ij1[0], ij1[1], k), viewport)
+        self.b.mouse_drag(x0, y0, x1, y1)
+        self.b.wait_js("window.__medsamixOverlay.box", 10, "the drawn box")
+        return self.b.js("return window.__medsamixOverlay.box;")
+
+    def run_box(self, timeout_s: float = 180.0) -> dict[str, Any]:
+        """Press the panel's Run and wait for the answer; returns ``{"request": <browser record of the /infer/
+        call>, "last": <the overlay's record>}``."""
+        before = len(self.b.requests("/infer/"))
+        self.b.js("window.__medsamixOverlay.last = null; return 1;")
+        self.overlay_click("medsamix-run")
+        self.b.wait_js("window.__medsamixOverlay.last && !window.__medsamixOverlay.busy", timeout_s,
+                       "the box prompt's answer, written into the labelmap")
+        reqs = self.b.requests("/infer/")
+        return {"request": reqs[before] if len(reqs) > before else None,
+                "last": self.b.js("return window.__medsamixOverlay.last;")}
+
+    def submit_label(self, timeout_s: float = 180.0) -> dict[str, Any]:
+        """Press Submit label and wait for the server's answer; returns the overlay's record and the request."""
+        before = len(self.b.requests("/datastore/label"))
+        self.b.js("window.__medsamixOverlay.lastSubmit = null; return 1;")
+        self.overlay_click("medsamix-submit")
+        self.b.wait_js("window.__medsamixOverlay.lastSubmit && !window.__medsamixOverlay.busy", timeout_s,
+                       "the answer to the label submission")
+        reqs = self.b.requests("/datastore/label")
+        return {"request": reqs[before] if len(reqs) > before else None,
+                "last": self.b.js("return window.__medsamixOverlay.lastSubmit;")}
+
+    def train_lines(self, timeout_s: float = 300.0, interval_s: float = 0.5) -> list[dict[str, str]]:
+        """The training line of the panel as it changes after Train merge was pressed, until the run has started
+        (a status other than a final one was shown) and ended (``done``, ``failed`` or ``stopped``); returns every
+        distinct ``{text, kind, status, color}`` seen (the last one is the outcome)."""
+        seen: list[dict[str, str]] = []
+        started = False
+        deadline = time.monotonic() + timeout_s
+        while True:
+            line = self.b.js("const e = document.getElementById('medsamix-train-status');"
+                             "return {text: e.textContent, kind: e.className, status: e.getAttribute('data-status'),"
+                             " color: getComputedStyle(e).color};")
+            final = line["status"] in ("done", "failed", "stopped")
+            started = started or not final
+            if started and (not seen or seen[-1]["text"] != line["text"]):
+                seen.append(line)
+            if started and final:
+                return seen
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the training run did not end in {timeout_s:.0f} s: "
+                                   + " | ".join(x["text"] for x in seen[-10:]))
+            time.sleep(interval_s)
+
+    def image_slices(self, ks: list[int], viewport: str = AXIAL) -> dict[int, np.ndarray]:
+        """Voxel values of the viewport's image volume (not a labelmap) on slices ``ks``: ``{k: (I, J) array}`` in
+        the volume's own type (e.g. int16 Hounsfield units, after the modality LUT)."""
+        got = self.b.js("""
+            const vp = window.cornerstone.getRenderingEngines()[0].getViewport(arguments[0]);
+            const id = vp.getAllVolumeIds().find(v => v.startsWith('cornerstoneStreamingImageVolume'));
+            const vol = window.cornerstone.cache.getVolume(id);
+            const d = vol.voxelManager.getCompleteScalarDataArray();
+            const n = vol.dimensions[0] * vol.dimensions[1];
+            const out = {type: d.constructor.name, dims: vol.dimensions, slices: {}};
+            for (const k of arguments[1]) {
+              const u = new Uint8Array(d.slice(k * n, (k + 1) * n).buffer);
+              let s = '';
+              for (let i = 0; i < u.length; i += 8192) s += String.fromCharCode.apply(null, Array.from(u.subarray(i, i + 8192)));
+              out.slices[k] = btoa(s);
+            }
+            return out;""", viewport, [int(k) for k in ks], timeout=300)
+        import base64
+
+        dtype = {"Int16Array": np.int16, "Uint16Array": np.uint16, "Float32Array": np.float32,
+                 "Uint8Array": np.uint8, "Int8Array": np.int8, "Int32Array": np.int32}[got["type"]]
+        i, j = got["dims"][0], got["dims"][1]
+        return {int(k): np.frombuffer(base64.b64decode(v), dtype).reshape(j, i).T for k, v in got["slices"].items()}
