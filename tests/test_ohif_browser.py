@@ -124,9 +124,10 @@ def viewer(pacs, tmp_path_factory):
     conf = {"pool": str(POOL), "labels": "liver", "merge_trials": str(TRIALS)}
     with running_dicomweb_server(pacs["sandbox"], pacs["orthanc"].dicomweb, work, conf, kind="hardened") as url, \
             Browser(work / "browser", pacs["sandbox"]) as b:
-        # The first request on a series the server has not fetched yet: recorded for
-        # test_the_first_prompt_on_a_series_new_to_the_server_is_answered, then asked again so that the viewer
-        # tests below do not depend on it.
+        # The first request on a series the server has not fetched yet (MONAI Label's DICOMweb datastore answers
+        # it with a temp-folder path, which the server once refused): recorded for
+        # test_the_first_prompt_on_a_series_new_to_the_server_is_answered, then asked again if it failed so that
+        # the viewer tests below do not depend on it.
         first = {}
         for name in ("ct3", "j2k"):
             r = _infer_direct(pacs, url, pacs[name]["series"], {"roi": [200, 260, 200, 260, 1, 1]}, "sam_tiny")
@@ -503,9 +504,6 @@ def test_training_on_two_labelled_studies_shows_its_progress(pacs, viewer):
     assert not _uncaught(b), _uncaught(b)
 
 
-@pytest.mark.xfail(strict=True, reason="server: on the first request for a DICOMweb series, MONAI Label's datastore "
-                   "returns the NIfTI it just converted in the temp folder (not the cached copy); ServerContext."
-                   "image_path's containment check then answers 403 'resolves outside its folder'")
 def test_the_first_prompt_on_a_series_new_to_the_server_is_answered(viewer):
     """The viewer's first Run on a study the server has not fetched yet (recorded by the ``viewer`` fixture with the
     same request the overlay sends)."""

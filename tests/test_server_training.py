@@ -55,16 +55,18 @@ def _wait(cond, timeout: float, what: str):  # type: ignore[no-untyped-def]
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def _workers() -> list[int]:
-    """Pids of every live training worker process on this machine."""
+def _workers(state: Path) -> list[int]:
+    """Pids of the live training workers of the servers on ``state`` (a worker runs in its server's state folder;
+    other tests on this machine may run their own)."""
     out = []
     for d in Path("/proc").iterdir():
         if d.name.isdigit():
             try:
                 cmd = (d / "cmdline").read_bytes()
+                cwd = os.readlink(d / "cwd")
             except OSError:
                 continue
-            if b"medsamix_server.train_worker" in cmd:
+            if b"medsamix_server.train_worker" in cmd and Path(cwd) == state and _alive(int(d.name)):
                 out.append(int(d.name))
     return out
 
@@ -82,16 +84,20 @@ def _trial_numbers(run_dir: Path) -> list[int]:
             if line.strip()]
 
 
+def _setup(tmp_path: Path) -> tuple[Path, Path, Path, dict[str, str], int, str, Path]:
+    """Studies (4 of 5 labelled), state and model folders, app settings, a free port, the URL and the log file."""
+    studies = make_datastore(tmp_path / "studies", n=5, labelled=4)
+    port = free_port()
+    return (studies, tmp_path / "state", tmp_path / "model",
+            {"pool": str(POOL), "labels": "ellipsoid", "merge_report": "false"}, port, f"http://127.0.0.1:{port}",
+            tmp_path / "server.log")
+
+
 @pytest.mark.slow
 def test_kill_server_mid_search_and_mid_publish_then_resume(tmp_path):
-    studies = make_datastore(tmp_path / "studies", n=5, labelled=4)
-    state, model = tmp_path / "state", tmp_path / "model"
-    conf = {"pool": str(POOL), "labels": "ellipsoid", "merge_report": "false"}
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = tmp_path / "server.log"
+    studies, state, model, conf, port, url, log = _setup(tmp_path)
     request = {"task": "ellipsoid", "trials": 24}
-    assert not _workers()
+    assert not _workers(state)
 
     proc = start(studies, state, model, log, port, conf)
     try:
@@ -108,7 +114,7 @@ def test_kill_server_mid_search_and_mid_publish_then_resume(tmp_path):
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
         _wait(lambda: not _alive(worker), 10, "the worker to die with the server")
-        assert not _workers()
+        assert not _workers(state)
     finally:
         stop(proc)
     run_dir = next((model / "runs").glob("ellipsoid-*"))
@@ -159,17 +165,12 @@ def test_kill_server_mid_search_and_mid_publish_then_resume(tmp_path):
         assert not list((merged / "versions").glob(".tmp-*"))
     finally:
         stop(proc)
-    assert not _workers()
+    assert not _workers(state)
 
 
 @pytest.mark.slow
 def test_kill_the_training_process_then_the_same_request_resumes(tmp_path):
-    studies = make_datastore(tmp_path / "studies", n=5, labelled=4)
-    state, model = tmp_path / "state", tmp_path / "model"
-    conf = {"pool": str(POOL), "labels": "ellipsoid", "merge_report": "false"}
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = tmp_path / "server.log"
+    studies, state, model, conf, port, url, log = _setup(tmp_path)
     request = {"task": "ellipsoid", "trials": 16}
     proc = start(studies, state, model, log, port, conf)
     try:
@@ -194,7 +195,7 @@ def test_kill_the_training_process_then_the_same_request_resumes(tmp_path):
         assert code == 404, body
     finally:
         stop(proc)
-    assert not _workers()
+    assert not _workers(state)
 
 
 def test_an_orphaned_worker_is_stopped_when_the_server_starts(tmp_path):

@@ -123,6 +123,10 @@ class ServerContext:
 
     def image_path(self, image_id: str) -> pathlib.Path:
         uri = self.datastore().get_image_uri(image_id)
+        if uri and self.config.dicomweb and not _inside(uri, self.datastore_root()):
+            # MONAI Label's DICOMweb datastore answers its first call for a series with the NIfTI it has just
+            # converted in the temp folder, later calls with the cached copy inside the cache: ask again
+            uri = self.datastore().get_image_uri(image_id)
         if not uri:
             raise RequestError(f"image {image_id!r} has no file", 404)
         return contained(uri, self.datastore_root(), f"image {image_id!r}")
@@ -139,6 +143,11 @@ class ServerContext:
             raise RequestError(f"session {sid!r} not found", 404)
         contained(info.image, self.config.sessions_dir, f"session {sid!r}")
         return info
+
+
+def _inside(path: str, root: pathlib.Path) -> bool:
+    real, real_root = os.path.realpath(path), os.path.realpath(root)
+    return os.path.commonpath([real, real_root]) == real_root
 
 
 def ctx_of(request: Request) -> ServerContext:
