@@ -321,3 +321,24 @@ def running_dicomweb_server(sandbox: Sandbox, studies_url: str, workdir: Path, c
 
 def _free_host_port() -> int:
     return free_port()
+
+
+def with_fixed_uids(src: Path, out: Path, key: str) -> list[Path]:
+    """Copies of the DICOM files in ``src`` (an anonymised series, such as ``../shared/data``'s JPEG 2000 CT) with the
+    UIDs its anonymisation emptied, which Orthanc refuses files without: study and series UIDs derived from ``key``,
+    each SOP Instance UID from its file meta. The pixel data stays as stored."""
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    out.mkdir(parents=True, exist_ok=True)
+    files = []
+    for f in sorted(src.iterdir()):
+        ds = pydicom.dcmread(str(f))
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
+        ds.StudyInstanceUID = generate_uid(entropy_srcs=[f"{key}-study"])
+        ds.SeriesInstanceUID = generate_uid(entropy_srcs=[f"{key}-series"])
+        ds.PatientID = ds.PatientID or "totalseg-example"
+        files.append(out / f"{f.name}.dcm")
+        ds.save_as(str(files[-1]))
+    return files

@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 
 from conftest import SHARED_DATA
-from orthanc import Sandbox, missing_requirements, running_dicomweb_server, running_orthanc
+from orthanc import Sandbox, missing_requirements, running_dicomweb_server, running_orthanc, with_fixed_uids
 
 REPO = Path(__file__).resolve().parents[1]
 POOL = REPO / "sample-data" / "pool"
@@ -309,22 +309,8 @@ LIVER = 5  # totalseg "total" label value
 
 
 def _totalseg_series(out: Path) -> list[Path]:
-    """The 20-slice JPEG 2000 CT series with the UIDs its anonymisation emptied (Orthanc refuses files without them):
-    fixed study/series UIDs, each SOP Instance UID from its file meta."""
-    import pydicom
-    from pydicom.uid import generate_uid
-
-    files = []
-    for f in sorted(TOTALSEG_DICOM.iterdir()):
-        ds = pydicom.dcmread(str(f))
-        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
-        ds.StudyInstanceUID = generate_uid(entropy_srcs=["medsamix-test-totalseg-study"])
-        ds.SeriesInstanceUID = generate_uid(entropy_srcs=["medsamix-test-totalseg-series"])
-        ds.PatientID = ds.PatientID or "totalseg-example"
-        files.append(out / f"{f.name}.dcm")
-        ds.save_as(str(files[-1]))
-    return files
+    """The JPEG 2000 CT series with fixed UIDs (:func:`orthanc.with_fixed_uids`)."""
+    return with_fixed_uids(TOTALSEG_DICOM, out, "medsamix-test-totalseg")
 
 
 @pytest.mark.slow

@@ -37,7 +37,7 @@ from browser import Browser
 from browser import missing_requirements as browser_missing
 from conftest import SHARED_DATA
 from ohif_page import AXIAL, OhifPage
-from orthanc import GDCM_PLUGIN, Sandbox, running_dicomweb_server, running_orthanc
+from orthanc import GDCM_PLUGIN, Sandbox, running_dicomweb_server, running_orthanc, with_fixed_uids
 from orthanc import missing_requirements as orthanc_missing
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,22 +58,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.data]
 
 # ---------------------------------------------------------------- fixtures
 def _j2k_series(out: Path) -> list[Path]:
-    """The JPEG 2000 series with the UIDs its anonymisation emptied (Orthanc refuses files without them): fixed
-    study / series UIDs, each SOP Instance UID from its file meta. The pixel data stays JPEG 2000."""
-    import pydicom
-    from pydicom.uid import generate_uid
-
-    files = []
-    for f in sorted(J2K_DIR.iterdir()):
-        ds = pydicom.dcmread(str(f))
-        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
-        ds.StudyInstanceUID = generate_uid(entropy_srcs=["medsamix-ohif-totalseg-study"])
-        ds.SeriesInstanceUID = generate_uid(entropy_srcs=["medsamix-ohif-totalseg-series"])
-        ds.PatientID = ds.PatientID or "totalseg-example"
-        files.append(out / f"{f.name}.dcm")
-        ds.save_as(str(files[-1]))
-    return files
+    """The JPEG 2000 CT series with fixed UIDs (:func:`orthanc.with_fixed_uids`)."""
+    return with_fixed_uids(J2K_DIR, out, "medsamix-ohif-totalseg")
 
 
 def _uids(path: Path) -> dict[str, str]:
