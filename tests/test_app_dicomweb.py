@@ -64,7 +64,7 @@ def source():
     return {"files": files, "uid": uid, "image": image, "k_file": k_file}
 
 
-@pytest.fixture(scope="module", params=["hardened", "monailabel"])
+@pytest.fixture(scope="module", params=["hardened", pytest.param("monailabel", marks=pytest.mark.slow)])
 def pacs(source, tmp_path_factory, request):
     why = missing_requirements()
     if why:

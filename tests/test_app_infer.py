@@ -239,10 +239,10 @@ def studies(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.fixture(scope="module", params=["hardened", "monailabel"])
+@pytest.fixture(scope="module", params=["hardened", pytest.param("monailabel", marks=pytest.mark.slow)])
 def server(studies, tmp_path_factory, request):
-    """The project's hardened server (what serve.sh runs) and MONAI Label's own start_server (the unhardened path):
-    every end-to-end test runs against both."""
+    """The project's hardened server (what serve.sh runs) and MONAI Label's own start_server (the unhardened path,
+    in the slow set): every end-to-end test runs against both."""
     model_dir = tmp_path_factory.mktemp("model")
     with running_server(studies, {"pool": str(POOL), "model_dir": str(model_dir)}, kind=request.param) as url:
         yield url, model_dir
