@@ -24,7 +24,7 @@ import pytest
 
 from app_server import free_port
 from hardened_server import start, stop, wait_ready
-from medsamix_server.training import process_start_time
+from medsamix.runlock import process_started
 from test_merge_run import make_datastore
 
 POOL = Path(__file__).resolve().parents[1] / "sample-data" / "pool"
@@ -208,7 +208,7 @@ def test_an_orphaned_worker_is_stopped_when_the_server_starts(tmp_path):
     bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True)
     try:
         (state / "train" / "worker.json").write_text(json.dumps(
-            {"pid": orphan.pid, "started": process_start_time(orphan.pid)}))
+            {"pid": orphan.pid, "started": process_started(orphan.pid)}))
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         log = tmp_path / "server.log"
@@ -221,7 +221,7 @@ def test_an_orphaned_worker_is_stopped_when_the_server_starts(tmp_path):
             stop(proc)
         # a stale record whose pid is now another process (different start time) is not killed
         (state / "train" / "worker.json").write_text(json.dumps(
-            {"pid": bystander.pid, "started": (process_start_time(bystander.pid) or 0) + 12345}))
+            {"pid": bystander.pid, "started": (process_started(bystander.pid) or 0) + 12345}))
         proc = start(studies, state, model, log, port, {"pool": str(POOL)})
         try:
             wait_ready(url, proc, log)

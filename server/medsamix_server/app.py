@@ -47,7 +47,7 @@ from medsamix.errors import MedSAMixError
 from .auth import Authenticator, UserStore
 from .config import ServerConfig
 from .context import InferQueue, ServerContext, TempJanitor
-from .middleware import GuardMiddleware, _is_body_too_large
+from .middleware import GuardMiddleware, is_body_too_large
 from .security import RequestError, remove_tree
 from .training import TrainSupervisor
 
@@ -95,20 +95,6 @@ def setup_logging(config: ServerConfig) -> None:
     root.setLevel(logging.INFO)
 
 
-def _clean_published(config: ServerConfig) -> None:
-    from pathlib import Path
-
-    try:
-        from medsamix.publish import clean_incomplete
-    except ImportError:  # older library
-        return
-    folder = Path(config.conf.get("model_dir", str(config.app_dir / "model"))) / "merged"
-    if folder.is_dir():
-        removed = clean_incomplete(folder)
-        if removed:
-            logger.warning("removed %d incomplete published version(s) left by a killed publish", len(removed))
-
-
 def create_app(config: ServerConfig) -> FastAPI:
     """The server application for ``config`` (:func:`prepare_environment` must have run)."""
     store = UserStore(config.users_file) if config.users_file and config.users_file.exists() else None
@@ -124,7 +110,6 @@ def create_app(config: ServerConfig) -> FastAPI:
         msg = ctx.trainer.stop_orphans()
         if msg:
             logger.warning(msg)
-        _clean_published(config)
         instance = app_instance(app_dir=str(config.app_dir), studies=config.studies, conf=config.conf)
         instance.server_mode(True)
         instance.on_init_complete()
@@ -162,7 +147,7 @@ def create_app(config: ServerConfig) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
-        if _is_body_too_large(e):
+        if is_body_too_large(e):
             return JSONResponse({"detail": "request body is over the limit"}, status_code=413)
         return JSONResponse({"detail": e.detail}, status_code=e.status_code, headers=getattr(e, "headers", None))
 

@@ -134,13 +134,13 @@ class GuardMiddleware:
             if not started:
                 await _reply(send, 413, f"request body is over the limit of {limit} bytes")
         except Exception as e:  # noqa: BLE001 - the body limit may surface wrapped by the form parser
-            if _is_body_too_large(e) and not started:
+            if is_body_too_large(e) and not started:
                 await _reply(send, 413, f"request body is over the limit of {limit} bytes")
             else:
                 raise
 
 
-def _is_body_too_large(e: BaseException | None) -> bool:
+def is_body_too_large(e: BaseException | None) -> bool:
     seen = 0
     while e is not None and seen < 10:
         if isinstance(e, BodyTooLarge):

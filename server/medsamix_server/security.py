@@ -22,7 +22,9 @@ import stat
 import tarfile
 import zipfile
 import zlib
+from collections.abc import Callable
 from pathlib import Path
+from typing import IO
 
 MAX_NAME = 128
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
@@ -124,6 +126,20 @@ def _extract(archive: str | os.PathLike[str], dest: str | os.PathLike[str], max_
         if total > max_bytes:
             raise RequestError(f"archive unpacks to more than {max_bytes} bytes", status=413)
 
+    def write(name: str, is_dir: bool, open_member: Callable[[], IO[bytes] | None]) -> None:
+        """Create the folder or copy the member (bounded) into a file that must not exist yet."""
+        out = target(name)
+        if is_dir:
+            out.mkdir(parents=True, exist_ok=True)
+            return
+        out.parent.mkdir(parents=True, exist_ok=True)
+        src = open_member()
+        if src is None:
+            raise RequestError(f"archive member {name!r} cannot be read")
+        with src, open(out, "xb") as dst:
+            _copy_bounded(src, dst, count)
+        written.append(out)
+
     if zipfile.is_zipfile(archive):
         with zipfile.ZipFile(archive) as z:
             infos = z.infolist()
@@ -134,14 +150,7 @@ def _extract(archive: str | os.PathLike[str], dest: str | os.PathLike[str], max_
                 kind = stat.S_IFMT(info.external_attr >> 16)
                 if kind and kind not in (stat.S_IFREG, stat.S_IFDIR):
                     raise RequestError(f"archive member {info.filename!r}: links and special files are refused")
-                out = target(info.filename)
-                if info.is_dir():
-                    out.mkdir(parents=True, exist_ok=True)
-                    continue
-                out.parent.mkdir(parents=True, exist_ok=True)
-                with z.open(info) as src, open(out, "xb") as dst:
-                    _copy_bounded(src, dst, count)
-                written.append(out)
+                write(info.filename, info.is_dir(), lambda info=info: z.open(info))
         return written
     try:
         tf = tarfile.open(archive)
@@ -156,17 +165,7 @@ def _extract(archive: str | os.PathLike[str], dest: str | os.PathLike[str], max_
                 raise RequestError(f"archive has more than {max_members} members", 413)
             if not (member.isfile() or member.isdir()):
                 raise RequestError(f"archive member {member.name!r}: links and special files are refused")
-            out = target(member.name)
-            if member.isdir():
-                out.mkdir(parents=True, exist_ok=True)
-                continue
-            out.parent.mkdir(parents=True, exist_ok=True)
-            src = tf.extractfile(member)
-            if src is None:
-                raise RequestError(f"archive member {member.name!r} cannot be read")
-            with src, open(out, "xb") as dst:
-                _copy_bounded(src, dst, count)
-            written.append(out)
+            write(member.name, member.isdir(), lambda member=member: tf.extractfile(member))
     return written
 
 

@@ -24,6 +24,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from medsamix.runlock import pid_alive, process_started
+
 from .config import ServerConfig
 from .security import remove_tree
 
@@ -32,21 +34,6 @@ logger = logging.getLogger(__name__)
 WORKER_FILE = "worker.json"
 RESULT_FILE = "result.json"
 LOG_FILE = "train.log"
-
-
-def process_start_time(pid: int) -> float | None:
-    """Start time of process ``pid`` in clock ticks since boot (from /proc), or None if it does not exist."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return float(fields[19])
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-def _alive(pid: int, started: float | None) -> bool:
-    now = process_start_time(pid)
-    return now is not None and (started is None or now == started)
 
 
 def _kill_group(pid: int, grace_s: float = 10.0) -> None:
@@ -63,8 +50,8 @@ def _kill_group(pid: int, grace_s: float = 10.0) -> None:
                 done, _ = os.waitpid(pid, os.WNOHANG)
                 if done == pid:
                     return
-            except ChildProcessError:
-                if process_start_time(pid) is None:
+            except ChildProcessError:  # not our child (an orphan of an earlier server)
+                if not pid_alive(pid):
                     return
             time.sleep(0.1)
 
@@ -96,7 +83,7 @@ class TrainSupervisor:
             return None
         pid, started = int(data.get("pid", 0)), data.get("started")
         msg = None
-        if pid > 0 and _alive(pid, started):
+        if pid > 0 and pid_alive(pid, started):
             logger.warning("stopping training process %d left by an earlier server", pid)
             _kill_group(pid)
             msg = f"stopped orphaned training process {pid}"
@@ -151,7 +138,7 @@ class TrainSupervisor:
         proc.stdin.write(json.dumps(job).encode())
         await proc.stdin.drain()
         proc.stdin.close()
-        (self.folder / WORKER_FILE).write_text(json.dumps({"pid": proc.pid, "started": process_start_time(proc.pid),
+        (self.folder / WORKER_FILE).write_text(json.dumps({"pid": proc.pid, "started": process_started(proc.pid),
                                                            "server_pid": os.getpid(), "model": model}))
         self._proc = proc
         self._done = asyncio.Event()

@@ -195,7 +195,7 @@ async def add_image(request: Request, image: str = "", user: User = ANNOTATOR) -
         upload = _file(form, "file")
         suffix = _suffix(upload.filename, "file")
         image_id = safe_name(image or os.path.basename(upload.filename or "")[: -len(suffix)], "image")
-        params = _params(ctx, form, {"client_id"})
+        _params(ctx, form, {"client_id"})  # checked (only client_id may come along), not used
         with request_folder(ctx) as folder:
             path = folder / f"image{suffix}"
             await run_in_threadpool(_save, upload, path)
@@ -211,7 +211,6 @@ async def add_image(request: Request, image: str = "", user: User = ANNOTATOR) -
                 return ctx.datastore().add_image(image_id, str(path), {"user": user.name})
 
             added = await run_in_threadpool(ctx.guarded, add)
-        del params
     finally:
         await form.close()
     logger.info("image %s added by %s", added, user.name)

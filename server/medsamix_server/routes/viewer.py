@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
+import monailabel
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, Response, StreamingResponse
 
@@ -38,7 +39,7 @@ QUERY_KEYS = {"StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "Patien
 MAX_QUERY_PARAMS = 32
 MAX_QUERY_VALUE = 256
 PASS_HEADERS = ("content-type", "content-length", "content-encoding", "etag", "last-modified", "cache-control")
-OHIF_DIR = Path(__import__("monailabel").__file__).resolve().parent / "endpoints" / "static" / "ohif"
+OHIF_DIR = Path(monailabel.__file__).resolve().parent / "endpoints" / "static" / "ohif"
 
 
 def dicomweb_path(path: str) -> str:
