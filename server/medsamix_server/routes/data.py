@@ -268,16 +268,18 @@ async def save_label(request: Request, image: str, tag: str = "final", user: Use
                 nonlocal path
                 image_id = ctx.known_image(image)
                 image_path = ctx.image_path(image_id)
+                want = None  # the image's header shape, read once
                 if raw_viewer:
                     if not image_path.is_file():
                         raise RequestError("a raw (.bin) label needs an image file to take its grid from")
-                    _check_volume(ctx, image_path, f"image {image_id!r}")
+                    want = _check_volume(ctx, image_path, f"image {image_id!r}")
                     nifti = folder / "label.nii.gz"
                     nifti.write_bytes(label_from_viewer_bytes(path.read_bytes(), image_path))
                     path = nifti
                 shape = _check_volume(ctx, path, "label")
                 if image_path.is_file():
-                    want = _check_volume(ctx, image_path, f"image {image_id!r}")
+                    if want is None:
+                        want = _check_volume(ctx, image_path, f"image {image_id!r}")
                     if tuple(shape[:3]) != tuple(want[:3]):
                         raise RequestError(f"label shape {list(shape)} does not match image {image_id!r} shape "
                                            f"{list(want)}")
