@@ -191,29 +191,12 @@ class TrainSupervisor:
         await asyncio.get_running_loop().run_in_executor(None, _kill_group, proc.pid)
         if self._done is not None:
             await self._done.wait()
-        _mark_stopped(self.config)
+        # the train task's progress file now reads "stopped" (medsamix.merge_run.effective_status: its process ended)
         return self._public(task)
 
     async def shutdown(self) -> None:
         if self.running:
             await self.stop()
-
-
-def _mark_stopped(config: ServerConfig) -> None:
-    """Tell the train task's progress file that its run was stopped (what ``GET /info/`` shows)."""
-    model_dir = config.conf.get("model_dir")
-    status = (Path(model_dir) / "runs" / "status.json") if model_dir else None
-    if status is None or not status.is_file():
-        return
-    try:
-        data = json.loads(status.read_text())
-        if data.get("status") in ("preparing", "running", "finishing"):
-            data.update(status="stopped", message="stopped by DELETE /train/; the same request resumes the run")
-            tmp = status.with_name(f".{status.name}.tmp-{uuid.uuid4().hex}")
-            tmp.write_text(json.dumps(data, indent=2))
-            os.replace(tmp, status)
-    except (OSError, ValueError):
-        pass
 
 
 def _tail_lines(path: Path, n: int) -> list[str]:
