@@ -1,9 +1,10 @@
-"""Images served for interactive segmentation: reading them (MONAI readers), their 0-255 form, writing labels.
+"""Images served for interactive segmentation: reading them (MONAI readers), their 0-255 form, header checks.
 
 Volumes are read exactly as :mod:`medsamix.studies` reads a datastore image (MONAI's ``NibabelReader``,
 ``NrrdReader`` or ``ITKReader``): a ``(I, J, K)`` array in the file's voxel order, never re-oriented, and a
-``(4, 4)`` affine from voxel IJK to world RAS millimetres. A label written by :func:`write_label` uses that affine
-and that voxel order, so it overlays the image voxel for voxel in any viewer, whatever the image's orientation.
+``(4, 4)`` affine from voxel IJK to world RAS millimetres. A label written by
+:func:`medsamix.labelfile.encode_label` uses that affine and that voxel order, so it overlays the image voxel for
+voxel in any viewer, whatever the image's orientation.
 """
 
 from __future__ import annotations
@@ -235,17 +236,3 @@ class VolumeCache:
             while len(self._items) > 1 and sum(x.image255.nbytes for x in self._items.values()) > self.max_bytes:
                 self._items.popitem(last=False)
         return v
-
-
-def write_label(mask: np.ndarray, affine: np.ndarray, path: str | os.PathLike[str]) -> Path:
-    """Write a ``(I, J, K)`` label map as NIfTI (uint8) with the image's ``(4, 4)`` IJK->RAS affine."""
-    import nibabel as nib
-
-    if mask.ndim != 3:
-        raise ValueError(f"expected a (I, J, K) label map, got shape {mask.shape}")
-    img = nib.Nifti1Image(np.asarray(mask, dtype=np.uint8), np.asarray(affine, dtype=np.float64))
-    img.set_qform(affine, code=1)
-    img.set_sform(affine, code=1)
-    path = Path(path)
-    nib.save(img, str(path))
-    return path
