@@ -5,7 +5,8 @@
         --checkpoint sam=sam_vit_b_01ec64.pth --checkpoint medsam=medsam_vit_b.pth \
         --out merged_vit_b.pth
 
-The output is a plain segment_anything state dict, written atomically (nothing is left behind on failure); for
+The output is a plain segment_anything state dict, written atomically (nothing is left behind on failure); the
+last line names the preprocessing style the merged model expects (the recipe's ``preprocessing.style``); for
 official architectures it loads with ``sam_model_registry["vit_b"](checkpoint=...)``, which is checked after
 writing unless --no-verify.
 """
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {args.out} ({recipe.arch.name}, {len(merger.groups)} groups, "
-          f"{time.perf_counter() - t0:.1f} s) sha256={sha256_file(args.out)}")
+          f"{time.perf_counter() - t0:.1f} s) sha256={sha256_file(args.out)} preprocessing={recipe.style}")
     return 0
 
 

@@ -32,7 +32,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))
 from medsamix.evaluate import Evaluator  # noqa: E402
 from medsamix.merger import Merger  # noqa: E402
 from medsamix.pool import PoolManifest  # noqa: E402
-from medsamix.preprocess import Preprocessor  # noqa: E402
 from medsamix.search import SearchSettings, run_search, score  # noqa: E402
 from medsamix.shared_data import shared_task_sets  # noqa: E402
 
@@ -70,7 +69,6 @@ def main() -> int:
           f"{min_budget}..{len(cal)} slices")
     pool = manifest.load_pool()
     test_ev = Evaluator(test)
-    prep = Preprocessor(style, manifest.arch.img_size)
     runs = {}
     for name, naive, mb in (("naive", True, None), ("ours", False, min_budget)):
         settings = SearchSettings(tasks=(args.task,), trials=args.trials, seed=args.seed, preprocessing=style,
@@ -82,7 +80,7 @@ def main() -> int:
             t0 = time.perf_counter()
             result = run_search(merger, evaluator, settings, out)
             seconds = time.perf_counter() - t0
-        dice = score(merger, test_ev, prep, result.best.config, settings.tasks)[args.task]
+        dice = score(merger, test_ev, result.best.config, settings.tasks)[args.task]
         full = sum(t.budget is None for t in result.trials)
         runs[name] = (result.encoder_passes, seconds, dice, result.best.dice[args.task])
         print(f"{name:5s}: {result.encoder_passes} encoder passes, {seconds:.1f} s, {len(result.trials)} trials "

@@ -8,7 +8,9 @@
     # several tasks (MedSAMix-M, ParEGO) on a task set of the shared real-image data
     .venv/bin/python scripts/merge_search.py --shared-set totalseg_ct --task liver --task spleen --out runs/m1
 
-Calibration = 20% of the patients (slabs of slices for single-volume sets), test = the rest. Writes into --out:
+Calibration = 20% of the patients (slabs of slices for single-volume sets and for a datastore with one labelled
+study), test = the rest. The merged model's preprocessing style is searched (``prep:style``; each pool model enters
+the initial design with its own) unless --preprocessing fixes it. Writes into --out:
 ``recipe.yaml`` (the selected configuration with calibration and test Dice), ``merged.pth`` (plain
 segment_anything layout, written atomically), ``history.csv``, ``report.md``, SMAC's state under ``smac/`` and a
 copy of it after the last finished trial (``smac.checkpoint-<n>/``). Re-running the same command resumes an
@@ -35,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))
 from medsamix.errors import MedSAMixError  # noqa: E402
 from medsamix.merge_run import datastore_task_set, manifest_styles, run_merge, select_tasks  # noqa: E402
 from medsamix.pool import PoolManifest  # noqa: E402
+from medsamix.preprocess import STYLES  # noqa: E402
 from medsamix.search import SearchSettings  # noqa: E402
 from medsamix.shared_data import shared_task_sets  # noqa: E402
 
@@ -53,8 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--trials", type=int, default=120)
     ap.add_argument("--granularity", type=int, default=2, choices=[1, 2, 3, 4])
     ap.add_argument("--separate", action="store_true")
-    ap.add_argument("--preprocessing", choices=["sam", "medsam"], default=None,
-                    help="of the merged model (default: the base model's)")
+    ap.add_argument("--preprocessing", choices=list(STYLES), default=None,
+                    help="fix the merged model's preprocessing style (default: searched)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--restart", action="store_true", help="discard an incompatible history in --out")
@@ -85,9 +88,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             ts = shared_task_sets(args.shared_root, exclude, args.seed, [args.shared_set], args.max_patients)[0]
         cal, test = select_tasks(ts, args.task)
-        style = args.preprocessing or manifest.preprocessing[manifest.base]["style"]
+        print(f"data: {ts.name}: {ts.split}", flush=True)
         settings = SearchSettings(tasks=tuple(args.task), trials=args.trials, granularity=args.granularity,
-                                  separate=args.separate, seed=args.seed, preprocessing=style, naive=args.naive,
+                                  separate=args.separate, seed=args.seed, preprocessing=args.preprocessing,
+                                  own_styles=tuple(manifest_styles(manifest).items()), naive=args.naive,
                                   min_budget=args.min_budget, eta=args.eta, coarse_share=args.coarse_share)
         if args.min_budget is not None and not 1 <= args.min_budget < len(cal):
             raise MedSAMixError(f"--min-budget must lie in [1, {len(cal)}): the tasks have {len(cal)} "
@@ -109,8 +113,7 @@ def main(argv: list[str] | None = None) -> int:
             client = Client(args.scheduler) if args.scheduler else Client(
                 LocalCluster(n_workers=args.workers, threads_per_worker=1, dashboard_address=None))
         try:
-            outcome = run_merge(pool, cal, test, settings, args.out, ts.split, manifest_styles(manifest),
-                                args.restart, progress, client)
+            outcome = run_merge(pool, cal, test, settings, args.out, ts.split, args.restart, progress, client)
         finally:
             if client is not None:
                 client.close()
@@ -119,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     result = outcome.result
-    print(f"best calibration Dice {result.best.dice}, test Dice {outcome.test_dice}, {len(result.trials)} trials, "
+    print(f"best calibration Dice {result.best.dice} ({outcome.recipe.style} preprocessing), test Dice "
+          f"{outcome.test_dice}, {len(result.trials)} trials, "
           f"{result.encoder_passes} encoder passes; search {result.seconds:.0f} s, with test scoring and report "
           f"{time.time() - t0:.0f} s; {outcome.promotion.reason}; "
           f"wrote {args.out}")

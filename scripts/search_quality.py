@@ -50,6 +50,8 @@ def main() -> int:
     ap.add_argument("--coarse-share", type=float, default=SearchSettings.coarse_share,
                     help="share of each search's trials in the coarse stage (one setting per model component)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--preprocessing", choices=["sam", "medsam"], default=None,
+                    help="fix the merged models' preprocessing style (default: searched)")
     ap.add_argument("--work", type=Path, default=None, help="search folders (default: a temporary folder)")
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "search_quality")
     args = ap.parse_args()
@@ -61,7 +63,6 @@ def main() -> int:
     manifest = PoolManifest.load(args.pool)
     pool = manifest.load_pool()
     styles = manifest_styles(manifest)
-    base_style = styles[manifest.base]
     exclude = [i for ids in manifest.training_studies.values() for i in ids]
     work = args.work or Path(tempfile.mkdtemp(prefix="medsamix-quality-"))
     rows: list[dict] = []
@@ -78,9 +79,11 @@ def main() -> int:
             continue
         splits.append(f"- **{ts.name}**: {ts.split}")
         cal_all, test_all = select_tasks(ts, tasks)
-        settings0 = SearchSettings(tasks=tuple(tasks), granularity=args.granularity, preprocessing=base_style)
+        own = tuple(styles.items())
+        settings0 = SearchSettings(tasks=tuple(tasks), granularity=args.granularity, preprocessing=args.preprocessing,
+                                   own_styles=own)
         merger = Merger(pool, args.granularity, False)
-        baselines = reference_scores(merger, Evaluator(test_all), settings0, styles)
+        baselines = reference_scores(merger, Evaluator(test_all), settings0)
         singles = list(pool.aliases)
         uniforms = [n for n in baselines if n not in singles]
         s_test: dict[str, float] = {}
@@ -89,10 +92,11 @@ def main() -> int:
             cal, test = select_tasks(ts, [task])
             mb = max(1, len(cal) // 27) if len(cal) >= args.mf_threshold else None
             settings = SearchSettings(tasks=(task,), trials=args.trials, granularity=args.granularity,
-                                      seed=args.seed, preprocessing=base_style, min_budget=mb,
+                                      seed=args.seed, preprocessing=args.preprocessing, own_styles=own,
+                                      min_budget=mb,
                                       coarse_share=args.coarse_share)
             t0 = time.time()
-            out = run_merge(pool, cal, test, settings, work / f"{ts.name}-S-{task}", ts.split, styles, report=False)
+            out = run_merge(pool, cal, test, settings, work / f"{ts.name}-S-{task}", ts.split, report=False)
             s_test[task], s_cal[task] = out.test_dice[task], out.calibration_dice[task]
             print(f"{ts.name}/{task}: S test {s_test[task]:.4f} (cal {s_cal[task]:.4f}, {len(cal)} cal slices"
                   f"{f', min budget {mb}' if mb else ''}) in {time.time() - t0:.0f} s; best single "
@@ -101,9 +105,10 @@ def main() -> int:
         m_test: dict[str, float] = {}
         if len(tasks) > 1:
             settings = SearchSettings(tasks=tuple(tasks), trials=args.trials_multi, granularity=args.granularity,
-                                      seed=args.seed, preprocessing=base_style, coarse_share=args.coarse_share)
+                                      seed=args.seed, preprocessing=args.preprocessing, own_styles=own,
+                                      coarse_share=args.coarse_share)
             t0 = time.time()
-            out = run_merge(pool, cal_all, test_all, settings, work / f"{ts.name}-M", ts.split, styles, report=False)
+            out = run_merge(pool, cal_all, test_all, settings, work / f"{ts.name}-M", ts.split, report=False)
             m_test = dict(out.test_dice)
             print(f"{ts.name}: M test mean {sum(m_test.values()) / len(m_test):.4f} in {time.time() - t0:.0f} s",
                   flush=True)
@@ -135,7 +140,8 @@ def write(args: argparse.Namespace, rows: list[dict], singles: list[str], unifor
         f"Run time: {minutes:.1f} min on this machine (2 cores). Pool: the embedded tiny pool. Trials: "
         f"{args.trials} per MedSAMix-S search (Hyperband multi-fidelity when a task has >= {args.mf_threshold} "
         f"calibration slices), {args.trials_multi} per MedSAMix-M search (ParEGO); granularity {args.granularity}; "
-        f"seed {args.seed}. Single models use their own preprocessing; merges use the base model's.", "",
+        f"seed {args.seed}. Single models use their own preprocessing; uniform merges the base model's; the "
+        f"searched merges {'use ' + args.preprocessing if args.preprocessing else 'search it (prep:style)'}.", "",
         "Splits (calibration for the search, test for this table; pool-training patients excluded):", "", *splits, "",
         "| set | task | " + " | ".join(names) + " | MedSAMix-S | MedSAMix-M | S beats best single and best uniform |",
         "|---" * (len(names) + 5) + "|",

@@ -14,7 +14,9 @@ import pytest
 import torch
 
 from conftest import TINY, random_state
+from medsamix import Recipe
 from medsamix.publish import current
+from medsamix.merge_run import ONE_STUDY_SPLIT
 from test_merge_run import make_datastore
 
 APP = Path(__file__).resolve().parents[1] / "apps" / "medsamix"
@@ -129,12 +131,25 @@ def test_multi_fidelity_counts_every_trial_and_reports_full_budget_dice(studies,
     assert len(budgets) == 10 and any(b is not None for b in budgets)
 
 
+def test_one_labelled_study_runs_on_a_slab_split_stated_in_the_status(models_spec, tmp_path):
+    ds = _datastore(tmp_path / "studies", labelled=1)
+    task = _task(tmp_path / "studies", tmp_path / "model", models_spec)
+    res = task({"model": "merge", "task": "ellipsoid", "trials": 10, "preprocessing": "medsam"}, ds)
+    assert res["split"].startswith(f"{ONE_STUDY_SPLIT} (case0): one volume (12 slices)")
+    assert res["preprocessing"] == "medsam" and "-prep_medsam-" in res["run"]
+    st = task.stats()
+    assert st["status"] == "done" and st["split"] == res["split"] and ONE_STUDY_SPLIT in st["message"]
+    assert st["calibration_slices"] == 3 and st["test_slices"] > 0
+    assert st["notes"] == ["4 studies without a final label not used"]
+    recipe = Recipe.load(Path(res["out_dir"]) / "recipe.yaml")
+    assert recipe.scores["split"] == res["split"] and recipe.style == "medsam"
+
+
 @pytest.mark.parametrize("labelled, request_, needle", [
     (4, {"task": "liver"}, "unknown task(s) ['liver']; this data has ['ellipsoid', 'label_2']"),
     (4, {"trials": 3}, "trials must be at least 10"),
     (4, {"granularity": 7}, "granularity: must be 1, 2, 3 or 4"),
     (4, {"task": "ellipsoid,label_2", "min_budget": 3}, "one task only"),
-    (1, {}, "at least 2 labelled studies are needed (calibration and test), found 1"),
     (0, {}, "no labelled studies: none of the 5 images in the datastore has a final label"),
 ])
 def test_bad_requests_fail_with_the_reason_in_stats(labelled, request_, needle, models_spec, tmp_path):

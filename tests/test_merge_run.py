@@ -13,6 +13,7 @@ import torch
 
 from conftest import TINY, random_state
 from medsamix.merge_run import (
+    ONE_STUDY_SPLIT,
     MergeOptions,
     MergeRunError,
     ProgressFile,
@@ -30,6 +31,9 @@ from medsamix.merge_run import (
 )
 from medsamix.pool import ModelPool
 from medsamix.search import SearchSettings, Trial
+
+
+STYLES = {"sam": "sam", "medsam": "medsam", "medicosam": "sam"}  # own preprocessing of the pool models below
 
 
 def make_datastore(root: Path, n: int = 5, labelled: int | None = None, shape: tuple[int, int, int] = (40, 48, 12)
@@ -92,8 +96,10 @@ def test_options_accept_strings_and_fill_defaults():
     assert MergeOptions.from_mapping({}, {"trials": 30, "task": ""}).trials == 30
     assert MergeOptions.from_mapping({"labels": ["a", "b", "a"]}).tasks == ("a", "b")
     assert MergeOptions.from_mapping({"min_budget": 4, "min_gain": "0.01"}).min_budget == 4
-    s = MergeOptions.from_mapping({"preprocessing": "medsam"}).settings(("a",), "sam")
-    assert s.preprocessing == "medsam" and MergeOptions().settings(("a",), "sam").preprocessing == "sam"
+    s = MergeOptions.from_mapping({"preprocessing": "medsam"}).settings(("a",), STYLES)
+    assert s.preprocessing == "medsam" and s.own_styles == tuple(STYLES.items())  # fixed: no search over it
+    searched = MergeOptions.from_mapping({"preprocessing": ""}).settings(("a",), STYLES)
+    assert searched.preprocessing is None and searched.searched_styles == ("sam", "medsam")
 
 
 @pytest.mark.parametrize("values, needle", [
@@ -134,10 +140,25 @@ def test_task_set_skips_unlabelled_studies_and_splits_by_patient(task_set):
     assert not {s.study_id for s in ts.calibration} & {s.study_id for s in ts.test}
 
 
-def test_fewer_than_two_labelled_studies_is_a_clear_error(tmp_path):
-    root = make_datastore(tmp_path / "one", n=3, labelled=1)
-    with pytest.raises(MergeRunError, match=r"at least 2 labelled studies .* found 1.*no label"):
-        task_set_from_pairs("one", pairs_of(root))
+def test_one_labelled_study_is_split_by_slabs_and_none_is_a_clear_error(tmp_path):
+    root = make_datastore(tmp_path / "one", n=3, labelled=1, shape=(40, 48, 50))
+    ts, skipped = task_set_from_pairs("one", pairs_of(root), {1: "ellipsoid"})
+    assert len(skipped) == 2 and ts.split.startswith(f"{ONE_STUDY_SPLIT} (case0): one volume (50 slices")
+    assert "contiguous slab" in ts.split and "guard" in ts.split
+    assert {s.study_id for s in ts.calibration} == {s.study_id for s in ts.test} == {"case0"}
+    for task in ("ellipsoid", "label_2"):  # label_2 lies on 8 of the 50 slices: the slabs still reach it
+        cal = {s.index for s in ts.calibration if s.task.name == task}
+        test = {s.index for s in ts.test if s.task.name == task}
+        assert len(cal) >= 3 and test and not cal & test
+        assert all(abs(c - t) > 1 for c in cal for t in test)  # a guard slice between calibration and test
+    cal_slices = sorted({s.index for s in ts.calibration})
+    assert len(cal_slices) == 10 and cal_slices[-1] - cal_slices[0] > 10  # 20%, in 2 slabs spread over the volume
+    assert select_tasks(ts, ["ellipsoid", "label_2"])[1]
+    # a thin volume (12 slices): still at least 3 calibration slices
+    thin, _ = task_set_from_pairs("thin", pairs_of(make_datastore(tmp_path / "thin", n=1, labelled=1)))
+    assert select_tasks(thin, ["label_1"])[0] and len({s.index for s in thin.calibration}) == 3
+    with pytest.raises(MergeRunError, match=r"at least 1 labelled study is needed, found 0.*no label"):
+        task_set_from_pairs("unlabelled", pairs_of(make_datastore(tmp_path / "none", n=2, labelled=0)))
     with pytest.raises(MergeRunError, match="found 0"):
         task_set_from_pairs("none", [])
 
@@ -158,17 +179,24 @@ def test_select_tasks_refuses_unknown_tasks_and_too_few_slices(task_set):
 
 def test_plan_names_runs_stably_and_checks_multi_fidelity(task_set, pool, tmp_path):
     ts, _ = task_set
-    a = plan_run(ts, MergeOptions(("ellipsoid",), trials=10), pool, tmp_path, "sam")
-    b = plan_run(ts, MergeOptions(("ellipsoid",), trials=10, restart=True), pool, tmp_path, "sam")
-    c = plan_run(ts, MergeOptions(("ellipsoid",), trials=11), pool, tmp_path, "sam")
+    a = plan_run(ts, MergeOptions(("ellipsoid",), trials=10), pool, tmp_path, STYLES)
+    b = plan_run(ts, MergeOptions(("ellipsoid",), trials=10, restart=True), pool, tmp_path, STYLES)
+    c = plan_run(ts, MergeOptions(("ellipsoid",), trials=11), pool, tmp_path, STYLES)
     assert a.name == b.name and a.name.startswith("ellipsoid-t10-g2-seed0-") and c.name != a.name
+    assert a.settings.preprocessing is None and dict(a.settings.own_styles) == STYLES  # the style is searched
+    assert not a.one_study and ts.split.startswith("patients")
+    # a fixed style, or other own styles of the pool models, is another search space: another run
+    fixed = plan_run(ts, MergeOptions(("ellipsoid",), trials=10, preprocessing="medsam"), pool, tmp_path, STYLES)
+    assert fixed.name.startswith("ellipsoid-t10-g2-seed0-prep_medsam-") and fixed.settings.preprocessing == "medsam"
+    own = plan_run(ts, MergeOptions(("ellipsoid",), trials=10), pool, tmp_path, {**STYLES, "medicosam": "medsam"})
+    assert own.name != a.name and own.name.startswith("ellipsoid-t10-g2-seed0-")
     assert a.out_dir == tmp_path / a.name and a.variant == "MedSAMix-S"
-    every = plan_run(ts, MergeOptions(), pool, tmp_path, "sam")
+    every = plan_run(ts, MergeOptions(), pool, tmp_path, STYLES)
     assert every.settings.tasks == ("ellipsoid", "label_2") and every.variant == "MedSAMix-M"
     with pytest.raises(MergeRunError, match="one task only"):
-        plan_run(ts, MergeOptions(min_budget=2), pool, tmp_path, "sam")
+        plan_run(ts, MergeOptions(min_budget=2), pool, tmp_path, STYLES)
     with pytest.raises(MergeRunError, match=r"min_budget must lie in \[1, "):
-        plan_run(ts, MergeOptions(("ellipsoid",), min_budget=999), pool, tmp_path, "sam")
+        plan_run(ts, MergeOptions(("ellipsoid",), min_budget=999), pool, tmp_path, STYLES)
     s = SearchSettings(tasks=("a/b",), trials=5)
     assert "/" not in run_name(s, {}) and run_name(s, {}) == run_name(s, {}) != run_name(s, {"pool": 1})
 
@@ -243,7 +271,7 @@ def test_monitor_reports_resumed_trials_and_best_full_budget_dice(tmp_path, pool
 
 def test_run_writes_outputs_and_resumes_after_a_kill_without_losing_trials(task_set, pool, tmp_path):
     ts, _ = task_set
-    plan = plan_run(ts, MergeOptions(("ellipsoid",), trials=10), pool, tmp_path, "sam")
+    plan = plan_run(ts, MergeOptions(("ellipsoid",), trials=10), pool, tmp_path, STYLES)
     seen: list[int] = []
 
     class Killed(Exception):
@@ -260,8 +288,7 @@ def test_run_writes_outputs_and_resumes_after_a_kill_without_losing_trials(task_
     # a kill while SMAC rewrites its files in place leaves them cut off
     rh = next(plan.out_dir.glob("smac/*/*/runhistory.json"))
     rh.write_text(rh.read_text()[: len(rh.read_text()) // 2])
-    out = run_merge(pool, plan.calibration, plan.test, plan.settings, plan.out_dir, plan.split,
-                    {"sam": "sam", "medsam": "medsam", "medicosam": "sam"}, report=False,
+    out = run_merge(pool, plan.calibration, plan.test, plan.settings, plan.out_dir, plan.split, report=False,
                     on_trial=lambda t, d: seen.append(d))
     assert seen == list(range(1, 11))  # trials 1-4 kept, 5-10 run once
     assert len(out.result.trials) == 10 and [t.number for t in out.result.trials] == list(range(10))
@@ -270,7 +297,10 @@ def test_run_writes_outputs_and_resumes_after_a_kill_without_losing_trials(task_
     assert out.recipe.scores["promotion"] == out.promotion.reason and "test_dice" in out.recipe.scores
     for name in ("recipe.yaml", "merged.pth", "history.csv"):
         assert (plan.out_dir / name).is_file()
-    assert len((plan.out_dir / "history.csv").read_text().splitlines()) == 11
+    history = (plan.out_dir / "history.csv").read_text().splitlines()
+    assert len(history) == 11 and history[0].endswith(",stage,preprocessing")
+    assert {row.rsplit(",", 1)[1] for row in history[1:]} == {"sam", "medsam"}  # medsam: the medsam model alone
+    assert out.recipe.style == out.result.best.config.preprocessing and out.recipe.merge.preprocessing is None
     assert [p.name for p in plan.out_dir.glob("smac.checkpoint-*")] == ["smac.checkpoint-10"]
     assert not list(plan.out_dir.glob(".*tmp*"))
     # asking again changes nothing and evaluates nothing

@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 
 from medsamix import Recipe
+from medsamix.merge_run import ONE_STUDY_SPLIT
+from test_merge_run import make_datastore
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = ROOT / "scripts" / "merge_search.py"
@@ -64,3 +66,16 @@ def test_unknown_task_is_a_clear_error(datastore, tmp_path):
     res = run("--studies", str(datastore), "--task", "liver", "--trials", "5", "--out", str(tmp_path / "x"))
     assert res.returncode == 2
     assert "unknown task(s) ['liver']" in res.stderr and "label_1" in res.stderr
+
+
+def test_one_labelled_study_is_searched_on_a_slab_split(tmp_path):
+    one = make_datastore(tmp_path / "one", n=2, labelled=1)
+    out = tmp_path / "run"
+    res = run("--studies", str(one), "--task", "label_1", "--trials", "10", "--preprocessing", "sam", "--out",
+              str(out))
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert f"data: one: {ONE_STUDY_SPLIT} (case0): one volume (12 slices)" in res.stdout
+    recipe = Recipe.load(out / "recipe.yaml")
+    assert recipe.scores["split"].startswith(ONE_STUDY_SPLIT) and recipe.scores["test_dice"]
+    assert recipe.style == "sam"  # --preprocessing fixes it
+    assert f"Data: {ONE_STUDY_SPLIT}" in (out / "report.md").read_text()

@@ -60,6 +60,28 @@ def test_merge_from_recipe_reproduces_merger(tiny_pool_files):
         assert torch.equal(merged[k], direct[k]), k
 
 
+def test_recipe_keeps_a_searched_configurations_style_in_its_preprocessing_section(tiny_pool_files, tmp_path):
+    """A search's configuration carries its preprocessing style; the recipe records it once, in
+    ``preprocessing.style``, and gives it back with the configuration and as the served input convention."""
+    searched = make_recipe(tiny_pool_files).merge.with_preprocessing("medsam")
+    base = make_recipe(tiny_pool_files)
+    recipe = Recipe(arch=base.arch, base=base.base, models=base.models, merge=searched,
+                    preprocessing={"style": "medsam"})
+    assert recipe.merge.preprocessing is None and recipe.style == "medsam" and recipe.config == searched
+    d = recipe.to_dict()
+    assert d["preprocessing"] == {"style": "medsam"} and "preprocessing" not in d["merge"]
+    recipe.save(tmp_path / "r.yaml")
+    loaded = Recipe.load(tmp_path / "r.yaml")
+    assert loaded.config == searched and loaded.config.fingerprint() == searched.fingerprint()
+    prep = loaded.preprocessor()
+    assert (prep.style, prep.img_size) == ("medsam", TINY.img_size)
+    with pytest.raises(ConfigError, match="differs from preprocessing.style 'sam'"):
+        Recipe(arch=base.arch, base=base.base, models=base.models, merge=searched, preprocessing={"style": "sam"})
+    res = run_cli("--recipe", str(tmp_path / "r.yaml"), *checkpoint_args(tiny_pool_files), "--out",
+                  str(tmp_path / "m.pth"))
+    assert res.returncode == 0 and "preprocessing=medsam" in res.stdout, res.stderr
+
+
 def test_cli_writes_a_loadable_checkpoint(tiny_pool_files, tmp_path):
     recipe = make_recipe(tiny_pool_files)
     recipe.save(tmp_path / "r.yaml")
@@ -122,6 +144,7 @@ def test_cli_missing_alias(tiny_pool_files, tmp_path):
     (lambda d: d["base"].__setitem__("sha256", "abc"), r"base.sha256: not a hex sha256"),
     (lambda d: d.pop("models"), r"models: expected a list"),
     (lambda d: d.__setitem__("preprocessing", {"style": "ct"}), r"preprocessing.style must be one of"),
+    (lambda d: d["merge"].__setitem__("preprocessing", "medsam"), r"merge.preprocessing: the style belongs in"),
     (lambda d: d.__setitem__("architecture", "vit_q"), r"architecture: unknown architecture 'vit_q'"),
     (lambda d: d.__setitem__("medsamix_recipe", 9), r"format version"),
 ])

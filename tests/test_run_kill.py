@@ -36,11 +36,11 @@ studies, pool_dir, runs, trials = sys.argv[1:]
 manifest = PoolManifest.load(pool_dir)
 pool = manifest.load_pool()
 plan = plan_run(datastore_task_set(studies, {{1: "ellipsoid"}}), MergeOptions(("ellipsoid",), trials=int(trials)),
-                pool, runs, "sam")
+                pool, runs, manifest_styles(manifest))
 monitor = RunMonitor(ProgressFile(Path(runs) / "status.json"), plan.out_dir, plan.settings.trials)
 try:
     out = run_merge(pool, plan.calibration, plan.test, plan.settings, plan.out_dir, plan.split,
-                    manifest_styles(manifest), on_trial=monitor.on_trial, report=False)
+                    on_trial=monitor.on_trial, report=False)
 except MedSAMixError as e:
     print(f"error: {{e}}", file=sys.stderr)
     sys.exit(2)

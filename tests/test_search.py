@@ -14,8 +14,17 @@ import yaml
 from conftest import TINY, random_state
 from medsamix import GroupSetting, MergeConfig, Merger, ModelPool
 from medsamix.evaluate import Evaluator
-from medsamix.search import COARSE_TOP, SearchError, SearchSettings, coarse_trials, initial_configs, run_search
-from medsamix.search_space import build_space, component_tie, from_merge_config, to_merge_config
+from medsamix.preprocess import STYLES
+from medsamix.search import (
+    COARSE_TOP,
+    SearchError,
+    SearchSettings,
+    coarse_trials,
+    initial_configs,
+    run_search,
+    score,
+)
+from medsamix.search_space import PREP_STYLE, build_space, component_tie, from_merge_config, to_merge_config
 from medsamix.slices import SliceSample, tight_box
 from medsamix.tasks import Task
 
@@ -70,6 +79,68 @@ def test_round_trip_preserves_the_merged_model(merger):
     for c in initial_configs(merger, SearchSettings(tasks=("a",))):
         from_merge_config(cs, c, merger.aliases)  # inside the space
 
+
+
+OWN = (("sam", "sam"), ("ct", "medsam"), ("mr", "sam"))  # the "ct" model is served with MedSAM preprocessing
+
+
+def test_style_is_a_hyper_parameter_unless_the_settings_fix_it(merger):
+    searched = SearchSettings(tasks=("a",), own_styles=OWN)
+    fixed = SearchSettings(tasks=("a",), preprocessing="medsam", own_styles=OWN)
+    assert searched.searched_styles == STYLES and fixed.searched_styles == ()
+    for tie in (None, component_tie(merger.groups)):
+        cs = build_space(merger.groups, merger.aliases, tie=tie, styles=searched.searched_styles)
+        assert PREP_STYLE == "prep:style" and list(cs[PREP_STYLE].choices) == list(STYLES)
+        assert PREP_STYLE not in build_space(merger.groups, merger.aliases, tie=tie, styles=fixed.searched_styles)
+        seen = set()
+        for seed in range(12):  # sampled configurations carry the sampled style; a fixed style otherwise
+            cfg = cs.sample_configuration()
+            mc = to_merge_config(cfg, merger.groups, merger.aliases, 2, tie=tie)
+            assert mc.preprocessing == cfg[PREP_STYLE]
+            seen.add(mc.preprocessing)
+            assert dict(from_merge_config(cs, mc, merger.aliases, tie))[PREP_STYLE] == mc.preprocessing
+            assert to_merge_config(cfg, merger.groups, merger.aliases, 2, tie=tie,
+                                   preprocessing="sam").preprocessing == cfg[PREP_STYLE]
+        assert seen == set(STYLES)
+        plain = build_space(merger.groups, merger.aliases, tie=tie)
+        assert to_merge_config(plain.sample_configuration(), merger.groups, merger.aliases, 2, tie=tie,
+                               preprocessing="medsam").preprocessing == "medsam"
+        with pytest.raises(ValueError, match="has none"):
+            from_merge_config(cs, MergeConfig.uniform(merger.groups, "pick", {"source": "ct"}, 2), merger.aliases, tie)
+    with pytest.raises(SearchError, match="preprocessing styles"):
+        SearchSettings(tasks=("a",), preprocessing="ct")
+
+
+def test_initial_design_holds_each_single_model_with_its_own_style(merger):
+    def single(configs, alias):  # the one-hot linear merge of alias and, for a fine-tuned model, one-hot TA
+        return [c for c in configs if c.groups["enc.neck"].params.get("weights") in (
+            {a: float(a == alias) for a in merger.aliases}, {a: float(a == alias) for a in merger.aliases[1:]})]
+
+    design = initial_configs(merger, SearchSettings(tasks=("a",), own_styles=OWN))
+    assert len(design) == 10
+    for alias, style in OWN:
+        assert [c.preprocessing for c in single(design, alias)] == [style] * (1 if alias == "sam" else 2)
+    assert all(c.preprocessing == "sam" for c in design[:5])  # the uniform merges: the base model's style
+    fixed = initial_configs(merger, SearchSettings(tasks=("a",), preprocessing="medsam", own_styles=OWN))
+    assert {c.preprocessing for c in fixed} == {"medsam"}  # a fixed style: no search over it
+    assert [c.groups for c in fixed] == [c.groups for c in design]
+
+
+def test_embedding_cache_keys_on_the_style(merger, evaluator):
+    config = MergeConfig.uniform(merger.groups, "pick", {"source": "ct"}, 2, preprocessing="sam")
+    other_decoder = MergeConfig(2, False, dict(config.groups), "sam")
+    other_decoder.groups["dec.iou_head"] = GroupSetting("pick", {"source": "mr"})
+    n = evaluator.num_images
+    score(merger, evaluator, config, ["a"])
+    score(merger, evaluator, other_decoder, ["a"])
+    assert evaluator.encoder_passes == n  # same encoder and style: embeddings reused
+    medsam = score(merger, evaluator, config.with_preprocessing("medsam"), ["a"])
+    assert evaluator.encoder_passes == 2 * n  # another style: another encoder pass
+    assert merger.encoder_fingerprint(config) != merger.encoder_fingerprint(config.with_preprocessing("medsam"))
+    assert score(merger, evaluator, config.with_preprocessing("medsam"), ["a"]) == medsam
+    assert evaluator.encoder_passes == 2 * n
+    with pytest.raises(ValueError, match="no preprocessing style"):
+        score(merger, evaluator, config.with_preprocessing(None), ["a"])
 
 
 def test_tied_space_has_one_setting_per_component(merger):
@@ -259,10 +330,13 @@ def test_coarse_trials_leave_room_for_the_initial_design_and_the_per_group_stage
 
 
 def test_changed_settings_are_refused_unless_restarted(merger, evaluator, tmp_path):
-    run_search(merger, evaluator, SearchSettings(tasks=("a",), trials=11, granularity=2), tmp_path / "x")
+    first = SearchSettings(tasks=("a",), trials=11, granularity=2)
+    run_search(merger, evaluator, first, tmp_path / "x")
     other = SearchSettings(tasks=("b",), trials=11, granularity=2)
-    with pytest.raises(SearchError, match="other settings"):
-        run_search(merger, evaluator, other, tmp_path / "x")
+    # another search space (the style fixed, or other own styles in the initial design) is another search
+    for changed in (other, dataclasses.replace(first, preprocessing="sam"), dataclasses.replace(first, own_styles=OWN)):
+        with pytest.raises(SearchError, match="other settings"):
+            run_search(merger, evaluator, changed, tmp_path / "x")
     result = run_search(merger, evaluator, other, tmp_path / "x", restart=True)
     assert len(result.trials) == 11 and set(result.best.dice) == {"b"}
 

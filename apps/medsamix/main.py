@@ -11,7 +11,7 @@ Configuration (``--conf key value``):
 * ``models``: ``alias=path,alias=path`` checkpoint files instead of a pool folder (first = base);
   ``preprocessing``: ``alias=style,...`` for them ("sam" or "medsam", default "sam").
 * ``merged_preprocessing``: preprocessing of the uniform merge served before anything is published (default: the
-  base model's).
+  base model's); a published merge is served with the style its recipe records (searched or fixed by the run).
 * ``model_dir``: the app's model folder (default ``apps/medsamix/model``); merged models are published to
   ``<model_dir>/merged`` and picked up by the ``medsamix`` infer task without a restart (what a publish killed
   midway left there is removed at server start).

@@ -1,4 +1,5 @@
-"""Merge configurations: a method and hyper-parameters for every layer group."""
+"""Merge configurations: a method and hyper-parameters for every layer group, and the preprocessing style the merged
+model is scored and served with."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Any
 from .errors import ConfigError
 from .groups import GRANULARITIES, Group
 from .methods import REGISTRY, get_method
+from .preprocess import STYLES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,17 +38,30 @@ class MergeConfig:
         granularity: ViT blocks per encoder group (1-4).
         separate: Whether encoder groups are split into attn / mlp / norm.
         groups: Group name -> setting; must cover exactly the groups of the architecture.
+        preprocessing: Input convention of the merged model ("sam" / "medsam", :data:`~medsamix.preprocess.STYLES`)
+            when the configuration fixes it: every configuration of a search does (the style is one of its
+            dimensions, an encoder pass depends on it). ``None``: not part of this configuration (a recipe keeps
+            it in its own ``preprocessing`` section; :attr:`medsamix.recipe.Recipe.config` puts it back).
     """
 
     granularity: int
     separate: bool
     groups: dict[str, GroupSetting]
+    preprocessing: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.preprocessing is not None and self.preprocessing not in STYLES:
+            raise ConfigError(f"preprocessing: must be one of {STYLES}, got {self.preprocessing!r}")
 
     @classmethod
     def uniform(cls, groups: Sequence[Group], method: str, params: Mapping[str, Any], granularity: int = 1,
-                separate: bool = False) -> "MergeConfig":
+                separate: bool = False, preprocessing: str | None = None) -> "MergeConfig":
         """The same method and parameters for every group (the paper's uniform baselines)."""
-        return cls(granularity, separate, {g.name: GroupSetting(method, dict(params)) for g in groups})
+        return cls(granularity, separate, {g.name: GroupSetting(method, dict(params)) for g in groups}, preprocessing)
+
+    def with_preprocessing(self, style: str | None) -> "MergeConfig":
+        """The same merge with another preprocessing style (``None``: none)."""
+        return dataclasses.replace(self, preprocessing=style)
 
     @classmethod
     def random(cls, groups: Sequence[Group], aliases: Sequence[str], rng: Random, granularity: int = 1,
@@ -89,21 +104,25 @@ class MergeConfig:
         return out
 
     def fingerprint(self, group_names: Iterable[str] | None = None) -> str:
-        """Short hash of the settings of some groups (all by default).
+        """Short hash of the settings of some groups (all by default) and of the preprocessing style, if any.
 
         Two configurations with the same fingerprint over the image-encoder groups produce the same image
-        embeddings, which lets an evaluator reuse them.
+        embeddings (same encoder weights, same input convention), which lets an evaluator reuse them.
         """
         names = sorted(self.groups if group_names is None else group_names)
-        payload = json.dumps([self.granularity, self.separate] + [[n, self.groups[n].canonical()] for n in names])
+        head: list[Any] = [self.granularity, self.separate]
+        if self.preprocessing is not None:  # configurations without a style keep their fingerprint
+            head.append({"preprocessing": self.preprocessing})
+        payload = json.dumps(head + [[n, self.groups[n].canonical()] for n in names])
         return hashlib.sha1(payload.encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "granularity": self.granularity,
-            "separate": self.separate,
-            "groups": {n: s.to_dict() for n, s in self.groups.items()},
-        }
+        """Plain (YAML-safe) form; ``preprocessing`` only when the configuration has a style."""
+        out: dict[str, Any] = {"granularity": self.granularity, "separate": self.separate}
+        if self.preprocessing is not None:
+            out["preprocessing"] = self.preprocessing
+        out["groups"] = {n: s.to_dict() for n, s in self.groups.items()}
+        return out
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], where: str = "") -> "MergeConfig":
@@ -126,7 +145,10 @@ class MergeConfig:
             granularity = d.get("granularity", 1)
             if granularity not in GRANULARITIES:
                 raise ConfigError(f"{pre}granularity: must be one of {GRANULARITIES}, got {granularity!r}")
-            return cls(int(granularity), bool(d.get("separate", False)), settings)
+            style = d.get("preprocessing")
+            if style is not None and style not in STYLES:
+                raise ConfigError(f"{pre}preprocessing: must be one of {STYLES}, got {style!r}")
+            return cls(int(granularity), bool(d.get("separate", False)), settings, style)
         except KeyError as e:
             raise ConfigError(f"{pre}missing field {e.args[0]!r}") from None
 
@@ -140,13 +162,13 @@ def _plain(x: Any) -> Any:
 
 
 def uniform_merges(groups: Sequence[Group], aliases: Sequence[str], granularity: int = 1,
-                   separate: bool = False) -> dict[str, MergeConfig]:
+                   separate: bool = False, preprocessing: str | None = None) -> dict[str, MergeConfig]:
     """The paper's uniform baselines, by name: linear with equal weights over all sources, SLERP t=0.5, task
-    arithmetic 0.5 and TIES keep 0.5 / scale 0.5, each applied to every group."""
+    arithmetic 0.5 and TIES keep 0.5 / scale 0.5, each applied to every group (with ``preprocessing``)."""
     table: dict[str, tuple[str, dict[str, Any]]] = {
         "linear": ("linear", {"weights": {a: 1.0 for a in aliases}}),
         "slerp_0.5": ("slerp", {"t": 0.5}),
         "task_arithmetic_0.5": ("task_arithmetic", {"scale": 0.5}),
         "ties_0.5_0.5": ("ties", {"keep": 0.5, "scale": 0.5}),
     }
-    return {n: MergeConfig.uniform(groups, m, p, granularity, separate) for n, (m, p) in table.items()}
+    return {n: MergeConfig.uniform(groups, m, p, granularity, separate, preprocessing) for n, (m, p) in table.items()}

@@ -4,7 +4,8 @@ This is the part of the MONAI Label "merge" train task (and of ``scripts/merge_s
 MONAI Label:
 
 * :func:`task_set_from_pairs` / :func:`datastore_task_set` build the calibration / test slices from (image, label)
-  pairs or a datastore folder (calibration = 20% of the patients, test = the rest);
+  pairs or a datastore folder (calibration = 20% of the patients, test = the rest; with one labelled study, slabs of
+  its slices: :func:`task_set_from_studies`);
 * :func:`select_tasks` picks the requested tasks' slices and checks that there are enough of them;
 * :func:`run_merge` runs (or resumes) the search into an output folder, writes ``recipe.yaml``, ``merged.pth`` and
   ``history.csv`` there, scores the selected configuration on the test split, and decides :class:`Promotion`; it
@@ -21,10 +22,11 @@ MONAI Label:
   resumes from the last finished trial with every finished trial kept and logged exactly once.
 
 The no-regression guard: the merged model is promoted only when its mean calibration Dice is not below that of the
-best single pool model, each single model scored on the same calibration slices *with its own preprocessing* (as it
-would be served on its own). The search's initial design contains every single model (with the merged model's
-preprocessing), so on calibration the merged model can only lose to a single model whose own preprocessing suits the
-data better; then the run says so and nothing is published.
+best single pool model (plus ``min_gain``), each single model scored on the same calibration slices *with its own
+preprocessing* (as it would be served on its own). The preprocessing style is part of the searched configuration
+(unless the options fix it) and the search's initial design contains every single model with its own style, so the
+guard can only trip on a required gain (``min_gain``) - or, with a fixed style, on a single model whose own
+preprocessing suits the data better; then the run says so and nothing is published.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from torch import Tensor
 
 from .checkpoint import save_sam_checkpoint
@@ -49,20 +52,23 @@ from .errors import MedSAMixError
 from .evaluate import Evaluator
 from .merger import Merger
 from .pool import ModelPool, PoolManifest
-from .preprocess import Preprocessor
 from .recipe import PREPROCESSING_STYLES, ModelRef, Recipe
 from .report import uniform_scores, write_report
 from .runlock import RunLock, pid_alive, process_started  # noqa: F401 - process_started: part of this API
 from .search import SearchResult, SearchSettings, Trial, _settings_key, run_search, score
-from .shared_data import TaskSet, normalized
+from .shared_data import TaskSet, normalized, slab_indices, slab_task_set
 from .slices import SliceSample, extract_slices
 from .studies import Skipped, Study, find_studies, load_study_pairs
-from .tasks import split_patients, tasks_from_labels
+from .tasks import Task, split_patients, tasks_from_labels
 
 log = logging.getLogger(__name__)
 
 MIN_CALIBRATION_SLICES = 3
 CALIBRATION_FRACTION = 0.2
+SLAB_SIZE = 5  # one labelled study: calibration slabs of about this many slices, spread over its labelled slices
+SLAB_GAP = 1  # ... each with this many guard slices left out of the test set on either side
+SLAB_TRIES = 64  # ... at the first of this many seeded slab positions that gives every task enough calibration slices
+ONE_STUDY_SPLIT = "slab split of the one labelled study"
 
 
 class MergeRunError(MedSAMixError):
@@ -74,23 +80,25 @@ class MergeRunError(MedSAMixError):
 
 def task_set_from_studies(name: str, studies: Sequence[Study], names: Mapping[int, str] | None = None,
                           seed: int = 0) -> TaskSet:
-    """Calibration and test slices of labelled studies, split by patient (study).
+    """Calibration and test slices of labelled studies, split by patient (study); a single study is split by slabs
+    of its slices (:func:`one_study_task_set`).
 
     Args:
         name: Name of the data source (shown in messages).
-        studies: The labelled studies (at least 2: one for calibration, one for test).
+        studies: The labelled studies (at least 1).
         names: Label value -> task name; values without a name become ``label_<value>``.
-        seed: Seed of the patient split.
+        seed: Seed of the patient (or slab) split.
 
     Raises:
-        MergeRunError: fewer than 2 studies, or no label value > 0 in any of them.
+        MergeRunError: no study, or no label value > 0 in any of them.
     """
-    if len(studies) < 2:
-        raise MergeRunError(f"{name}: at least 2 labelled studies are needed (calibration and test), "
-                            f"found {len(studies)}")
+    if not studies:
+        raise MergeRunError(f"{name}: no labelled study (at least 1 is needed)")
     tasks = tasks_from_labels(studies, names)
     if not tasks:
         raise MergeRunError(f"{name}: the labels of the {len(studies)} labelled studies are all empty")
+    if len(studies) == 1:
+        return one_study_task_set(name, studies[0], tasks, seed)
     cal_ids, _ = split_patients([s.study_id for s in studies], CALIBRATION_FRACTION, seed)
     cal: list[SliceSample] = []
     test: list[SliceSample] = []
@@ -99,6 +107,44 @@ def task_set_from_studies(name: str, studies: Sequence[Study], names: Mapping[in
             (cal if study.study_id in cal_ids else test).extend(extract_slices(study, t))
     return TaskSet(name, tasks, cal, test, f"patients: {len(cal_ids)} calibration / "
                    f"{len(studies) - len(cal_ids)} test")
+
+
+def one_study_task_set(name: str, study: Study, tasks: Sequence[Task], seed: int = 0) -> TaskSet:
+    """Calibration and test slices of a single labelled study: slabs of the slices that hold labels (from the first
+    to the last such slice along the last axis), as for the single volumes of the shared data
+    (:func:`medsamix.shared_data.slab_task_set`): calibration = :data:`CALIBRATION_FRACTION` of them, at least
+    :data:`MIN_CALIBRATION_SLICES` where the volume allows, in slabs of about :data:`SLAB_SIZE` slices spread over
+    them, each with :data:`SLAB_GAP` guard slices left out of the test set. One split serves every task (no slice is
+    calibration for one task and test for another); among :data:`SLAB_TRIES` seeded slab positions (``seed`` first)
+    the first that gives every task :data:`MIN_CALIBRATION_SLICES` calibration slices and a test slice is taken
+    (else the one coming closest), so that a small structure is not left out of calibration. The split string
+    starts with :data:`ONE_STUDY_SPLIT`.
+    """
+    study = normalized(study)
+    present = [np.flatnonzero((study.label == t.value).any(axis=(0, 1))) for t in tasks]
+    labelled = np.flatnonzero((study.label > 0).any(axis=(0, 1)))
+    first, last = int(labelled[0]), int(labelled[-1])
+    n = last - first + 1
+    fraction = min(max(CALIBRATION_FRACTION, MIN_CALIBRATION_SLICES / n), 0.5)
+
+    def coverage(s: int) -> tuple[int, int]:  # (fewest calibration slices of a task (capped), tasks with test slices)
+        cal, test = slab_indices(n, fraction, s, SLAB_SIZE, SLAB_GAP)
+        cal_set, test_set = {i + first for i in cal}, {i + first for i in test}
+        return (min(min(sum(int(i) in cal_set for i in p), MIN_CALIBRATION_SLICES) for p in present),
+                sum(any(int(i) in test_set for i in p) for p in present))
+
+    goal = (MIN_CALIBRATION_SLICES, len(tasks))
+    tried: list[tuple[tuple[int, int], int, int]] = []
+    for j in range(SLAB_TRIES):
+        c = coverage(seed + 7919 * j)
+        if c >= goal:
+            chosen = seed + 7919 * j
+            break
+        tried.append((c, -j, seed + 7919 * j))
+    else:
+        chosen = max(tried)[2]  # the closest to the goal, the earliest of those
+    ts = slab_task_set(name, study, tasks, chosen, fraction, slab_size=SLAB_SIZE, gap=SLAB_GAP, extent=(first, last))
+    return dataclasses.replace(ts, split=f"{ONE_STUDY_SPLIT} ({study.study_id}): {ts.split}")
 
 
 def task_set_from_pairs(name: str, pairs: Iterable[tuple[str | Path, str | Path | None]],
@@ -114,10 +160,9 @@ def task_set_from_pairs(name: str, pairs: Iterable[tuple[str | Path, str | Path 
                                         sub_blocks=sub_blocks)
     for s in skipped:
         log.warning("skipped %s: %s", s.path, s.reason)
-    if len(studies) < 2:
+    if not studies:
         why = "".join(f"; {s.path.name}: {s.reason}" for s in skipped[:5])
-        raise MergeRunError(f"{name}: at least 2 labelled studies are needed (calibration and test), "
-                            f"found {len(studies)}{why}")
+        raise MergeRunError(f"{name}: at least 1 labelled study is needed, found 0{why}")
     return task_set_from_studies(name, studies, names, seed), skipped
 
 
@@ -238,10 +283,14 @@ def run_name(settings: SearchSettings, context: Mapping[str, Any]) -> str:
 
     Equal settings on equal data (pool checksums, calibration studies) give the same name, so asking again
     resumes; other settings or new labelled studies give another folder instead of an incompatible-history error.
+    A fixed preprocessing style shows as ``prep_<style>`` (a searched one adds nothing); the hash covers it and
+    the pool models' own styles (the initial design), so a changed search space is another run.
     """
     tasks = "+".join(re.sub(r"[^A-Za-z0-9_.-]", "_", t) for t in settings.tasks)[:60]
     parts = [tasks, f"t{settings.trials}", f"g{settings.granularity}{'s' if settings.separate else ''}",
              f"seed{settings.seed}"]
+    if settings.preprocessing is not None:
+        parts.append(f"prep_{settings.preprocessing}")
     if settings.min_budget is not None:
         parts.append(f"mb{settings.min_budget}")
     return "-".join(parts) + "-" + _settings_key(settings, dict(context))[:10]
@@ -302,17 +351,16 @@ def decide_promotion(merged: Mapping[str, float], singles: Mapping[str, Mapping[
     return Promotion(ok, m, best, means[best], {a: dict(d) for a, d in singles.items()}, reason)
 
 
-def single_model_scores(merger: Merger, evaluator: Evaluator, styles: Mapping[str, str] | None,
-                        tasks: Sequence[str], default_style: str) -> dict[str, dict[str, float]]:
-    """Calibration Dice of each single pool model, each with its own preprocessing style (alias -> "sam" /
-    "medsam"; ``default_style`` for a model not in ``styles``)."""
-    out = {}
-    for alias in merger.aliases:
-        style = (styles or {}).get(alias) or default_style
-        prep = Preprocessor(style, merger.pool.arch.img_size)
-        config = MergeConfig.uniform(merger.groups, "pick", {"source": alias}, merger.granularity, merger.separate)
-        out[alias] = score(merger, evaluator, prep, config, tasks)
-    return out
+def single_model_config(merger: Merger, alias: str, style: str) -> MergeConfig:
+    """Pool model ``alias`` as it is served alone: every group picked from it, with ``style``."""
+    return MergeConfig.uniform(merger.groups, "pick", {"source": alias}, merger.granularity, merger.separate, style)
+
+
+def single_model_scores(merger: Merger, evaluator: Evaluator, settings: SearchSettings) -> dict[str, dict[str, float]]:
+    """Dice per task (``settings.tasks``) of each single pool model on ``evaluator``'s slices, each with its own
+    preprocessing style (:meth:`SearchSettings.own_style`), as it is served alone."""
+    return {a: score(merger, evaluator, single_model_config(merger, a, settings.own_style(a)), settings.tasks)
+            for a in merger.aliases}
 
 
 def manifest_styles(manifest: PoolManifest) -> dict[str, str]:
@@ -340,7 +388,6 @@ def run_merge(
     settings: SearchSettings,
     out_dir: str | Path,
     split: str,
-    styles: Mapping[str, str] | None = None,
     restart: bool = False,
     on_trial: Callable[[Trial, int], None] | None = None,
     client: Any | None = None,
@@ -359,8 +406,6 @@ def run_merge(
         out_dir: Output folder; a search there with the same settings and data is resumed. Locked for the whole
             call (search, selection, ``on_ready``, report): one process per folder.
         split: How calibration and test were split (part of the resume check and of the recipe).
-        styles: Alias -> preprocessing style of each pool model (its own, as served alone), for the
-            no-regression guard; see :func:`manifest_styles`.
         restart: Discard an incompatible history in ``out_dir`` instead of refusing.
         on_trial: Called after each trial with the trial and the number of trials done (resumed ones included).
         client: Optional ``distributed.Client`` for parallel trials.
@@ -373,19 +418,21 @@ def run_merge(
 
     Returns:
         The outcome; ``recipe.yaml``, ``merged.pth`` and ``history.csv`` are in ``out_dir`` (each written
-        atomically), and ``recipe.scores`` carries the calibration and test Dice and the promotion decision.
+        atomically), and ``recipe.scores`` carries the calibration and test Dice and the promotion decision. The
+        recipe's ``preprocessing.style`` is the selected configuration's (searched, or fixed by the settings).
+        The single models of the no-regression guard are scored with their own styles (``settings.own_styles``).
 
     Raises:
         RunLockedError: another process (or another call in this one) runs in ``out_dir``.
     """
     out_dir = Path(out_dir)
     with RunLock(out_dir):  # one process per run folder, for the whole run (a second one fails at once)
-        return _run_merge(pool, calibration, test, settings, out_dir, split, styles, restart, on_trial, client, report,
+        return _run_merge(pool, calibration, test, settings, out_dir, split, restart, on_trial, client, report,
                           min_gain, device, on_ready)
 
 
 def _run_merge(pool: ModelPool, calibration: Sequence[SliceSample], test: Sequence[SliceSample],
-               settings: SearchSettings, out_dir: Path, split: str, styles: Mapping[str, str] | None, restart: bool,
+               settings: SearchSettings, out_dir: Path, split: str, restart: bool,
                on_trial: Callable[[Trial, int], None] | None, client: Any | None, report: bool, min_gain: float,
                device: str, on_ready: Callable[["MergeOutcome"], None] | None) -> MergeOutcome:
     """:func:`run_merge` with the run folder's lock held."""
@@ -405,50 +452,48 @@ def _run_merge(pool: ModelPool, calibration: Sequence[SliceSample], test: Sequen
             checkpoint_search_state(out_dir, done)
 
     result = run_search(merger, evaluator, settings, out_dir, context, restart, after_trial, client)
-    prep = Preprocessor(settings.preprocessing, pool.arch.img_size)
+    best = result.best.config
     test_ev = Evaluator(list(test), device=device) if test else None
-    test_dice = score(merger, test_ev, prep, result.best.config, settings.tasks) if test_ev else {}
-    singles = single_model_scores(merger, evaluator, styles, settings.tasks, settings.preprocessing)
+    test_dice = score(merger, test_ev, best, settings.tasks) if test_ev else {}
+    singles = single_model_scores(merger, evaluator, settings)
     promotion = decide_promotion(result.best.dice, singles, min_gain)
     recipe = Recipe(
         arch=pool.arch, base=ModelRef(pool.base.alias, pool.base.sha256),
-        models=[ModelRef(m.alias, m.sha256) for m in pool.models], merge=result.best.config,
-        preprocessing={"style": settings.preprocessing},
+        models=[ModelRef(m.alias, m.sha256) for m in pool.models], merge=best.with_preprocessing(None),
+        preprocessing={"style": best.preprocessing},
         scores={"calibration_dice": dict(result.best.dice), "test_dice": test_dice, "trials": len(result.trials),
                 "split": split, "single_models_calibration_dice": promotion.singles,
                 "promotion": promotion.reason},
     )
     recipe.save(out_dir / "recipe.yaml")
-    state = {k: v.detach().to("cpu", copy=True) for k, v in merger.apply(result.best.config).state_dict().items()}
+    state = {k: v.detach().to("cpu", copy=True) for k, v in merger.apply(best).state_dict().items()}
     save_sam_checkpoint(state, out_dir / "merged.pth")
     _atomic(out_dir / "history.csv", lambda p: write_history(p, result.trials, settings.tasks))
     outcome = MergeOutcome(out_dir, result, recipe, state, dict(result.best.dice), test_dice, promotion)
     if on_ready is not None:  # e.g. publish now: the report below scores every reference model on test slices
         on_ready(outcome)
     if report:
-        write_comparison_report(out_dir, merger, evaluator, test_ev, settings, result, singles, test_dice, styles,
+        write_comparison_report(out_dir, merger, evaluator, test_ev, settings, result, singles, test_dice,
                                 [f"Data: {split}."])
     return outcome
 
 
-def reference_scores(merger: Merger, evaluator: Evaluator, settings: SearchSettings,
-                     styles: Mapping[str, str] | None) -> dict[str, dict[str, float]]:
+def reference_scores(merger: Merger, evaluator: Evaluator, settings: SearchSettings) -> dict[str, dict[str, float]]:
     """Dice per task of the references a merge must beat on ``evaluator``'s slices: every single pool model (its
-    own preprocessing) and every uniform merge (the merged model's). ``merger``'s model is overwritten."""
-    return {**single_model_scores(merger, evaluator, styles, settings.tasks, settings.preprocessing),
-            **uniform_scores(merger, evaluator, settings)}
+    own preprocessing) and every uniform merge (the base model's style, as in the initial design). ``merger``'s
+    model is overwritten."""
+    return {**single_model_scores(merger, evaluator, settings), **uniform_scores(merger, evaluator, settings)}
 
 
 def write_comparison_report(out_dir: Path, merger: Merger, calibration: Evaluator, test: Evaluator | None,
                             settings: SearchSettings, result: SearchResult, singles: Mapping[str, Mapping[str, float]],
-                            test_dice: Mapping[str, float], styles: Mapping[str, str] | None,
-                            header: Sequence[str] = ()) -> Path:
+                            test_dice: Mapping[str, float], header: Sequence[str] = ()) -> Path:
     """Score the single models (own preprocessing) and the uniform merges on calibration and test slices and
     write ``report.md`` with its figures (see :mod:`medsamix.report`). ``merger``'s model is overwritten."""
     cal = {"medsamix": dict(result.best.dice), **singles, **uniform_scores(merger, calibration, settings, result.trials)}
     tst: dict[str, dict[str, float]] = {}
     if test is not None:
-        tst = {"medsamix": dict(test_dice), **reference_scores(merger, test, settings, styles)}
+        tst = {"medsamix": dict(test_dice), **reference_scores(merger, test, settings)}
     return write_report(out_dir, result, settings, cal, tst, header)
 
 
@@ -537,13 +582,14 @@ def restore_search_state(out_dir: str | Path) -> int | None:
 def write_history(path: str | Path, trials: Sequence[Trial], tasks: Sequence[str]) -> None:
     """One CSV row per trial: number, status, mean Dice, per-task Dice, budget (calibration slices; '' = all),
     stage (``coarse``: one setting per model component; ``groups``: per layer group; ``rescored``: an initial-design
-    configuration dropped early by Hyperband, scored on all calibration slices after the search)."""
+    configuration dropped early by Hyperband, scored on all calibration slices after the search), preprocessing
+    style."""
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["trial", "status", "mean_dice", *tasks, "budget", "stage"])
+        w.writerow(["trial", "status", "mean_dice", *tasks, "budget", "stage", "preprocessing"])
         for t in trials:
             w.writerow([t.number, t.status, f"{t.mean_dice:.4f}", *(f"{t.dice.get(k, 0):.4f}" for k in tasks),
-                        "" if t.budget is None else t.budget, t.stage])
+                        "" if t.budget is None else t.budget, t.stage, t.config.preprocessing or ""])
 
 
 def _atomic(path: Path, write: Callable[[Path], None]) -> None:
@@ -598,8 +644,8 @@ class MergeOptions:
         min_budget: Multi-fidelity (one task only): fewest calibration slices per trial; ``None`` = off.
         seed: Seed of the patient split and of SMAC.
         restart: Discard the stored trials of these settings and start over.
-        preprocessing: Preprocessing style of the merged model ("sam" / "medsam"); ``None`` = the default
-            (the base model's).
+        preprocessing: Preprocessing style of the merged model ("sam" / "medsam"), fixed; ``None`` = searched
+            (each single pool model enters the initial design with its own style).
         min_gain: Promote only when the merged model's mean calibration Dice exceeds the best single pool
             model's by at least this much (0 = not worse is enough). Not part of the search settings.
     """
@@ -644,8 +690,8 @@ class MergeOptions:
             raise MergeRunError(f"seed: must be >= 0, got {seed}")
         style = merged.get("preprocessing") or None
         if style is not None and style not in PREPROCESSING_STYLES:
-            raise MergeRunError(f"preprocessing: must be one of {list(PREPROCESSING_STYLES)} (or empty for the "
-                                f"default), got {style!r}")
+            raise MergeRunError(f"preprocessing: must be one of {list(PREPROCESSING_STYLES)} (or empty to search "
+                                f"it), got {style!r}")
         try:
             min_gain = float(merged.get("min_gain") or 0.0)
         except (TypeError, ValueError):
@@ -655,12 +701,12 @@ class MergeOptions:
         return cls(tasks, trials, granularity, _as_bool("separate", merged.get("separate", False)),
                    min_budget or None, seed, _as_bool("restart", merged.get("restart", False)), style, min_gain)
 
-    def settings(self, tasks: Sequence[str], preprocessing: str) -> SearchSettings:
-        """The search settings for ``tasks``; ``preprocessing`` is the default style, used unless the options
-        name one."""
+    def settings(self, tasks: Sequence[str], styles: Mapping[str, str]) -> SearchSettings:
+        """The search settings for ``tasks``; ``styles``: alias -> own preprocessing style of each pool model
+        (:func:`manifest_styles`). The merged model's style is searched unless the options fix one."""
         return SearchSettings(tasks=tuple(tasks), trials=self.trials, granularity=self.granularity,
-                              separate=self.separate, seed=self.seed, preprocessing=self.preprocessing or preprocessing,
-                              min_budget=self.min_budget)
+                              separate=self.separate, seed=self.seed, preprocessing=self.preprocessing,
+                              own_styles=tuple((a, str(s)) for a, s in styles.items()), min_budget=self.min_budget)
 
 
 # --------------------------------------------------------------------------------------------------- planning
@@ -682,10 +728,16 @@ class RunPlan:
     def variant(self) -> str:
         return "MedSAMix-M" if self.settings.multi else "MedSAMix-S"
 
+    @property
+    def one_study(self) -> bool:
+        """Whether calibration and test are slabs of a single labelled study (:func:`one_study_task_set`)."""
+        return self.split.startswith(ONE_STUDY_SPLIT)
+
 
 def plan_run(task_set: TaskSet, options: MergeOptions, pool: ModelPool, runs_dir: str | Path,
-             preprocessing: str) -> RunPlan:
-    """Choose tasks, slices, settings and the run folder ``runs_dir/<run_name>``.
+             styles: Mapping[str, str]) -> RunPlan:
+    """Choose tasks, slices, settings and the run folder ``runs_dir/<run_name>``; ``styles``: alias -> own
+    preprocessing style of each pool model (see :meth:`MergeOptions.settings`).
 
     Raises:
         MergeRunError: unknown task, too few calibration slices, multi-fidelity with several tasks or a
@@ -701,7 +753,7 @@ def plan_run(task_set: TaskSet, options: MergeOptions, pool: ModelPool, runs_dir
         if not 1 <= options.min_budget < len(cal):
             raise MergeRunError(f"min_budget must lie in [1, {len(cal)}): task {tasks[0]!r} has {len(cal)} "
                                 "calibration slices")
-    settings = options.settings(tasks, preprocessing)
+    settings = options.settings(tasks, {a: styles[a] for a in pool.aliases if a in styles})
     name = run_name(settings, search_context(pool, cal, task_set.split))
     return RunPlan(name, Path(runs_dir) / name, settings, cal, test, task_set.split, available)
 

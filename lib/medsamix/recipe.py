@@ -1,7 +1,10 @@
 """Recipes: small YAML files that fully describe a merged model.
 
 A recipe names the pool (aliases with the sha256 of each checkpoint), the architecture, the grouping, every group's
-method and hyper-parameters, the preprocessing the merged model expects, and room for scores. It is what leaves a
+method and hyper-parameters, the preprocessing the merged model expects, and room for scores. The preprocessing
+style lives in ``preprocessing.style`` only (for a searched merge: the style the search selected, a dimension of its
+configuration); :attr:`Recipe.config` is the merge configuration with it, :meth:`Recipe.preprocessor` the input
+convention to serve the merged model with. It is what leaves a
 hospital after a search; together with the same checkpoints it reproduces the merged weights exactly.
 
 Example::
@@ -36,9 +39,10 @@ from .config import MergeConfig
 from .errors import ConfigError
 from .groups import group_parameters
 from .pool import ALIAS_RE
+from .preprocess import STYLES, Preprocessor
 
 FORMAT_VERSION = 1
-PREPROCESSING_STYLES = ("sam", "medsam")
+PREPROCESSING_STYLES = STYLES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,9 +65,31 @@ class Recipe:
     scores: dict[str, Any] = dataclasses.field(default_factory=dict)
     notes: str = ""
 
+    def __post_init__(self) -> None:
+        style = self.merge.preprocessing
+        if style is not None:  # a search's configuration: its style is the recipe's, written in one place
+            if style != self.preprocessing.get("style"):
+                raise ConfigError(f"merge.preprocessing {style!r} differs from preprocessing.style "
+                                  f"{self.preprocessing.get('style')!r}")
+            self.merge = self.merge.with_preprocessing(None)
+
     @property
     def aliases(self) -> list[str]:
         return [self.base.alias] + [m.alias for m in self.models]
+
+    @property
+    def style(self) -> str:
+        """The merged model's preprocessing style (``preprocessing.style``)."""
+        return str(self.preprocessing.get("style", "sam"))
+
+    @property
+    def config(self) -> MergeConfig:
+        """The merge configuration with the recipe's preprocessing style (as a search scored it)."""
+        return self.merge.with_preprocessing(self.style)
+
+    def preprocessor(self) -> Preprocessor:
+        """The input convention the merged model is served with (its style at the architecture's input size)."""
+        return Preprocessor.from_dict(dict(self.preprocessing), self.arch.img_size)
 
     @property
     def checksums(self) -> dict[str, str]:
@@ -149,6 +175,9 @@ class Recipe:
         scores = d.get("scores") or {}
         if not isinstance(scores, Mapping):
             raise ConfigError(f"{where}: scores: expected a mapping")
+        if merge.preprocessing is not None:
+            raise ConfigError(f"{where}: merge.preprocessing: the style belongs in the recipe's preprocessing "
+                              "section")
         recipe = cls(arch, base, models, merge, dict(preprocessing), dict(scores), str(d.get("notes") or ""))
         recipe.validate(where)
         return recipe

@@ -172,7 +172,10 @@ def write_report(out_dir: str | Path, result: SearchResult, settings: SearchSett
               "Calibration split:", "", comparison_table(calibration, settings.tasks, "medsamix"), ""]
     if test:
         lines += ["Test split (never seen by the search):", "", comparison_table(test, settings.tasks, "medsamix"), ""]
-    lines += ["## Selected configuration, group by group", "", method_map(result.best.config), ""]
+    style = result.best.config.preprocessing
+    how = "fixed by the settings" if settings.preprocessing else "searched (`prep:style`)"
+    lines += ["## Selected configuration, group by group", "",
+              *([f"Preprocessing: {style} ({how})."] + [""] if style else []), method_map(result.best.config), ""]
     path = out / "report.md"
     path.write_text("\n".join(lines))
     return path
@@ -180,19 +183,19 @@ def write_report(out_dir: str | Path, result: SearchResult, settings: SearchSett
 
 def uniform_scores(merger: Any, evaluator: Any, settings: SearchSettings,
                    known: Sequence[Trial] = ()) -> dict[str, dict[str, float]]:
-    """Dice per task of every uniform merge (:func:`~medsamix.config.uniform_merges`) with the merged model's
-    preprocessing; configurations already measured at full budget in ``known`` (trials on ``evaluator``'s slices)
-    are not scored again. ``merger``'s model is overwritten."""
+    """Dice per task of every uniform merge (:func:`~medsamix.config.uniform_merges`) with the style they have in
+    the initial design (the base model's: :meth:`~medsamix.search.SearchSettings.design_style`); configurations
+    already measured at full budget in ``known`` (trials on ``evaluator``'s slices) are not scored again.
+    ``merger``'s model is overwritten."""
     from .config import uniform_merges
-    from .preprocess import Preprocessor
     from .search import score
 
-    prep = Preprocessor(settings.preprocessing, merger.pool.arch.img_size)
+    style = settings.design_style(merger.aliases[0])
     out: dict[str, dict[str, float]] = {}
     for name, config in uniform_merges(merger.groups, merger.aliases, settings.granularity,
-                                       settings.separate).items():
+                                       settings.separate, style).items():
         found = next((t for t in known if t.status == "ok" and t.budget is None and t.config == config), None)
-        out[name] = dict(found.dice) if found else score(merger, evaluator, prep, config, settings.tasks)
+        out[name] = dict(found.dice) if found else score(merger, evaluator, config, settings.tasks)
     return out
 
 

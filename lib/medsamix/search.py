@@ -18,6 +18,11 @@ Trials run through SMAC's ask/tell interface, so every finished trial is written
 is non-finite or that raises is told to SMAC as crashed (cost 1 per task) and the search goes on. The initial design
 contains the uniform merges and each single pool model, so the search never ends worse on calibration than the best
 of them.
+
+The preprocessing style is part of every configuration (:attr:`MergeConfig.preprocessing`): searched (the
+hyper-parameter ``prep:style``) unless the settings fix it. Then each single model enters the initial design with its
+own style (:attr:`SearchSettings.own_styles`), exactly as it is served alone, so the search never ends below any
+single model as served alone either.
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ from .config import MergeConfig, uniform_merges
 from .errors import MedSAMixError
 from .evaluate import Evaluator
 from .merger import MergeError, Merger
-from .preprocess import Preprocessor
+from .preprocess import STYLES, Preprocessor
 from .search_space import Tie, build_space, component_tie, from_merge_config, to_merge_config
 
 log = logging.getLogger(__name__)
@@ -64,7 +69,12 @@ class SearchSettings:
         separate: Split encoder groups into attn / mlp / norm.
         methods: Merge methods searched over.
         seed: SMAC's seed.
-        preprocessing: Preprocessing style of the merged model.
+        preprocessing: Preprocessing style of the merged model ("sam" / "medsam"); ``None``: searched (the
+            hyper-parameter ``prep:style`` over :data:`~medsamix.preprocess.STYLES`).
+        own_styles: ``(alias, style)`` of each pool model: its own preprocessing, as it is served alone. With a
+            searched style each single model enters the initial design with it; the no-regression guard scores
+            each single model with it (:func:`medsamix.merge_run.single_model_scores`). A model not listed: the
+            fixed style, else "sam".
         naive: Reproduce the reference loop for comparison: every trial reloads the checkpoints from disk, builds
             a new merger and re-encodes every calibration slice (no embedding reuse).
         min_budget: Multi-fidelity (single task only): the fewest calibration slices a trial is scored on;
@@ -87,22 +97,43 @@ class SearchSettings:
     separate: bool = False
     methods: tuple[str, ...] = ("dare", "linear", "pick", "slerp", "task_arithmetic", "ties")
     seed: int = 0
-    preprocessing: str = "sam"
+    preprocessing: str | None = None
+    own_styles: tuple[tuple[str, str], ...] = ()
     naive: bool = False
     min_budget: int | None = None
     eta: int = 3
     coarse_share: float = 1 / 3
 
+    def __post_init__(self) -> None:
+        bad = [s for s in (self.preprocessing, *(st for _, st in self.own_styles)) if s is not None and s not in STYLES]
+        if bad:
+            raise SearchError(f"preprocessing styles must be among {STYLES}, got {bad}")
+
     @property
     def multi(self) -> bool:
         return len(self.tasks) > 1
+
+    @property
+    def searched_styles(self) -> tuple[str, ...]:
+        """The styles the search chooses among: every style when ``preprocessing`` is ``None``, else none."""
+        return STYLES if self.preprocessing is None else ()
+
+    def own_style(self, alias: str) -> str:
+        """The style ``alias`` is served with on its own: ``own_styles``, else the fixed style, else "sam"."""
+        return dict(self.own_styles).get(alias) or self.preprocessing or STYLES[0]
+
+    def design_style(self, alias: str) -> str:
+        """The style of single model ``alias`` in the initial design (the base model's: of the uniform merges too):
+        the fixed style, else its own."""
+        return self.preprocessing or self.own_style(alias)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
 def initial_configs(merger: Merger, settings: SearchSettings) -> list[MergeConfig]:
-    """The uniform merges and every single pool model, as merge configurations.
+    """The uniform merges (with the base model's style) and every single pool model with its style
+    (:meth:`SearchSettings.design_style`: its own unless the settings fix one), as merge configurations.
 
     A single model is a one-hot linear merge (weight 1 on it, 0 on the others; bit-identical to the model). As a
     point of the continuous weight space it has continuous neighbours, so SMAC's local search around a strong single
@@ -111,12 +142,15 @@ def initial_configs(merger: Merger, settings: SearchSettings) -> list[MergeConfi
     bit-identical): its neighbours include moves past the model along its task vector (scale above 1), which
     linear weights cannot express, and the addition of a little of another model's task vector."""
     g, sep, groups, aliases = settings.granularity, settings.separate, merger.groups, merger.aliases
-    configs = list(uniform_merges(groups, aliases, g, sep).values())
-    configs.append(MergeConfig.uniform(groups, "dare", {"drop": 0.5, "scale": 0.5, "seed": 0}, g, sep))
-    configs += [MergeConfig.uniform(groups, "linear", {"weights": {b: float(a == b) for b in aliases}}, g, sep)
+    base_style = settings.design_style(aliases[0])
+    configs = list(uniform_merges(groups, aliases, g, sep, base_style).values())
+    configs.append(MergeConfig.uniform(groups, "dare", {"drop": 0.5, "scale": 0.5, "seed": 0}, g, sep, base_style))
+    configs += [MergeConfig.uniform(groups, "linear", {"weights": {b: float(a == b) for b in aliases}}, g, sep,
+                                    settings.design_style(a))
                 for a in aliases]
     configs += [MergeConfig.uniform(groups, "task_arithmetic",
-                                    {"scale": 1.0, "weights": {b: float(a == b) for b in aliases[1:]}}, g, sep)
+                                    {"scale": 1.0, "weights": {b: float(a == b) for b in aliases[1:]}}, g, sep,
+                                    settings.design_style(a))
                 for a in aliases[1:]]
     return [c for c in configs if next(iter(c.groups.values())).method in settings.methods]
 
@@ -161,24 +195,41 @@ class SearchResult:
     seconds: float = 0.0  # wall time of this call (set-up, trials, selection); a resumed search counts its part only
 
 
-def score(merger: Merger, evaluator: Evaluator, prep: Preprocessor, config: MergeConfig,
-          tasks: Sequence[str], indices: Sequence[int] | None = None, cache: bool = True) -> dict[str, float]:
-    """Calibration Dice per task of the merged model of ``config``; with ``cache``, image embeddings are reused
-    for configurations with the same image-encoder settings (keyed by the encoder fingerprint)."""
+def preprocessor(config: MergeConfig, img_size: int) -> Preprocessor:
+    """The input convention of ``config``'s merged model (its :attr:`~MergeConfig.preprocessing` style).
+
+    Raises:
+        ValueError: the configuration has no style.
+    """
+    if config.preprocessing is None:
+        raise ValueError("the merge configuration has no preprocessing style")
+    return Preprocessor(config.preprocessing, img_size)
+
+
+def score(merger: Merger, evaluator: Evaluator, config: MergeConfig, tasks: Sequence[str],
+          indices: Sequence[int] | None = None, cache: bool = True) -> dict[str, float]:
+    """Dice per task of the merged model of ``config`` with the configuration's preprocessing style, on
+    ``evaluator``'s slices (``indices``: a subset); with ``cache``, image embeddings are reused for configurations
+    with the same image-encoder settings and style (keyed by the encoder fingerprint, which includes the style).
+
+    Raises:
+        ValueError: the configuration has no preprocessing style.
+    """
+    prep = preprocessor(config, merger.pool.arch.img_size)
     merger.apply(config, check_finite=True)
     key = merger.encoder_fingerprint(config) if cache else None
     result = evaluator.evaluate(merger.model, prep, key=key, indices=indices)
     return {t: result.dice2d.get(t, 0.0) for t in tasks}
 
 
-def _run_trial(merger: Merger, evaluator: Evaluator, prep: Preprocessor, settings: SearchSettings,
-               config: MergeConfig, budget: int | None) -> tuple[dict[str, float], str]:
+def _run_trial(merger: Merger, evaluator: Evaluator, settings: SearchSettings, config: MergeConfig,
+               budget: int | None) -> tuple[dict[str, float], str]:
     """Score one configuration; a failure (NaN weights, out of memory, ...) becomes a "crashed: ..." status."""
     indices = evaluator.subset(budget, settings.seed) if budget is not None else None
     try:
         if settings.naive:
-            return score(_reloaded(merger), evaluator, prep, config, settings.tasks, indices, cache=False), "ok"
-        return score(merger, evaluator, prep, config, settings.tasks, indices), "ok"
+            return score(_reloaded(merger), evaluator, config, settings.tasks, indices, cache=False), "ok"
+        return score(merger, evaluator, config, settings.tasks, indices), "ok"
     except (MergeError, RuntimeError, ValueError) as e:
         return {}, f"crashed: {e}"
 
@@ -209,8 +260,7 @@ def _dask_trial(setup: WorkerSetup, samples: list[Any], settings: SearchSettings
         _WORKER_STATE[setup.key] = (Merger(pool, setup.granularity, setup.separate), Evaluator(samples))
     merger, evaluator = _WORKER_STATE[setup.key]
     before = evaluator.encoder_passes
-    prep = Preprocessor(settings.preprocessing, merger.pool.arch.img_size)
-    dice, status = _run_trial(merger, evaluator, prep, settings, config, budget)
+    dice, status = _run_trial(merger, evaluator, settings, config, budget)
     return dice, status, evaluator.encoder_passes - before
 
 
@@ -311,7 +361,7 @@ def run_search(
         if not ok and any(t.status == "ok" for t in trials):
             extra.append(max((t for t in trials if t.status == "ok"), key=lambda t: t.mean_dice).config)
         for config in extra:
-            dice, status = _run_trial(merger, evaluator, runner.prep, settings, config, None)
+            dice, status = _run_trial(merger, evaluator, settings, config, None)
             if status == "ok":
                 trials.append(Trial(len(trials), config, dice, "ok", stage="rescored"))
                 ok.append(trials[-1])
@@ -331,7 +381,6 @@ class _Runner:
         self.merger, self.evaluator, self.settings = merger, evaluator, settings
         self.smac_dir, self.overwrite, self.key = smac_dir, overwrite, key
         self.on_trial, self.client = on_trial, client
-        self.prep = Preprocessor(settings.preprocessing, merger.pool.arch.img_size)
         self.trials: list[Trial] = []
         self.remote_passes = 0
         self.aggregation: str | None = None
@@ -349,7 +398,8 @@ class _Runner:
 
         merger, evaluator, settings = self.merger, self.evaluator, self.settings
         full = len(evaluator.samples)
-        space = build_space(merger.groups, merger.aliases, settings.methods, seed=settings.seed, tie=tie)
+        space = build_space(merger.groups, merger.aliases, settings.methods, seed=settings.seed, tie=tie,
+                            styles=settings.searched_styles)
         scenario = Scenario(
             space,
             name="medsamix" if name == "groups" else name,
@@ -397,7 +447,7 @@ class _Runner:
                 warnings.filterwarnings("ignore", "invalid value encountered in scalar divide", RuntimeWarning)
                 info = smac.ask()
             config = to_merge_config(info.config, merger.groups, merger.aliases, settings.granularity,
-                                     settings.separate, tie)
+                                     settings.separate, tie, settings.preprocessing)
             return info, config, _budget(info.budget, full)
 
         def done() -> int:
@@ -406,7 +456,7 @@ class _Runner:
         if self.client is None:
             while done() < n_trials:
                 info, config, budget = next_job()
-                record(info, config, budget, *_run_trial(merger, evaluator, self.prep, settings, config, budget))
+                record(info, config, budget, *_run_trial(merger, evaluator, settings, config, budget))
             return
         from distributed import wait
 
@@ -478,7 +528,8 @@ def _history(smac: Any, merger: Merger, settings: SearchSettings, tie: Tie | Non
     rh = smac.runhistory
     for k, v in rh.items():
         cfg = rh.get_config(k.config_id)
-        mc = to_merge_config(cfg, merger.groups, merger.aliases, settings.granularity, settings.separate, tie)
+        mc = to_merge_config(cfg, merger.groups, merger.aliases, settings.granularity, settings.separate, tie,
+                             settings.preprocessing)
         info = v.additional_info or {}
         dice = dict(info.get("dice", {}))
         error = str(info.get("error", "")) or "crashed: (no reason recorded)"

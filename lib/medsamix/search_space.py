@@ -7,6 +7,10 @@ alias, never by file path: linear weights ``G:linear:w_<alias>`` (every source),
 parameters that are not searched (DARE's seed) are fixed to their defaults. Floats span each parameter's search
 range (:class:`~medsamix.methods.ParamSpec`).
 
+The preprocessing style of the merged model is a dimension too when it is searched (``styles``): the categorical
+``prep:style`` (:data:`PREP_STYLE`) over the styles; when the settings fix it, it is not in the space and
+:func:`to_merge_config` gives every configuration the fixed style.
+
 A *tied* space (``tie``, see :func:`component_tie`) has one such set of hyper-parameters per unit of several
 groups (e.g. ``image_encoder``), shared by all of them: the coarse stage of a search, where one move changes a whole
 component at once (extrapolating a task vector everywhere, an encoder from one model and a decoder from another).
@@ -23,8 +27,11 @@ from ConfigSpace import Categorical, Configuration, ConfigurationSpace, EqualsCo
 from .config import GroupSetting, MergeConfig
 from .groups import Group
 from .methods import REGISTRY, get_method
+from .preprocess import STYLES
 
 SEP = ":"
+PREP_STYLE = f"prep{SEP}style"
+"""The searched preprocessing style (a categorical over :data:`~medsamix.preprocess.STYLES`)."""
 
 Tie = Mapping[str, Sequence[str]]
 """Unit name -> names of the layer groups that share its setting (every group in exactly one unit)."""
@@ -58,13 +65,20 @@ def _param_names(group: str, method: str, param: str, kind: str, aliases: Sequen
 
 
 def build_space(groups: Sequence[Group], aliases: Sequence[str], methods: Sequence[str] | None = None,
-                seed: int = 0, tie: Tie | None = None) -> ConfigurationSpace:
+                seed: int = 0, tie: Tie | None = None, styles: Sequence[str] = ()) -> ConfigurationSpace:
     """The search space over ``groups`` for a pool with ``aliases`` (base first), restricted to ``methods``;
-    with ``tie``, over its units (each shared by its groups)."""
+    with ``tie``, over its units (each shared by its groups); with two or more ``styles``, also over the
+    preprocessing style (:data:`PREP_STYLE`, default the first style)."""
     methods = sorted(methods or REGISTRY)
     for m in methods:
         get_method(m)
+    distinct = list(dict.fromkeys(styles))
+    unknown = [s for s in distinct if s not in STYLES]
+    if unknown:
+        raise ValueError(f"unknown preprocessing style(s) {unknown}; known: {STYLES}")
     cs = ConfigurationSpace(seed=seed)
+    if len(distinct) > 1:
+        cs.add(Categorical(PREP_STYLE, distinct))
     for name in dict.fromkeys(_units([g.name for g in groups], tie).values()):
         choice = Categorical(f"{name}{SEP}method", methods)
         cs.add(choice)
@@ -91,13 +105,16 @@ def build_space(groups: Sequence[Group], aliases: Sequence[str], methods: Sequen
 
 
 def to_merge_config(values: Configuration | dict[str, Any], groups: Sequence[Group], aliases: Sequence[str],
-                    granularity: int, separate: bool = False, tie: Tie | None = None) -> MergeConfig:
+                    granularity: int, separate: bool = False, tie: Tie | None = None,
+                    preprocessing: str | None = None) -> MergeConfig:
     """A sampled configuration -> :class:`MergeConfig` (alias-keyed parameters, as in recipes); with ``tie``
-    (a configuration of a tied space), every group gets its unit's setting.
+    (a configuration of a tied space), every group gets its unit's setting. The style is the configuration's
+    :data:`PREP_STYLE` when the space has it, else ``preprocessing`` (the settings' fixed style).
 
     Linear weights that are all zero are replaced by equal weights (a valid point the sampler can produce).
     """
     d = {k: _plain(v) for k, v in dict(values).items()}
+    style = d.get(PREP_STYLE, preprocessing)
     settings = {}
     for group, unit in _units([g.name for g in groups], tie).items():
         method = d[f"{unit}{SEP}method"]
@@ -113,7 +130,7 @@ def to_merge_config(values: Configuration | dict[str, Any], groups: Sequence[Gro
             else:
                 params[p.name] = d[f"{unit}{SEP}{method}{SEP}{p.name}"]
         settings[group] = GroupSetting(method, params)
-    return MergeConfig(granularity, separate, settings)
+    return MergeConfig(granularity, separate, settings, style)
 
 
 def _plain(v: Any) -> Any:
@@ -132,11 +149,12 @@ def _plain(v: Any) -> Any:
 def from_merge_config(cs: ConfigurationSpace, config: MergeConfig, aliases: Sequence[str],
                       tie: Tie | None = None) -> Configuration:
     """A :class:`MergeConfig` -> a ``Configuration`` of ``cs`` (e.g. to seed the initial design); with ``tie``
-    (``cs`` a tied space), the groups of each unit must share one setting.
+    (``cs`` a tied space), the groups of each unit must share one setting. When ``cs`` searches the style
+    (:data:`PREP_STYLE`), the configuration's style is its value; otherwise the style is not part of the point.
 
     Raises:
-        ValueError: a value lies outside the space (for example a scale above the search range), or the groups of
-            a unit differ.
+        ValueError: a value lies outside the space (for example a scale above the search range), the groups of
+            a unit differ, or ``cs`` searches the style and the configuration has none.
     """
     units: dict[str, GroupSetting] = {}
     for group, unit in _units(list(config.groups), tie).items():
@@ -145,6 +163,10 @@ def from_merge_config(cs: ConfigurationSpace, config: MergeConfig, aliases: Sequ
             raise ValueError(f"the groups of {unit!r} differ ({group}); the configuration is not in the tied space")
         units[unit] = s
     values: dict[str, Any] = {}
+    if PREP_STYLE in cs:
+        if config.preprocessing is None:
+            raise ValueError("the space searches the preprocessing style; the configuration has none")
+        values[PREP_STYLE] = config.preprocessing
     for name, s in units.items():
         values[f"{name}{SEP}method"] = s.method
         for p in get_method(s.method).params:

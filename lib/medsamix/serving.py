@@ -4,7 +4,8 @@
   ``alias=path`` pairs (first = base), with each member's preprocessing style.
 * :func:`member_model` builds a ``Sam`` module holding one member's weights; :class:`PoolLoader` describes a pool
   without reading its weights and loads it (and each member's module) once, on demand.
-* :class:`MergedModelSource` serves whatever :func:`medsamix.publish.current` names in the published folder; it
+* :class:`MergedModelSource` serves whatever :func:`medsamix.publish.current` names in the published folder, with the
+  preprocessing its recipe records (:meth:`~medsamix.recipe.Recipe.preprocessor`: the style the search selected); it
   checks that pointer on every :meth:`~MergedModelSource.get` (one small file read) and loads a new version when it
   changed. Before anything is published it serves the pool's uniform linear merge
   (``config.uniform_merges(...)["linear"]`` materialised by :class:`~medsamix.merger.Merger`) with the base model's
@@ -264,11 +265,11 @@ class MergedModelSource:
         sd, _ = load_sam_checkpoint(checkpoint, recipe.arch)
         model = recipe.arch.build()
         model.load_state_dict(sd)
-        style = str(recipe.preprocessing.get("style", "sam"))
+        style = recipe.style  # the style the search selected (or the run fixed): the merged model expects it
         scores = recipe.scores or {}
         score = next((f"{k}={v:.3f}" for k, v in scores.items() if isinstance(v, (int, float))), "")
         return ServedModel(
-            self.name, model.eval(), Preprocessor(style, recipe.arch.img_size), version,
+            self.name, model.eval(), recipe.preprocessor(), version,
             f"{self.name}: published merge {version} ({published_at}; {', '.join(recipe.aliases)}; {style} "
             f"preprocessing{'; ' + score if score else ''})")
 

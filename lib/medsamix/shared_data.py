@@ -97,23 +97,49 @@ def _largest_tasks(study: Study, names: dict[str, str], count: int, min_slices: 
     return [Task(names.get(str(v), f"label_{v}"), v) for _, v in ranked[:count]]
 
 
-def _slab_set(name: str, study: Study, tasks: Sequence[Task], seed: int, calibration_fraction: float,
-              slab_size: int | None = None, gap: int = 0) -> TaskSet:
-    """Slab split of one volume: one slab, or (with ``slab_size``) slabs of about that many slices spread over it."""
-    n = study.image.shape[2]
+def slab_indices(num_slices: int, calibration_fraction: float, seed: int, slab_size: int | None = None,
+                 gap: int = 0) -> tuple[list[int], list[int]]:
+    """The calibration and test slice indices of :func:`slab_task_set` (0 .. ``num_slices`` - 1): one slab, or with
+    ``slab_size`` about ``calibration_fraction * num_slices / slab_size`` slabs
+    (:func:`~medsamix.tasks.split_slabs`)."""
     slabs = 1
     if slab_size:
-        k = max(1, round(calibration_fraction * n))
+        k = max(1, round(calibration_fraction * num_slices))
         slabs = max(1, k // slab_size)
-    cal_idx, test_idx = split_slabs(n, calibration_fraction, seed, slabs=slabs, gap=gap)
+    return split_slabs(num_slices, calibration_fraction, seed, slabs=slabs, gap=gap)
+
+
+def slab_task_set(name: str, study: Study, tasks: Sequence[Task], seed: int, calibration_fraction: float,
+                  slab_size: int | None = None, gap: int = 0, extent: tuple[int, int] | None = None) -> TaskSet:
+    """Slab split of one volume along its last axis: one slab, or (with ``slab_size``) slabs of about that many
+    slices spread over it, ``gap`` guard slices left out of the test set next to each
+    (:func:`~medsamix.tasks.split_slabs`).
+
+    Args:
+        name: Data source name.
+        study: The (normalised) volume ``(I, J, K)`` and its label map.
+        tasks: Its tasks.
+        seed: Seed of the slab positions.
+        calibration_fraction: Share of the split slices for calibration, in (0, 1).
+        slab_size: About this many slices per calibration slab (several slabs); ``None``: one slab.
+        gap: Guard slices on each side of a slab.
+        extent: ``(first, last)`` slice indices (inclusive) to split; ``None``: the whole volume. Slices outside
+            belong to neither side.
+    """
+    total = study.image.shape[2]
+    first, last = extent if extent is not None else (0, total - 1)
+    n = last - first + 1
+    cal_idx, test_idx = slab_indices(n, calibration_fraction, seed, slab_size, gap)
+    cal_idx, test_idx = [i + first for i in cal_idx], [i + first for i in test_idx]
     cal = _slices(study, tasks, cal_idx)
     test = _slices(study, tasks, test_idx)
     runs = contiguous_runs(cal_idx)
     where = ", ".join(f"{r[0]}-{r[-1]}" for r in runs)
     guard = f", less {n - len(cal_idx) - len(test_idx)} guard slices next to them" if gap else ""
+    within = f" (slices {first}-{last} split, those holding labels)" if (first, last) != (0, total - 1) else ""
     return TaskSet(name, list(tasks), cal, test,
-                   f"one volume ({n} slices): contiguous slab{'s' if len(runs) > 1 else ''} of slices {where} for "
-                   f"calibration, the other {len(test_idx)} slices for test{guard}")
+                   f"one volume ({total} slices{within}): contiguous slab{'s' if len(runs) > 1 else ''} of slices "
+                   f"{where} for calibration, the other {len(test_idx)} slices for test{guard}")
 
 
 def totalseg(root: Path, modality: str, seed: int = 0, organs: int = 8,
@@ -136,7 +162,7 @@ def totalseg(root: Path, modality: str, seed: int = 0, organs: int = 8,
     study = normalized(study)
     tasks = _largest_tasks(study, label_names, organs, min_slices=max(4, study.image.shape[2] // 3))
     name = f"totalseg_{modality.lower()}{'_full' if full else ''}"
-    return _slab_set(name, study, tasks, seed, calibration_fraction, slab_size=5 if full else None, gap=1)
+    return slab_task_set(name, study, tasks, seed, calibration_fraction, slab_size=5 if full else None, gap=1)
 
 
 def dcmqi_ct(root: Path, seed: int = 0) -> TaskSet:
@@ -152,7 +178,7 @@ def dcmqi_ct(root: Path, seed: int = 0) -> TaskSet:
         label = part if label is None else np.where(part > 0, part, label)
     assert study is not None and label is not None
     study = normalized(dataclasses.replace(study, label=label, study_id="dcmqi_ct3slice"))
-    return _slab_set("dcmqi_ct", study, tasks, seed, 0.2)
+    return slab_task_set("dcmqi_ct", study, tasks, seed, 0.2)
 
 
 def sammed2d(root: Path, seed: int = 0) -> TaskSet:

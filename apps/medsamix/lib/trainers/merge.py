@@ -13,15 +13,19 @@ folder under its lock (:func:`~medsamix.runlock.discard_run`), never under a liv
 Request options (all optional; strings are accepted): ``task`` (or ``tasks`` / ``labels``; one name -> MedSAMix-S,
 several comma-separated -> MedSAMix-M, empty -> every label of the data), ``trials``, ``granularity`` (ViT blocks per
 encoder group), ``separate``, ``min_budget`` (multi-fidelity, one task; 0 = off), ``seed``, ``restart``
-(discard the stored trials of these settings), ``preprocessing`` of the merged model ("sam" / "medsam"; empty = the
-app's ``merged_preprocessing`` or the base model's), ``min_gain`` (calibration Dice the merged model must gain over
-the best single pool model to be published; 0 = not worse is enough).
+(discard the stored trials of these settings), ``preprocessing`` of the merged model ("sam" / "medsam" fixes it;
+empty = searched as the hyper-parameter ``prep:style``, each pool model entering the initial design with its own
+style), ``min_gain`` (calibration Dice the merged model must gain over the best single pool model to be published;
+0 = not worse is enough).
+
+Calibration / test: 20% of the labelled studies against the rest; with a single labelled study, slabs of its
+labelled slices (``medsamix.merge_run.one_study_task_set``), which the status's ``split`` and message say.
 
 App configuration (``--conf``): ``model_dir`` (runs go to ``<model_dir>/runs``; default: next to the published
 folder), ``labels`` (the app's label names: comma-separated for values 1, 2, ... or ``{"name": value}`` JSON; else
 ``<studies>/.medsamix-labels.json``; else value 1 is "foreground"; unnamed values are ``label_<value>``),
-``models`` / ``preprocessing`` / ``pool`` (the pool, as for the app), ``merged_preprocessing`` (preprocessing of the
-merged model; default the base model's), ``merge_trials`` (default trials), ``merge_report`` (``false`` skips the
+``models`` / ``preprocessing`` / ``pool`` (the pool, as for the app; each model's own style),
+``merge_trials`` (default trials), ``merge_report`` (``false`` skips the
 run's ``report.md``: single models and uniform merges scored on calibration and test slices, with figures),
 ``device`` (where the search runs; default ``cuda`` when available, else ``cpu``).
 
@@ -42,6 +46,7 @@ import torch
 from fastapi import HTTPException
 from medsamix.errors import MedSAMixError
 from medsamix.merge_run import (
+    ONE_STUDY_SPLIT,
     MergeOptions,
     MergeOutcome,
     ProgressFile,
@@ -175,7 +180,7 @@ class MergeTrain(TrainTask):
         unlabelled = sorted(set(datastore.list_images()) - set(labelled))
         if not labelled:
             raise MedSAMixError(f"no labelled studies: none of the {len(unlabelled)} images in the datastore has a "
-                                "final label; save (submit) at least 2 labels first")
+                                "final label; save (submit) at least 1 label first")
         # datalist(): image/label files of the studies with a final label, for any datastore (a DICOMweb one fetches
         # the DICOM SEGs from the PACS and converts them; there a label id is the SEG's series, not the image id).
         # A SEG keeps only the frames it needs, so its label may cover a block of the image grid (sub_blocks).
@@ -183,9 +188,7 @@ class MergeTrain(TrainTask):
         task_set, skipped = task_set_from_pairs(Path(str(self.studies)).name or "datastore", pairs, names,
                                                 options.seed, sub_blocks=True)
         self._served = load_served_pool(self.pool_dir, self.conf.get("models"), self.conf.get("preprocessing"))
-        pool = self._served.pool
-        style = self.conf.get("merged_preprocessing") or self._served.styles[pool.base.alias]
-        plan = plan_run(task_set, options, pool, self.runs_dir, style)
+        plan = plan_run(task_set, options, self._served.pool, self.runs_dir, self._served.styles)
         notes = []
         if unlabelled:
             notes.append(f"{_count(len(unlabelled), 'study', 'studies')} without a final label not used")
@@ -194,7 +197,7 @@ class MergeTrain(TrainTask):
                 f"{Path(s.path).name}: {s.reason}" for s in skipped[:3]))
         self.progress.update(run=plan.name, variant=plan.variant, tasks=list(plan.settings.tasks),
                              split=plan.split, calibration_slices=len(plan.calibration),
-                             test_slices=len(plan.test), notes=notes)
+                             test_slices=len(plan.test), notes=notes, message=f"calibration / test: {plan.split}")
         for n in notes:
             logger.warning(n)
         return plan
@@ -211,7 +214,8 @@ class MergeTrain(TrainTask):
         resumed = monitor.done
         self.progress.update(status="running", **monitor.fields(), resumed_trials=resumed, device=self.device,
                              message=(f"{plan.variant} on {', '.join(plan.settings.tasks)}: "
-                                      + (f"resuming after {resumed} trials" if resumed else "starting")))
+                                      + (f"resuming after {resumed} trials" if resumed else "starting")
+                                      + (f" ({plan.split})" if plan.one_study else "")))
         logger.info("merge run %s (%s) in %s on %s; %d trials already done", plan.name, plan.variant, plan.out_dir,
                     self.device, resumed)
         published: list[str | None] = [None]
@@ -225,7 +229,7 @@ class MergeTrain(TrainTask):
                 published[0] = self._publish(plan, outcome)
 
         outcome = run_merge(self._served.pool, plan.calibration, plan.test, plan.settings, plan.out_dir, plan.split,
-                            self._served.styles, on_trial=monitor.on_trial, report=self.report,
+                            on_trial=monitor.on_trial, report=self.report,
                             min_gain=options.min_gain, device=self.device, on_ready=ready)
         return outcome, published[0]
 
@@ -235,10 +239,13 @@ class MergeTrain(TrainTask):
             message = f"{promotion.reason}; published version {version}"
         else:
             message = promotion.reason
+        if plan.one_study:
+            message += f" ({ONE_STUDY_SPLIT})"
         logger.info("merge run %s: %s", plan.name, message)
         result = {
             "run": plan.name, "variant": plan.variant, "tasks": list(plan.settings.tasks),
-            "trials": plan.settings.trials, "extra_full_budget_scores": _extra(plan, outcome),
+            "trials": plan.settings.trials, "extra_full_budget_scores": _extra(plan, outcome), "split": plan.split,
+            "preprocessing": outcome.recipe.style,
             "calibration_dice": outcome.calibration_dice, "test_dice": outcome.test_dice, "promoted": promotion.promote, "promotion": promotion.to_dict(),
             "published_version": version, "out_dir": str(plan.out_dir),
             "report": str(plan.out_dir / "report.md") if (plan.out_dir / "report.md").is_file() else None,
@@ -246,6 +253,7 @@ class MergeTrain(TrainTask):
         self.progress.update(status="done", epoch=plan.settings.trials, best_metric=promotion.merged_dice,
                              total_time=_elapsed(start), message=message, promoted=promotion.promote,
                              published_version=version, promotion=promotion.to_dict(),
+                             preprocessing=outcome.recipe.style,
                              extra_full_budget_scores=result["extra_full_budget_scores"],
                              calibration_dice=outcome.calibration_dice, test_dice=outcome.test_dice)
         return result
