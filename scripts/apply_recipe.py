@@ -21,11 +21,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))
 
-from medsamix.apply import merge_from_recipe  # noqa: E402
-from medsamix.checkpoint import save_sam_checkpoint, sha256_file  # noqa: E402
+from medsamix.merging.apply import merge_from_recipe  # noqa: E402
+from medsamix.models.checkpoint import save_sam_checkpoint, sha256_file  # noqa: E402
 from medsamix.errors import MedSAMixError  # noqa: E402
-from medsamix.merger import MergeError  # noqa: E402
-from medsamix.recipe import Recipe  # noqa: E402
+from medsamix.merging.merger import MergeError  # noqa: E402
+from medsamix.merging.recipe import Recipe  # noqa: E402
 
 
 def parse_checkpoint(text: str) -> tuple[str, str]:

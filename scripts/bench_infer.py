@@ -4,7 +4,7 @@
     .venv/bin/python scripts/bench_infer.py [--repeats 10] [--vit-b-firsts 2] [--out results/bench_infer.md]
 
 On one synthetic volume (``sample_studies.phantom_volume``, 96 x 80 x 32), the server's own segmenter
-(``medsamix.segmenter.Segmenter``, the code behind every infer task) is timed in one run for
+(``medsamix.serving.segmenter.Segmenter``, the code behind every infer task) is timed in one run for
 
 * the embedded tiny pool's base model (``sample-data/pool``, 256 px), and
 * a randomly initialised SAM ViT-B (``segment_anything.sam_model_registry["vit_b"]()``, 1024 px; the image encoder
@@ -35,11 +35,11 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "lib"))
 
-from medsamix.preprocess import Preprocessor  # noqa: E402
-from medsamix.prompts import parse_prompt  # noqa: E402
-from medsamix.sample_studies import phantom_volume  # noqa: E402
-from medsamix.segmenter import Segmenter  # noqa: E402
-from medsamix.serving import load_served_pool, member_model  # noqa: E402
+from medsamix.models.preprocess import Preprocessor  # noqa: E402
+from medsamix.serving.prompts import parse_prompt  # noqa: E402
+from medsamix.demo.sample_studies import phantom_volume  # noqa: E402
+from medsamix.serving.segmenter import Segmenter  # noqa: E402
+from medsamix.serving.service import load_served_pool, member_model  # noqa: E402
 
 
 def _boxes(rng: np.random.Generator, shape: tuple[int, int, int], k: int, n: int) -> list[list[int]]:

@@ -29,11 +29,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))
 
-from medsamix.evaluate import Evaluator  # noqa: E402
-from medsamix.merger import Merger  # noqa: E402
-from medsamix.pool import PoolManifest  # noqa: E402
-from medsamix.search import SearchSettings, run_search, score  # noqa: E402
-from medsamix.shared_data import shared_task_sets  # noqa: E402
+from medsamix.search.evaluate import Evaluator  # noqa: E402
+from medsamix.merging.merger import Merger  # noqa: E402
+from medsamix.models.pool import PoolManifest  # noqa: E402
+from medsamix.search.search import SearchSettings, run_search, score  # noqa: E402
+from medsamix.demo.shared_data import shared_task_sets  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"

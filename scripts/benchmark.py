@@ -25,12 +25,12 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))
 
-from medsamix.config import MergeConfig, uniform_merges  # noqa: E402
-from medsamix.evaluate import Evaluator  # noqa: E402
-from medsamix.merger import Merger  # noqa: E402
-from medsamix.pool import PoolManifest  # noqa: E402
-from medsamix.preprocess import Preprocessor  # noqa: E402
-from medsamix.shared_data import shared_task_sets  # noqa: E402
+from medsamix.merging.config import MergeConfig, uniform_merges  # noqa: E402
+from medsamix.search.evaluate import Evaluator  # noqa: E402
+from medsamix.merging.merger import Merger  # noqa: E402
+from medsamix.models.pool import PoolManifest  # noqa: E402
+from medsamix.models.preprocess import Preprocessor  # noqa: E402
+from medsamix.demo.shared_data import shared_task_sets  # noqa: E402
 
 
 def main() -> None:

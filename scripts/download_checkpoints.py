@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))
 
-from medsamix.checkpoint import load_sam_checkpoint, sha256_file  # noqa: E402
+from medsamix.models.checkpoint import load_sam_checkpoint, sha256_file  # noqa: E402
 from medsamix.errors import CheckpointError  # noqa: E402
 
 SOURCES = {

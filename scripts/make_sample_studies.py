@@ -5,7 +5,7 @@
 
 With ``../shared/data/hippocampus`` present it copies a few real T1 MRI crops from the hippocampus *test* split
 (never a pool-training or calibration patient); otherwise, or with ``--phantoms``, it generates synthetic 3D
-phantoms (an ellipsoid and a blob per volume, RAS- and LPS-oriented). See ``lib/medsamix/sample_studies.py``.
+phantoms (an ellipsoid and a blob per volume, RAS- and LPS-oriented). See ``lib/medsamix/demo/sample_studies.py``.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "lib"))
 
-from medsamix.pool import PoolManifest  # noqa: E402
-from medsamix.sample_studies import copy_hippocampus, write_phantoms  # noqa: E402
+from medsamix.models.pool import PoolManifest  # noqa: E402
+from medsamix.demo.sample_studies import copy_hippocampus, write_phantoms  # noqa: E402
 
 
 def main() -> int:

@@ -16,9 +16,9 @@ segment_anything layout, written atomically), ``history.csv``, ``report.md``, SM
 copy of it after the last finished trial (``smac.checkpoint-<n>/``). Re-running the same command resumes an
 interrupted search (from that copy, so a kill while SMAC rewrites its files loses nothing); a different command on
 the same --out is refused unless --restart; a second process on an --out while one searches there is refused with
-the first one's pid and start time (``medsamix.runlock``). The last line also says whether the merge passes the no-regression
+the first one's pid and start time (``medsamix.runs.lock``). The last line also says whether the merge passes the no-regression
 guard (calibration Dice not below the best single pool model's with its own preprocessing), as the server's
-``merge`` train task decides before publishing (``medsamix.merge_run``).
+``merge`` train task decides before publishing (``medsamix.runs.run``).
 """
 
 from __future__ import annotations
@@ -35,11 +35,11 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))
 
 from medsamix.errors import MedSAMixError  # noqa: E402
-from medsamix.merge_run import datastore_task_set, manifest_styles, run_merge, select_tasks  # noqa: E402
-from medsamix.pool import PoolManifest  # noqa: E402
-from medsamix.preprocess import STYLES  # noqa: E402
-from medsamix.search import SearchSettings  # noqa: E402
-from medsamix.shared_data import shared_task_sets  # noqa: E402
+from medsamix.runs.run import datastore_task_set, manifest_styles, run_merge, select_tasks  # noqa: E402
+from medsamix.models.pool import PoolManifest  # noqa: E402
+from medsamix.models.preprocess import STYLES  # noqa: E402
+from medsamix.search.search import SearchSettings  # noqa: E402
+from medsamix.demo.shared_data import shared_task_sets  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -25,12 +25,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))
 
-from medsamix.evaluate import Evaluator  # noqa: E402
-from medsamix.merge_run import MergeRunError, manifest_styles, reference_scores, run_merge, select_tasks  # noqa: E402
-from medsamix.merger import Merger  # noqa: E402
-from medsamix.pool import PoolManifest  # noqa: E402
-from medsamix.search import SearchSettings  # noqa: E402
-from medsamix.shared_data import shared_task_sets  # noqa: E402
+from medsamix.search.evaluate import Evaluator  # noqa: E402
+from medsamix.runs.run import MergeRunError, manifest_styles, reference_scores, run_merge, select_tasks  # noqa: E402
+from medsamix.merging.merger import Merger  # noqa: E402
+from medsamix.models.pool import PoolManifest  # noqa: E402
+from medsamix.search.search import SearchSettings  # noqa: E402
+from medsamix.demo.shared_data import shared_task_sets  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"

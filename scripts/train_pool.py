@@ -31,12 +31,12 @@ from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))
 
-from medsamix.architecture import TINY256  # noqa: E402
-from medsamix.checkpoint import save_sam_checkpoint, sha256_file  # noqa: E402
-from medsamix.phantoms import shapes_image  # noqa: E402
-from medsamix.preprocess import Preprocessor, intensity_range, to_255  # noqa: E402
-from medsamix.studies import load_study  # noqa: E402
-from medsamix.training import PromptPolicy, Sample, box_dice, train_step  # noqa: E402
+from medsamix.models.architecture import TINY256  # noqa: E402
+from medsamix.models.checkpoint import save_sam_checkpoint, sha256_file  # noqa: E402
+from medsamix.demo.phantoms import shapes_image  # noqa: E402
+from medsamix.models.preprocess import Preprocessor, intensity_range, to_255  # noqa: E402
+from medsamix.data.studies import load_study  # noqa: E402
+from medsamix.demo.training import PromptPolicy, Sample, box_dice, train_step  # noqa: E402
 
 
 def slice_samples(image255: np.ndarray, label: np.ndarray, slices: range | list[int], min_pixels: int,

@@ -14,7 +14,7 @@ os.environ.setdefault("MEDSAMIX_COMPILE", "0")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from medsamix.architecture import ArchSpec  # noqa: E402
+from medsamix.models.architecture import ArchSpec  # noqa: E402
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -161,12 +161,12 @@ def test_datastore_lists_the_series_from_orthanc(pacs, client, source):
 def test_box_on_the_dicom_series_equals_the_direct_library_call(pacs, client, source, tmp_path):
     import SimpleITK as sitk
 
-    from medsamix.evaluate import Evaluator
-    from medsamix.segmenter import confine
-    from medsamix.serving import load_served_pool, member_model
-    from medsamix.slices import SliceSample
-    from medsamix.tasks import Task
-    from medsamix.volumes import load_volume
+    from medsamix.search.evaluate import Evaluator
+    from medsamix.serving.segmenter import confine
+    from medsamix.serving.service import load_served_pool, member_model
+    from medsamix.data.slices import SliceSample
+    from medsamix.data.tasks import Task
+    from medsamix.data.volumes import load_volume
 
     roi = [330, 200, 180, 330, 1, 1]  # liver region of the middle slice; unsorted I pair on purpose
     path, mask, img, out = _infer(pacs, client, "sam_tiny", source["uid"], {"roi": roi})
@@ -291,7 +291,7 @@ def test_a_fresh_datastore_reads_the_seg_back_as_the_study_label(pacs, client, s
     _assert_on_the_series_grid(pairs[0]["image"], source)
     import SimpleITK as sitk
 
-    from medsamix.studies import load_study
+    from medsamix.data.studies import load_study
 
     # the SEG holds only its non-empty frame (slice 1), so the label read back is that one slice ...
     assert sitk.ReadImage(pairs[0]["label"]).GetSize() == (512, 512, 1)
@@ -320,8 +320,8 @@ def test_merge_train_on_the_labelled_studies_in_orthanc(pacs, client, source, tm
     import pydicom
     import SimpleITK as sitk
 
-    from medsamix.merge_run import CALIBRATION_FRACTION
-    from medsamix.tasks import split_patients
+    from medsamix.runs.run import CALIBRATION_FRACTION
+    from medsamix.data.tasks import split_patients
     from orthanc import GDCM_PLUGIN
 
     if not TOTALSEG_DICOM.is_dir():

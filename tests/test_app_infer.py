@@ -19,15 +19,15 @@ import torch
 
 from app_server import running_server
 from conftest import TINY, random_state
-from medsamix.evaluate import Evaluator
-from medsamix.preprocess import Preprocessor
-from medsamix.prompts import PromptError, SlicePrompt, VolumePrompt, parse_prompt
-from medsamix.sample_studies import phantom_volume, write_phantoms
-from medsamix.segmenter import EmbeddingCache, Segmenter, confine
-from medsamix.serving import load_served_pool, member_model
-from medsamix.slices import SliceSample
-from medsamix.tasks import Task
-from medsamix.volumes import load_volume
+from medsamix.search.evaluate import Evaluator
+from medsamix.models.preprocess import Preprocessor
+from medsamix.serving.prompts import PromptError, SlicePrompt, VolumePrompt, parse_prompt
+from medsamix.demo.sample_studies import phantom_volume, write_phantoms
+from medsamix.serving.segmenter import EmbeddingCache, Segmenter, confine
+from medsamix.serving.service import load_served_pool, member_model
+from medsamix.data.slices import SliceSample
+from medsamix.data.tasks import Task
+from medsamix.data.volumes import load_volume
 
 REPO = Path(__file__).resolve().parents[1]
 POOL = REPO / "sample-data" / "pool"
@@ -409,12 +409,12 @@ def test_bad_requests_get_4xx_with_the_reason_and_the_server_keeps_running(clien
 
 def test_publishing_a_merge_is_served_without_restart(client, server):
     """Hot reload: a newly published merged model (here: medicosam_tiny's weights) is used on the next request."""
-    from medsamix.architecture import TINY256
-    from medsamix.config import MergeConfig
-    from medsamix.groups import group_parameters
-    from medsamix.architecture import reference_param_names
-    from medsamix.publish import publish
-    from medsamix.recipe import ModelRef, Recipe
+    from medsamix.models.architecture import TINY256
+    from medsamix.merging.config import MergeConfig
+    from medsamix.merging.groups import group_parameters
+    from medsamix.models.architecture import reference_param_names
+    from medsamix.runs.publish import publish
+    from medsamix.merging.recipe import ModelRef, Recipe
 
     _, model_dir = server
     pool = load_served_pool(POOL)
@@ -463,7 +463,7 @@ def test_server_on_checkpoint_files_given_as_models(tiny_pool_files, studies):
 ])
 def test_bad_pool_settings_are_refused_with_the_reason(kwargs, reason):
     from medsamix.errors import MedSAMixError
-    from medsamix.serving import PoolLoader
+    from medsamix.serving.service import PoolLoader
 
     with pytest.raises(MedSAMixError, match=reason):
         PoolLoader(**kwargs)
@@ -471,7 +471,7 @@ def test_bad_pool_settings_are_refused_with_the_reason(kwargs, reason):
 
 def test_bad_styles_are_refused(tiny_pool_files):
     from medsamix.errors import PoolError
-    from medsamix.serving import PoolLoader
+    from medsamix.serving.service import PoolLoader
 
     spec = ",".join(f"{a}={p}" for a, p in tiny_pool_files.items())
     with pytest.raises(PoolError, match="must be one of"):
@@ -482,7 +482,7 @@ def test_bad_styles_are_refused(tiny_pool_files):
 
 def test_corrupt_checkpoint_is_found_when_the_pool_loads(tiny_pool_files, tmp_path):
     from medsamix.errors import CheckpointError
-    from medsamix.serving import PoolLoader
+    from medsamix.serving.service import PoolLoader
 
     bad = tmp_path / "bad.pth"
     bad.write_text("not a checkpoint")
@@ -503,7 +503,7 @@ def test_corrupt_checkpoint_stops_the_server_with_the_reason(tiny_pool_files, st
 
 
 def test_before_publishing_the_merged_model_is_the_uniform_linear_merge(tiny_pool_files, tmp_path):
-    from medsamix.serving import MergedModelSource, PoolLoader
+    from medsamix.serving.service import MergedModelSource, PoolLoader
 
     spec = ",".join(f"{a}={p}" for a, p in tiny_pool_files.items())
     loader = PoolLoader(models=spec, preprocessing="medsam=medsam")

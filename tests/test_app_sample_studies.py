@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from conftest import SHARED_DATA
-from medsamix.pool import PoolManifest
-from medsamix.studies import load_studies
-from medsamix.tasks import split_patients
+from medsamix.models.pool import PoolManifest
+from medsamix.data.studies import load_studies
+from medsamix.data.tasks import split_patients
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "make_sample_studies.py"

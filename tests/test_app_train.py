@@ -19,7 +19,7 @@ from typing import Any, Callable
 import pytest
 
 from app_server import running_server
-from medsamix.publish import current
+from medsamix.runs.publish import current
 from test_merge_run import make_datastore
 
 # 3-6 minutes on 2 busy cores (server start-up, four train subprocesses, 20 trials of the 256-px pool): in the slow set, run with -m slow;

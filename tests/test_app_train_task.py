@@ -15,8 +15,8 @@ import torch
 
 from conftest import TINY, random_state
 from medsamix import Recipe
-from medsamix.publish import current
-from medsamix.merge_run import ONE_STUDY_SPLIT
+from medsamix.runs.publish import current
+from medsamix.runs.run import ONE_STUDY_SPLIT
 from test_merge_run import make_datastore
 
 APP = Path(__file__).resolve().parents[1] / "apps" / "medsamix"
@@ -169,7 +169,7 @@ def test_bad_requests_fail_with_the_reason_in_stats(labelled, request_, needle, 
 def test_a_request_while_another_task_or_process_holds_the_run_is_refused(studies, models_spec, tmp_path):
     from fastapi import HTTPException
 
-    from medsamix.runlock import RunLock
+    from medsamix.runs.lock import RunLock
 
     root, ds = studies
     task = _task(root, tmp_path / "model", models_spec)

@@ -12,8 +12,8 @@ import pytest
 import torch
 from conftest import TINY, random_state
 
-from medsamix.architecture import PRESETS, VIT_B, VIT_H, VIT_L, infer_arch, reference_state
-from medsamix.checkpoint import LoadReport, load_sam_checkpoint, save_sam_checkpoint
+from medsamix.models.architecture import PRESETS, VIT_B, VIT_H, VIT_L, infer_arch, reference_state
+from medsamix.models.checkpoint import LoadReport, load_sam_checkpoint, save_sam_checkpoint
 from medsamix.errors import CheckpointError
 
 
@@ -328,7 +328,7 @@ def test_infer_arch_distinguishes_l_from_h():
 
 def test_vit_l_file_is_architecture_mismatch(tmp_path, monkeypatch):
     """A ViT-L checkpoint is refused by a vit_b pool (shapes only: the loader is fed meta tensors)."""
-    import medsamix.checkpoint as ck
+    import medsamix.models.checkpoint as ck
 
     path = tmp_path / "sam_vit_l.pth"
     path.write_bytes(b"placeholder")

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from conftest import TINY
-from medsamix.evaluate import Evaluator, dice_2d
-from medsamix.preprocess import Preprocessor, intensity_range, to_255
-from medsamix.slices import SliceSample, tight_box
-from medsamix.tasks import Task
-from medsamix.training import target_lowres
+from medsamix.search.evaluate import Evaluator, dice_2d
+from medsamix.models.preprocess import Preprocessor, intensity_range, to_255
+from medsamix.data.slices import SliceSample, tight_box
+from medsamix.data.tasks import Task
+from medsamix.demo.training import target_lowres
 
 
 def test_ct_window_and_mr_percentiles():

@@ -7,8 +7,8 @@ import itertools
 import pytest
 
 from conftest import TINY
-from medsamix.architecture import VIT_B, reference_param_names, reference_state
-from medsamix.groups import block_ranges, group_parameters
+from medsamix.models.architecture import VIT_B, reference_param_names, reference_state
+from medsamix.merging.groups import block_ranges, group_parameters
 
 
 @pytest.mark.parametrize("arch", [VIT_B, TINY], ids=["vit_b", "tiny"])

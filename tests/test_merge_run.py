@@ -1,4 +1,4 @@
-"""medsamix.merge_run: task sets from (image, label) pairs, options, run names, progress, promotion, resume."""
+"""medsamix.runs.run: task sets from (image, label) pairs, options, run names, progress, promotion, resume."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import TINY, random_state
-from medsamix.merge_run import (
+from medsamix.runs.run import (
     ONE_STUDY_SPLIT,
     MergeOptions,
     MergeRunError,
@@ -29,8 +29,8 @@ from medsamix.merge_run import (
     select_tasks,
     task_set_from_pairs,
 )
-from medsamix.pool import ModelPool
-from medsamix.search import SearchSettings, Trial
+from medsamix.models.pool import ModelPool
+from medsamix.search.search import SearchSettings, Trial
 
 
 STYLES = {"sam": "sam", "medsam": "medsam", "medicosam": "sam"}  # own preprocessing of the pool models below

@@ -11,7 +11,7 @@ import torch
 from conftest import TINY, random_state
 from medsamix import GroupSetting, MergeConfig, MergeError, Merger, ModelPool
 from medsamix.errors import ConfigError
-from medsamix.methods import Sources, get_method
+from medsamix.merging.methods import Sources, get_method
 
 
 @pytest.fixture

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from medsamix import kernels
+from medsamix.merging import kernels
 from medsamix.errors import ConfigError
-from medsamix.methods import REGISTRY, Sources, get_method
+from medsamix.merging.methods import REGISTRY, Sources, get_method
 
 ALIASES = ["sam", "a", "b"]
 

@@ -18,7 +18,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "server"))
 
-from medsamix.labelfile import (  # noqa: E402
+from medsamix.data.labelfile import (  # noqa: E402
     EncodedLabel,
     ResultFormat,
     ResultFormatError,

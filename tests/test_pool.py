@@ -10,9 +10,9 @@ import pytest
 import torch
 from conftest import TINY, random_state
 
-from medsamix.checkpoint import LoadReport
+from medsamix.models.checkpoint import LoadReport
 from medsamix.errors import CheckpointError, PoolError
-from medsamix.pool import ModelPool, PoolMember
+from medsamix.models.pool import ModelPool, PoolMember
 
 
 def _load(files, **kw):

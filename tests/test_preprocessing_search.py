@@ -14,12 +14,12 @@ import pytest
 import yaml
 
 from medsamix import Merger, PoolManifest, Recipe
-from medsamix.apply import merge_from_recipe
-from medsamix.evaluate import Evaluator
-from medsamix.merge_run import manifest_styles, run_merge, select_tasks, task_set_from_pairs
-from medsamix.publish import publish
-from medsamix.search import SearchSettings, initial_configs, score
-from medsamix.serving import MergedModelSource, PoolLoader, load_served_pool, member_model
+from medsamix.merging.apply import merge_from_recipe
+from medsamix.search.evaluate import Evaluator
+from medsamix.runs.run import manifest_styles, run_merge, select_tasks, task_set_from_pairs
+from medsamix.runs.publish import publish
+from medsamix.search.search import SearchSettings, initial_configs, score
+from medsamix.serving.service import MergedModelSource, PoolLoader, load_served_pool, member_model
 from test_merge_run import make_datastore, pairs_of
 
 POOL = Path(__file__).resolve().parents[1] / "sample-data" / "pool"

@@ -1,4 +1,4 @@
-"""Atomic publishing of merged models (medsamix.publish)."""
+"""Atomic publishing of merged models (medsamix.runs.publish)."""
 
 from __future__ import annotations
 
@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from medsamix.architecture import TINY256
-from medsamix.config import MergeConfig
-from medsamix.groups import group_parameters
-from medsamix.architecture import reference_param_names
-from medsamix.publish import Published, PublishError, clean_incomplete, current, publish
-from medsamix.recipe import ModelRef, Recipe
-from medsamix.runlock import RunLockedError
+from medsamix.models.architecture import TINY256
+from medsamix.merging.config import MergeConfig
+from medsamix.merging.groups import group_parameters
+from medsamix.models.architecture import reference_param_names
+from medsamix.runs.publish import Published, PublishError, clean_incomplete, current, publish
+from medsamix.merging.recipe import ModelRef, Recipe
+from medsamix.runs.lock import RunLockedError
 
 
 def _recipe() -> Recipe:
@@ -71,8 +71,8 @@ import os, sys, time
 from pathlib import Path
 sys.path.insert(0, {lib!r})
 import torch
-import medsamix.publish as P
-from medsamix.recipe import Recipe
+import medsamix.runs.publish as P
+from medsamix.merging.recipe import Recipe
 
 folder, where = Path(sys.argv[1]), sys.argv[2]
 if where == "saving":  # the checkpoint half written

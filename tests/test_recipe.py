@@ -13,11 +13,11 @@ import yaml
 
 from conftest import TINY
 from medsamix import MergeConfig, Merger, ModelPool, ModelRef, Recipe, sha256_file
-from medsamix.apply import merge_from_recipe
-from medsamix.architecture import VIT_B, reference_param_names
-from medsamix.checkpoint import load_sam_checkpoint
+from medsamix.merging.apply import merge_from_recipe
+from medsamix.models.architecture import VIT_B, reference_param_names
+from medsamix.models.checkpoint import load_sam_checkpoint
 from medsamix.errors import ConfigError
-from medsamix.groups import group_parameters
+from medsamix.merging.groups import group_parameters
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = ROOT / "scripts" / "apply_recipe.py"

@@ -1,14 +1,14 @@
-"""The search report (medsamix.report)."""
+"""The search report (medsamix.search.report)."""
 
 from __future__ import annotations
 
 import math
 
-from medsamix.architecture import reference_param_names
-from medsamix.config import MergeConfig
-from medsamix.groups import group_parameters
-from medsamix.report import best_so_far, comparison_table, method_map, write_report
-from medsamix.search import SearchResult, SearchSettings, Trial, _pareto
+from medsamix.models.architecture import reference_param_names
+from medsamix.merging.config import MergeConfig
+from medsamix.merging.groups import group_parameters
+from medsamix.search.report import best_so_far, comparison_table, method_map, write_report
+from medsamix.search.search import SearchResult, SearchSettings, Trial, _pareto
 
 from conftest import TINY
 

@@ -28,9 +28,9 @@ import sys
 from pathlib import Path
 sys.path.insert(0, {lib!r})
 from medsamix.errors import MedSAMixError
-from medsamix.merge_run import (MergeOptions, ProgressFile, RunMonitor, datastore_task_set, manifest_styles,
+from medsamix.runs.run import (MergeOptions, ProgressFile, RunMonitor, datastore_task_set, manifest_styles,
                                 plan_run, run_merge)
-from medsamix.pool import PoolManifest
+from medsamix.models.pool import PoolManifest
 
 studies, pool_dir, runs, trials = sys.argv[1:]
 manifest = PoolManifest.load(pool_dir)

@@ -1,4 +1,4 @@
-"""medsamix.runlock: one process per run folder, refused clearly, released by the kernel even on kill -9."""
+"""medsamix.runs.lock: one process per run folder, refused clearly, released by the kernel even on kill -9."""
 
 from __future__ import annotations
 
@@ -15,11 +15,11 @@ from pathlib import Path
 import psutil
 import pytest
 
-from medsamix.runlock import LOCK_FILE, RunLock, RunLockedError, discard_run
+from medsamix.runs.lock import LOCK_FILE, RunLock, RunLockedError, discard_run
 
 LIB = Path(__file__).resolve().parents[1] / "lib"
 
-# the children load medsamix.runlock alone (not the package's __init__, which imports torch: seconds per process)
+# the children load medsamix.runs.lock alone (not the package's __init__, which imports torch: seconds per process)
 LIGHT = """
 import sys, types
 pkg = types.ModuleType("medsamix")
@@ -29,14 +29,14 @@ sys.modules["medsamix"] = pkg
 
 HOLD = LIGHT + """
 import time
-from medsamix.runlock import RunLock
+from medsamix.runs.lock import RunLock
 lock = RunLock(sys.argv[1]).acquire()
 print("locked", flush=True)
 time.sleep(120)
 """
 
 TRY = LIGHT + """
-from medsamix.runlock import RunLock, RunLockedError
+from medsamix.runs.lock import RunLock, RunLockedError
 try:
     with RunLock(sys.argv[1]):
         print("acquired")

@@ -11,9 +11,9 @@ import torch
 from conftest import SHARED_DATA
 from medsamix import TINY256, MergeConfig, Merger, PoolManifest
 from medsamix.errors import PoolError
-from medsamix.evaluate import Evaluator
-from medsamix.preprocess import Preprocessor
-from medsamix.shared_data import dcmqi_ct, hippocampus, sammed2d, totalseg
+from medsamix.search.evaluate import Evaluator
+from medsamix.models.preprocess import Preprocessor
+from medsamix.demo.shared_data import dcmqi_ct, hippocampus, sammed2d, totalseg
 
 POOL = Path(__file__).resolve().parents[1] / "sample-data" / "pool"
 

@@ -13,9 +13,9 @@ import yaml
 
 from conftest import TINY, random_state
 from medsamix import GroupSetting, MergeConfig, Merger, ModelPool
-from medsamix.evaluate import Evaluator
-from medsamix.preprocess import STYLES
-from medsamix.search import (
+from medsamix.search.evaluate import Evaluator
+from medsamix.models.preprocess import STYLES
+from medsamix.search.search import (
     COARSE_TOP,
     SearchError,
     SearchSettings,
@@ -24,9 +24,9 @@ from medsamix.search import (
     run_search,
     score,
 )
-from medsamix.search_space import PREP_STYLE, build_space, component_tie, from_merge_config, to_merge_config
-from medsamix.slices import SliceSample, tight_box
-from medsamix.tasks import Task
+from medsamix.search.space import PREP_STYLE, build_space, component_tie, from_merge_config, to_merge_config
+from medsamix.data.slices import SliceSample, tight_box
+from medsamix.data.tasks import Task
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ import pytest
 
 from app_server import free_port
 from hardened_server import start, stop, wait_ready
-from medsamix.runlock import process_started
+from medsamix.runs.lock import process_started
 from test_merge_run import make_datastore
 
 POOL = Path(__file__).resolve().parents[1] / "sample-data" / "pool"

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from conftest import SHARED_DATA
-from medsamix.shared_data import dcmqi_ct, hippocampus, sammed2d, totalseg
-from medsamix.slices import tight_box
+from medsamix.demo.shared_data import dcmqi_ct, hippocampus, sammed2d, totalseg
+from medsamix.data.slices import tight_box
 
 pytestmark = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"{SHARED_DATA} (shared real-image data) is absent")
 

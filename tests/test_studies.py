@@ -19,9 +19,9 @@ import pytest
 from conftest import SHARED_DATA
 
 from medsamix.errors import StudyError
-from medsamix.slices import extract_slices, jitter_box, jitter_pixels, tight_box
-from medsamix.studies import Study, find_studies, load_studies, load_study
-from medsamix.tasks import Task, contiguous_runs, split_patients, split_slabs, tasks_from_labels
+from medsamix.data.slices import extract_slices, jitter_box, jitter_pixels, tight_box
+from medsamix.data.studies import Study, find_studies, load_studies, load_study
+from medsamix.data.tasks import Task, contiguous_runs, split_patients, split_slabs, tasks_from_labels
 
 CT3 = SHARED_DATA / "dcmqi_ct3slice"
 HIPPO = SHARED_DATA / "hippocampus"
@@ -140,7 +140,7 @@ def test_find_studies_pairs_images_with_labels(datastore: Path) -> None:
 
 
 def test_load_studies_loads_good_and_skips_bad(datastore: Path, caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.INFO, logger="medsamix.studies"):
+    with caplog.at_level(logging.INFO, logger="medsamix.data.studies"):
         studies, skipped = load_studies(datastore)
     assert [s.study_id for s in studies] == GOOD
     reasons = {s.path.name: s.reason for s in skipped}

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from medsamix.errors import StudyError
-from medsamix.studies import load_study, sub_block
+from medsamix.data.studies import load_study, sub_block
 
 SHAPE = (8, 9, 10)
 AFFINE = np.array([[0.0, -1.5, 0.0, 10.0], [1.5, 0.0, 0.0, -20.0], [0.0, 0.0, 2.0, 30.0], [0.0, 0.0, 0.0, 1.0]])
@@ -90,7 +90,7 @@ def test_labels_off_the_image_grid_are_still_refused(tmp_path, case):
 def test_task_set_from_pairs_passes_sub_blocks_through(tmp_path):
     """The merge train task's loader: SEG-style block labels are used with ``sub_blocks=True`` and skipped (with the
     shape reason) without it."""
-    from medsamix.merge_run import MergeRunError, task_set_from_pairs
+    from medsamix.runs.run import MergeRunError, task_set_from_pairs
 
     pairs = []
     for n in range(2):

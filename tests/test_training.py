@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from conftest import TINY
-from medsamix.phantoms import shapes_image
-from medsamix.preprocess import Preprocessor
-from medsamix.training import PromptPolicy, _correction_point, mask_loss, train_step
+from medsamix.demo.phantoms import shapes_image
+from medsamix.models.preprocess import Preprocessor
+from medsamix.demo.training import PromptPolicy, _correction_point, mask_loss, train_step
 
 
 def test_shapes_are_seeded_and_masks_disjoint():

@@ -43,10 +43,10 @@ from monailabel.interfaces.tasks.train import TrainTask
 
 from lib.infers.interactive import InteractiveInfer
 from medsamix.errors import MedSAMixError
-from medsamix.publish import clean_incomplete
-from medsamix.segmenter import DEFAULT_IOU_THRESHOLD, DEFAULT_MARGIN, EmbeddingCache
-from medsamix.serving import InteractiveService, MergedModelSource, PoolLoader
-from medsamix.volumes import VolumeCache
+from medsamix.runs.publish import clean_incomplete
+from medsamix.serving.segmenter import DEFAULT_IOU_THRESHOLD, DEFAULT_MARGIN, EmbeddingCache
+from medsamix.serving.service import InteractiveService, MergedModelSource, PoolLoader
+from medsamix.data.volumes import VolumeCache
 
 logger = logging.getLogger(__name__)
 

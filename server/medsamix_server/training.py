@@ -5,7 +5,7 @@ anything else unknown is refused) and starts ``python -m medsamix_server.train_w
 own. The worker asks the kernel to kill it when the server dies (``PR_SET_PDEATHSIG``) and exits at once if the
 server is already gone; its pid and start time are kept in ``<state>/train/worker.json``, so a restarted server finds a
 worker that survived anyway and stops it before anything else. The run folder itself is locked by the library
-(:class:`medsamix.runlock.RunLock`), so two processes can never work on one run. A second request while one runs is
+(:class:`medsamix.runs.lock.RunLock`), so two processes can never work on one run. A second request while one runs is
 refused with 429 (no hidden queue). ``DELETE /train/`` stops the whole process group. Waiting for a run
 (``run_sync=true``) never blocks the event loop.
 """
@@ -24,7 +24,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from medsamix.runlock import pid_alive, process_started
+from medsamix.runs.lock import pid_alive, process_started
 
 from .config import ServerConfig
 from .security import remove_tree
@@ -191,7 +191,7 @@ class TrainSupervisor:
         await asyncio.get_running_loop().run_in_executor(None, _kill_group, proc.pid)
         if self._done is not None:
             await self._done.wait()
-        # the train task's progress file now reads "stopped" (medsamix.merge_run.effective_status: its process ended)
+        # the train task's progress file now reads "stopped" (medsamix.runs.run.effective_status: its process ended)
         return self._public(task)
 
     async def shutdown(self) -> None:

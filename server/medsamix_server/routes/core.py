@@ -27,8 +27,8 @@ from ..security import RequestError, safe_name
 logger = logging.getLogger(__name__)
 router = APIRouter()
 
-# Prompt fields the interactive task reads (medsamix.prompts / medsamix.serving).
-# and the answer's file format (medsamix.labelfile: NRRD for Slicer and OHIF, NIfTI by default).
+# Prompt fields the interactive task reads (medsamix.serving.prompts / medsamix.serving.service).
+# and the answer's file format (medsamix.data.labelfile: NRRD for Slicer and OHIF, NIfTI by default).
 PROMPT_KEYS = {"roi", "foreground", "background", "pos_points", "neg_points", "pos_boxes", "neg_boxes", "slice",
                "mode", "label", "iou_threshold", "margin", "result_extension", "result_dtype", "result_compress"}
 # Fields real clients send along that change nothing here: accepted and dropped.

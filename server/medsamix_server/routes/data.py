@@ -35,8 +35,8 @@ from fastapi.responses import FileResponse, Response
 from starlette.datastructures import UploadFile
 
 from medsamix.errors import StudyError
-from medsamix.labelfile import label_from_viewer_bytes
-from medsamix.volumes import check_voxels
+from medsamix.data.labelfile import label_from_viewer_bytes
+from medsamix.data.volumes import check_voxels
 
 from ..auth import User
 from ..context import ADMIN, ANNOTATOR, ServerContext, ctx_of, json_object

@@ -1,9 +1,9 @@
-"""A deepgrow-type infer task over :class:`medsamix.serving.InteractiveService` (box/point prompts, 2D or 3D).
+"""A deepgrow-type infer task over :class:`medsamix.serving.service.InteractiveService` (box/point prompts, 2D or 3D).
 
 Thin: prompt parsing, segmentation and caching live in ``lib/medsamix``; this class only adapts MONAI Label's request
 and writes the label map to a temporary file that the server sends back and deletes: in the format the client asks
 for (``result_extension`` / ``result_dtype`` / ``result_compress``: NRRD for 3D Slicer and OHIF, whose plugin reads
-the raw voxels; NIfTI by default), with the image's geometry (:func:`medsamix.labelfile.encode_label`).
+the raw voxels; NIfTI by default), with the image's geometry (:func:`medsamix.data.labelfile.encode_label`).
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from typing import Any
 
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
-from medsamix.labelfile import ResultFormat, encode_label
-from medsamix.serving import InteractiveService
+from medsamix.data.labelfile import ResultFormat, encode_label
+from medsamix.serving.service import InteractiveService
 
 
 class InteractiveInfer(InferTask):

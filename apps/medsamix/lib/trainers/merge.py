@@ -6,9 +6,9 @@ the server process, which calls :meth:`MergeTrain.stats`. Progress therefore goe
 ``<runs_dir>/status.json``, replaced atomically after every trial. ``DELETE /train/`` kills the subprocess; every
 finished trial is already in the run's folder (``<runs_dir>/<run name>/``, one stable folder per combination of
 settings and data), so the same request resumes the search. The task holds a lock on ``<runs_dir>`` and
-:func:`~medsamix.merge_run.run_merge` one on the run folder (:mod:`medsamix.runlock`): a request while an earlier
+:func:`~medsamix.runs.run.run_merge` one on the run folder (:mod:`medsamix.runs.lock`): a request while an earlier
 task still runs (e.g. one started before a server restart) is refused with 409, and ``restart`` empties the run
-folder under its lock (:func:`~medsamix.runlock.discard_run`), never under a live run.
+folder under its lock (:func:`~medsamix.runs.lock.discard_run`), never under a live run.
 
 Request options (all optional; strings are accepted): ``task`` (or ``tasks`` / ``labels``; one name -> MedSAMix-S,
 several comma-separated -> MedSAMix-M, empty -> every label of the data), ``trials``, ``granularity`` (ViT blocks per
@@ -19,7 +19,7 @@ style), ``min_gain`` (calibration Dice the merged model must gain over the best 
 0 = not worse is enough).
 
 Calibration / test: 20% of the labelled studies against the rest; with a single labelled study, slabs of its
-labelled slices (``medsamix.merge_run.one_study_task_set``), which the status's ``split`` and message say.
+labelled slices (``medsamix.runs.run.one_study_task_set``), which the status's ``split`` and message say.
 
 App configuration (``--conf``): ``model_dir`` (runs go to ``<model_dir>/runs``; default: next to the published
 folder), ``labels`` (the app's label names: comma-separated for values 1, 2, ... or ``{"name": value}`` JSON; else
@@ -29,8 +29,8 @@ folder), ``labels`` (the app's label names: comma-separated for values 1, 2, ...
 run's ``report.md``: single models and uniform merges scored on calibration and test slices, with figures),
 ``device`` (where the search runs; default ``cuda`` when available, else ``cpu``).
 
-Everything that does not depend on MONAI Label is in :mod:`medsamix.merge_run`; this class only maps the request
-and the datastore onto it and publishes with :mod:`medsamix.publish`.
+Everything that does not depend on MONAI Label is in :mod:`medsamix.runs.run`; this class only maps the request
+and the datastore onto it and publishes with :mod:`medsamix.runs.publish`.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from typing import Any
 import torch
 from fastapi import HTTPException
 from medsamix.errors import MedSAMixError
-from medsamix.merge_run import (
+from medsamix.runs.run import (
     ONE_STUDY_SPLIT,
     MergeOptions,
     MergeOutcome,
@@ -59,9 +59,9 @@ from medsamix.merge_run import (
     run_merge,
     task_set_from_pairs,
 )
-from medsamix.publish import PublishError, current, publish
-from medsamix.runlock import RunLock, RunLockedError, discard_run
-from medsamix.serving import ServedPool, load_served_pool
+from medsamix.runs.publish import PublishError, current, publish
+from medsamix.runs.lock import RunLock, RunLockedError, discard_run
+from medsamix.serving.service import ServedPool, load_served_pool
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.train import TrainTask
 
@@ -78,7 +78,7 @@ class MergeTrain(TrainTask):
         app_dir: The app folder.
         studies: The datastore location given to the server.
         pool_dir: Folder with ``pool.yaml`` and the pool checkpoints.
-        published_dir: Served model folder (:mod:`medsamix.publish`); the infer task reloads on a new version.
+        published_dir: Served model folder (:mod:`medsamix.runs.publish`); the infer task reloads on a new version.
         conf: App configuration (see the module docstring).
     """
 
@@ -277,7 +277,7 @@ class MergeTrain(TrainTask):
 
 def _extra(plan: RunPlan, outcome: MergeOutcome) -> int:
     """Evaluations after the SMAC trials: with multi-fidelity, initial-design configurations Hyperband dropped
-    early are scored on all calibration slices before selection (``medsamix.search.run_search``)."""
+    early are scored on all calibration slices before selection (``medsamix.search.search.run_search``)."""
     return max(0, len(outcome.result.trials) - plan.settings.trials)
 
 

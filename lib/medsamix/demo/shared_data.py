@@ -1,0 +1,229 @@
+"""Task sets built from the shared real-image collection (``../shared/data``) for benchmarks and searches.
+
+Each :class:`TaskSet` holds the calibration and test slices of one data source, intensity-normalised to 0-255
+(CT window 40/400, other modalities 0.5-99.5 percentiles per volume) and sliced along the last IJK axis:
+
+* ``hippocampus`` - 200 T1 MRIs with manual labels (anterior, posterior); patient-level split, calibration 20%.
+  Patients used to train a pool model are excluded first.
+* ``totalseg_ct`` / ``totalseg_mr`` - one CT (a 30-slice crop) and one MR volume (20 slices) with
+  TotalSegmentator (silver) labels; a single patient each, so the split is by contiguous slabs of slices
+  (calibration = one slab of 20% of the slices; the slices next to it are left out of the test set).
+  The largest structures are used as tasks.
+* ``totalseg_ct_full`` - the whole TotalSegmentator example CT (112 slices; the crop above is slices 82-111 of it) with
+  the labels of TotalSegmentator's fast model: calibration = 20% of the slices in slabs of about 5 slices spread
+  over the volume (one per equal segment), each with a one-slice guard gap to the test slices.
+* ``dcmqi_ct`` - a 3-slice CT DICOM series with liver, spine and heart labels (NRRD); slab split (1 slice for
+  calibration).
+* ``sammed2d`` - 5 CT/MR PNG slices with organ masks; split by image.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from medsamix.models.preprocess import intensity_range, to_255
+from medsamix.data.slices import SliceSample, extract_slices, tight_box
+from medsamix.data.studies import Study, find_studies, load_study
+from medsamix.data.tasks import Task, contiguous_runs, split_patients, split_slabs
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class TaskSet:
+    """Calibration and test slices of one data source.
+
+    Attributes:
+        name: Data source name.
+        tasks: Its tasks.
+        calibration: Calibration slices (0-255 images).
+        test: Test slices.
+        split: How calibration and test were separated (patients or contiguous slabs).
+    """
+
+    name: str
+    tasks: list[Task]
+    calibration: list[SliceSample]
+    test: list[SliceSample]
+    split: str
+
+
+def normalized(study: Study) -> Study:
+    """The study with its image mapped to 0-255 (CT window or percentiles)."""
+    return dataclasses.replace(study, image=to_255(study.image, *intensity_range(study.image, study.modality)))
+
+
+def _slices(study: Study, tasks: Iterable[Task], indices: Iterable[int] | None = None, jitter: float = 0.0,
+            seed: int = 0) -> list[SliceSample]:
+    keep = None if indices is None else set(indices)
+    out = []
+    for t in tasks:
+        out += [s for s in extract_slices(study, t, axis=2, jitter=jitter, seed=seed)
+                if keep is None or s.index in keep]
+    return out
+
+
+def hippocampus(root: Path, exclude: Iterable[str] = (), seed: int = 0, max_patients: int | None = None,
+                calibration_fraction: float = 0.2) -> TaskSet:
+    """Patient-split task set of the MSD hippocampus volumes (``root/hippocampus``)."""
+    tasks = [Task("hippocampus_anterior", 1), Task("hippocampus_posterior", 2)]
+    excluded = set(exclude)
+    everything = find_studies(root / "hippocampus" / "images", labels_subdir="../labels")
+    pairs = [(i, l) for i, l in everything if i.name.removesuffix(".nii.gz") not in excluded]
+    n_excluded = len(everything) - len(pairs)
+    if max_patients:
+        pairs = pairs[:max_patients]
+    ids = [i.name.removesuffix(".nii.gz") for i, _ in pairs]
+    cal_ids, _ = split_patients(ids, calibration_fraction, seed)
+    cal, test = [], []
+    for image, label in pairs:
+        study = normalized(load_study(image, label, modality="MR"))
+        (cal if study.study_id in cal_ids else test).extend(_slices(study, tasks))
+    return TaskSet("hippocampus", tasks, cal, test,
+                   f"patients: {len(cal_ids)} calibration / {len(ids) - len(cal_ids)} test "
+                   f"({n_excluded} pool-training patients excluded)")
+
+
+def _largest_tasks(study: Study, names: dict[str, str], count: int, min_slices: int) -> list[Task]:
+    values, voxels = np.unique(study.label[study.label > 0], return_counts=True)
+    slices = {int(v): int((study.label == v).any(axis=(0, 1)).sum()) for v in values}
+    ranked = sorted((int(n), int(v)) for v, n in zip(values, voxels) if slices[int(v)] >= min_slices)[::-1]
+    return [Task(names.get(str(v), f"label_{v}"), v) for _, v in ranked[:count]]
+
+
+def slab_indices(num_slices: int, calibration_fraction: float, seed: int, slab_size: int | None = None,
+                 gap: int = 0) -> tuple[list[int], list[int]]:
+    """The calibration and test slice indices of :func:`slab_task_set` (0 .. ``num_slices`` - 1): one slab, or with
+    ``slab_size`` about ``calibration_fraction * num_slices / slab_size`` slabs
+    (:func:`~medsamix.data.tasks.split_slabs`)."""
+    slabs = 1
+    if slab_size:
+        k = max(1, round(calibration_fraction * num_slices))
+        slabs = max(1, k // slab_size)
+    return split_slabs(num_slices, calibration_fraction, seed, slabs=slabs, gap=gap)
+
+
+def slab_task_set(name: str, study: Study, tasks: Sequence[Task], seed: int, calibration_fraction: float,
+                  slab_size: int | None = None, gap: int = 0, extent: tuple[int, int] | None = None) -> TaskSet:
+    """Slab split of one volume along its last axis: one slab, or (with ``slab_size``) slabs of about that many
+    slices spread over it, ``gap`` guard slices left out of the test set next to each
+    (:func:`~medsamix.data.tasks.split_slabs`).
+
+    Args:
+        name: Data source name.
+        study: The (normalised) volume ``(I, J, K)`` and its label map.
+        tasks: Its tasks.
+        seed: Seed of the slab positions.
+        calibration_fraction: Share of the split slices for calibration, in (0, 1).
+        slab_size: About this many slices per calibration slab (several slabs); ``None``: one slab.
+        gap: Guard slices on each side of a slab.
+        extent: ``(first, last)`` slice indices (inclusive) to split; ``None``: the whole volume. Slices outside
+            belong to neither side.
+    """
+    total = study.image.shape[2]
+    first, last = extent if extent is not None else (0, total - 1)
+    n = last - first + 1
+    cal_idx, test_idx = slab_indices(n, calibration_fraction, seed, slab_size, gap)
+    cal_idx, test_idx = [i + first for i in cal_idx], [i + first for i in test_idx]
+    cal = _slices(study, tasks, cal_idx)
+    test = _slices(study, tasks, test_idx)
+    runs = contiguous_runs(cal_idx)
+    where = ", ".join(f"{r[0]}-{r[-1]}" for r in runs)
+    guard = f", less {n - len(cal_idx) - len(test_idx)} guard slices next to them" if gap else ""
+    within = f" (slices {first}-{last} split, those holding labels)" if (first, last) != (0, total - 1) else ""
+    return TaskSet(name, list(tasks), cal, test,
+                   f"one volume ({total} slices{within}): contiguous slab{'s' if len(runs) > 1 else ''} of slices "
+                   f"{where} for calibration, the other {len(test_idx)} slices for test{guard}")
+
+
+def totalseg(root: Path, modality: str, seed: int = 0, organs: int = 8,
+             calibration_fraction: float = 0.2, full: bool = False) -> TaskSet:
+    """Slab-split task set of the TotalSegmentator example CT (``modality="CT"``; ``full``: the whole 112-slice
+    volume with the fast model's labels, split into several slabs) or MR volume."""
+    base = root / "totalseg"
+    names = json.loads((base / "label_names.json").read_text())
+    if modality == "CT" and full:
+        study = load_study(base / "example_ct.nii.gz", base / "example_seg_fast_force_split.nii.gz", modality="CT")
+        label_names = names["total"]
+    elif modality == "CT":
+        study = load_study(base / "example_ct_sm.nii.gz", base / "example_seg.nii.gz", modality="CT")
+        label_names = names["total"]
+    elif full:
+        raise ValueError("only the CT has a full volume")
+    else:
+        study = load_study(base / "example_mr_sm.nii.gz", base / "example_seg_mr.nii.gz", modality="MR")
+        label_names = names["total_mr"]
+    study = normalized(study)
+    tasks = _largest_tasks(study, label_names, organs, min_slices=max(4, study.image.shape[2] // 3))
+    name = f"totalseg_{modality.lower()}{'_full' if full else ''}"
+    return slab_task_set(name, study, tasks, seed, calibration_fraction, slab_size=5 if full else None, gap=1)
+
+
+def dcmqi_ct(root: Path, seed: int = 0) -> TaskSet:
+    """The 3-slice dcmqi CT series with its liver (1), spine (2) and heart (3) labels; slab split."""
+    base = root / "dcmqi_ct3slice"
+    tasks = [Task("liver", 1), Task("spine", 2), Task("heart", 3)]
+    label = None
+    study = None
+    for t in tasks:
+        s = load_study(base / "ct-3slice", base / f"{t.name}_seg.nrrd", modality="CT")
+        study = study or s
+        part = np.where(s.label > 0, t.value, 0).astype(np.int16)
+        label = part if label is None else np.where(part > 0, part, label)
+    assert study is not None and label is not None
+    study = normalized(dataclasses.replace(study, label=label, study_id="dcmqi_ct3slice"))
+    return slab_task_set("dcmqi_ct", study, tasks, seed, 0.2)
+
+
+def sammed2d(root: Path, seed: int = 0) -> TaskSet:
+    """The SAM-Med2D demo slices (PNG, already 0-255) with one task per organ name; split by image."""
+    from PIL import Image
+
+    base = root / "sammed2d_demo"
+    mapping: dict[str, list[str]] = json.loads((base / "image2label_train.json").read_text())
+    for mask_key, image_key in json.loads((base / "label2image_test.json").read_text()).items():
+        mapping.setdefault(image_key, []).append(mask_key)
+    organs: dict[str, list[tuple[str, Path]]] = {}
+    images: dict[str, np.ndarray] = {}
+    for image_key, mask_keys in sorted(mapping.items()):
+        stem = Path(image_key).stem
+        images[stem] = np.asarray(Image.open(base / "images" / Path(image_key).name).convert("L"), dtype=np.float32)
+        for mk in mask_keys:
+            organ = Path(mk).stem[len(stem) + 1:].rsplit("_", 1)[0]
+            organs.setdefault(organ, []).append((stem, base / "masks" / Path(mk).name))
+    tasks = [Task(o, i + 1) for i, o in enumerate(sorted(organs))]
+    cal_ids, _ = split_patients(sorted(images), 0.2, seed)
+    cal, test = [], []
+    for task in tasks:
+        for stem, path in organs[task.name]:
+            mask = np.asarray(Image.open(path).convert("L")) > 127
+            if not mask.any():
+                continue
+            sample = SliceSample(stem, task, 2, 0, images[stem], mask, tight_box(mask))
+            (cal if stem in cal_ids else test).append(sample)
+    return TaskSet("sammed2d", tasks, cal, test, f"images: {len(cal_ids)} calibration / {len(images) - len(cal_ids)} test")
+
+
+def shared_task_sets(root: Path, exclude: Iterable[str] = (), seed: int = 0,
+                     names: Sequence[str] = ("hippocampus", "totalseg_ct", "totalseg_mr", "dcmqi_ct", "sammed2d"),
+                     max_patients: int | None = None) -> list[TaskSet]:
+    """The task sets named in ``names`` (all by default) from the shared data root."""
+    makers = {
+        "hippocampus": lambda: hippocampus(root, exclude, seed, max_patients),
+        "totalseg_ct": lambda: totalseg(root, "CT", seed),
+        "totalseg_mr": lambda: totalseg(root, "MR", seed),
+        "totalseg_ct_full": lambda: totalseg(root, "CT", seed, full=True),
+        "dcmqi_ct": lambda: dcmqi_ct(root, seed),
+        "sammed2d": lambda: sammed2d(root, seed),
+    }
+    unknown = sorted(set(names) - set(makers))
+    if unknown:
+        raise ValueError(f"unknown task sets {unknown}; known: {sorted(makers)}")
+    return [makers[n]() for n in names]
+

@@ -1,0 +1,1 @@
+"""Serving: prompt parsing, the segmenter over one served model, and the interactive service the app calls."""

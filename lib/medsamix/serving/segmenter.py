@@ -1,0 +1,285 @@
+"""Interactive box/point segmentation of 3D volumes with a SAM-architecture model and an image-embedding cache.
+
+A :class:`Segmenter` wraps one ``segment_anything`` ``Sam`` module, its :class:`~medsamix.models.preprocess.Preprocessor`
+and a model version string. Image embeddings are cached per ``(image key, slice index, model version)`` in an LRU
+cache bounded in bytes, so a repeated prompt on an already embedded slice costs only the prompt encoder and the mask
+decoder. Swapping the model (a new published merge) changes the version, so stale embeddings are never used.
+
+Coordinates (see :mod:`medsamix.serving.prompts`): volumes are ``(I, J, K)`` 0-255 float32 arrays (``preprocess.to_255``);
+slice ``k`` is ``volume[:, :, k]`` with shape ``(H, W) = (I, J)``; boxes are XYXY and points XY with x = J, y = I.
+
+3D propagation: after the seed slice, each next slice outward (k+1, k+2, ... then k-1, k-2, ...) is prompted with
+the tight box of the previous slice's mask, widened by ``margin`` pixels and clipped to the user's box, plus the
+user's points on that slice. Masks are confined to the user's box (a box prompt says where the structure is).
+Propagation in a direction stops at the end of the range, at an empty prediction, or
+when the IoU of the new mask with the previous slice's mask falls below ``iou_threshold`` (that slice is dropped).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import threading
+import time
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from medsamix.models.preprocess import Preprocessor
+from medsamix.serving.prompts import SlicePrompt, VolumePrompt
+from medsamix.data.slices import tight_box
+
+DEFAULT_CACHE_BYTES = 512 * 1024 * 1024
+DEFAULT_IOU_THRESHOLD = 0.4
+DEFAULT_MARGIN = 2.0
+
+
+@dataclasses.dataclass
+class Latency:
+    """Time spent on one request (milliseconds) and what the embedding cache did.
+
+    Attributes:
+        encoder_ms: Image preprocessing + image encoder, summed over the slices that were not cached.
+        decoder_ms: Prompt encoder + mask decoder, summed over the segmented slices.
+        total_ms: The whole :meth:`Segmenter.segment` call.
+        cache_hits: Slices whose embedding came from the cache.
+        cache_misses: Slices pushed through the image encoder.
+    """
+
+    encoder_ms: float = 0.0
+    decoder_ms: float = 0.0
+    total_ms: float = 0.0
+    cache_hits: int = 0
+    cache_misses: int = 0
+
+    @property
+    def cache_hit(self) -> bool:
+        """Every segmented slice came from the cache (no encoder pass)."""
+        return self.cache_misses == 0 and self.cache_hits > 0
+
+    def to_dict(self) -> dict[str, float | int | bool]:
+        return {"encoder_ms": round(self.encoder_ms, 3), "decoder_ms": round(self.decoder_ms, 3),
+                "total_ms": round(self.total_ms, 3), "cache_hit": self.cache_hit, "cache_hits": self.cache_hits,
+                "cache_misses": self.cache_misses}
+
+
+@dataclasses.dataclass
+class Segmentation:
+    """The result of one request.
+
+    Attributes:
+        mask: ``(I, J, K)`` uint8, 1 inside the segmented structure.
+        slices: K indices segmented, in processing order.
+        stop_reasons: Why propagation ended in each direction ("up"/"down" -> reason); empty in 2D.
+        latency: Timings and cache use.
+    """
+
+    mask: np.ndarray
+    slices: list[int]
+    stop_reasons: dict[str, str]
+    latency: Latency
+
+
+def confine(mask: np.ndarray, box: np.ndarray | None) -> np.ndarray:
+    """Zero an ``(H, W)`` mask outside an XYXY box (x = column, y = row, max inclusive); None leaves it as is."""
+    if box is None:
+        return mask
+    x0, y0 = max(int(np.floor(box[0])), 0), max(int(np.floor(box[1])), 0)
+    x1, y1 = int(np.ceil(box[2])), int(np.ceil(box[3]))
+    out = np.zeros_like(mask)
+    out[y0:y1 + 1, x0:x1 + 1] = mask[y0:y1 + 1, x0:x1 + 1]
+    return out
+
+
+def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
+    """Intersection over union of two boolean masks of one shape (1.0 when both are empty)."""
+    union = np.count_nonzero(a | b)
+    return 1.0 if union == 0 else np.count_nonzero(a & b) / union
+
+
+class EmbeddingCache:
+    """LRU cache of image embeddings ``(C, h, w)`` bounded by their total size in bytes.
+
+
+    Keys are ``(image key, slice index, model version)``. Thread-safe: several infer tasks may share one cache.
+    """
+
+    def __init__(self, max_bytes: int = DEFAULT_CACHE_BYTES) -> None:
+        self.max_bytes = max_bytes
+        self._items: collections.OrderedDict[tuple[str, int, str], Tensor] = collections.OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def keys(self) -> list[tuple[str, int, str]]:
+        with self._lock:
+            return list(self._items)
+
+    def get(self, key: tuple[str, int, str]) -> Tensor | None:
+        with self._lock:
+            t = self._items.get(key)
+            if t is not None:
+                self._items.move_to_end(key)
+            return t
+
+    def put(self, key: tuple[str, int, str], value: Tensor) -> None:
+        with self._lock:
+            old = self._items.pop(key, None)
+            if old is not None:
+                self._bytes -= old.element_size() * old.nelement()
+            self._items[key] = value
+            self._bytes += value.element_size() * value.nelement()
+            while self._bytes > self.max_bytes and len(self._items) > 1:
+                _, dropped = self._items.popitem(last=False)
+                self._bytes -= dropped.element_size() * dropped.nelement()
+
+    def drop_version(self, version: str) -> None:
+        """Forget the embeddings computed with model version ``version``."""
+        with self._lock:
+            for key in [k for k in self._items if k[2] == version]:
+                t = self._items.pop(key)
+                self._bytes -= t.element_size() * t.nelement()
+
+
+class Segmenter:
+    """Box/point-prompted segmentation of volumes with one SAM model and a per-slice embedding cache.
+
+    Args:
+        model: A ``segment_anything`` ``Sam`` (its image encoder, prompt encoder and mask decoder are used).
+        prep: The model's input convention (SAM or MedSAM preprocessing, input size).
+        version: Identifies the weights; part of every cache key.
+        cache: Embedding cache (a new one of :data:`DEFAULT_CACHE_BYTES` if None).
+        device: Where the model runs.
+    """
+
+    def __init__(self, model: nn.Module, prep: Preprocessor, version: str, cache: EmbeddingCache | None = None,
+                 device: str | torch.device = "cpu") -> None:
+        self.device = torch.device(device)
+        self.cache = cache or EmbeddingCache()
+        self.encoder_passes = 0
+        self._lock = threading.RLock()
+        self.set_model(model, prep, version)
+
+    def set_model(self, model: nn.Module, prep: Preprocessor, version: str) -> None:
+        """Serve other weights from now on; the previous version's embeddings are dropped from the cache."""
+        with self._lock:
+            old = getattr(self, "version", None)
+            self.model = model.to(self.device).eval()
+            self.prep = prep
+            self.version = version
+            if old is not None and old != version:
+                self.cache.drop_version(old)
+
+    def _sync(self) -> None:
+        """Wait for queued GPU work, so that latencies measure the computation, not its launch."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @torch.no_grad()
+    def _embedding(self, image_key: str, volume: np.ndarray, k: int, lat: Latency) -> Tensor:
+        key = (image_key, k, self.version)
+        emb = self.cache.get(key)
+        if emb is not None:
+            lat.cache_hits += 1
+            return emb
+        t0 = time.perf_counter()
+        x = self.prep.images(np.ascontiguousarray(volume[:, :, k])[None]).to(self.device)
+        emb = self.model.image_encoder(x)[0]
+        self._sync()
+        lat.encoder_ms += (time.perf_counter() - t0) * 1e3
+        lat.cache_misses += 1
+        self.encoder_passes += 1
+        self.cache.put(key, emb)
+        return emb
+
+    @torch.no_grad()
+    def predict_slice(self, image_key: str, volume: np.ndarray, prompt: SlicePrompt,
+                      lat: Latency | None = None) -> np.ndarray:
+        """Segment slice ``prompt.index`` of ``volume`` ``(I, J, K)``; returns an ``(I, J)`` bool mask.
+
+        A single point without a box uses SAM's three-mask output and keeps the mask with the best predicted IoU
+        (SAM's recipe for ambiguous prompts); otherwise one mask is predicted.
+        """
+        lat = lat if lat is not None else Latency()
+        with self._lock:
+            emb = self._embedding(image_key, volume, prompt.index, lat)
+            hw = (int(volume.shape[0]), int(volume.shape[1]))
+            t0 = time.perf_counter()
+            boxes = None if prompt.box is None else self.prep.boxes(prompt.box[None], hw).to(self.device)
+            points = None
+            if len(prompt.labels):
+                coords = self.prep.points(prompt.points, hw)[None].to(self.device)
+                points = (coords, torch.as_tensor(prompt.labels, dtype=torch.int64)[None].to(self.device))
+            multimask = prompt.box is None and len(prompt.labels) == 1
+            sparse, dense = self.model.prompt_encoder(points=points, boxes=boxes, masks=None)
+            low, iou = self.model.mask_decoder(emb[None], self.model.prompt_encoder.get_dense_pe(), sparse, dense,
+                                               multimask)
+            self._sync()
+            lat.decoder_ms += (time.perf_counter() - t0) * 1e3
+            best = int(iou[0].argmax()) if multimask else 0
+            return (self.prep.masks(low[:, best:best + 1], hw)[0, 0] > 0).cpu().numpy()
+
+    def segment(self, image_key: str, volume: np.ndarray, prompt: VolumePrompt,
+                iou_threshold: float = DEFAULT_IOU_THRESHOLD, margin: float = DEFAULT_MARGIN) -> Segmentation:
+        """Segment a volume from a parsed prompt (2D seeds, optionally propagated in 3D).
+
+        Args:
+            image_key: Identifies the image (and its content, e.g. path + modification time) in cache keys.
+            volume: ``(I, J, K)`` float32 0-255 image.
+            prompt: From :func:`medsamix.serving.prompts.parse_prompt` with ``volume.shape``.
+            iou_threshold: Propagation stops when a slice's IoU with the previous one falls below this.
+            margin: Pixels added on each side of the previous mask's tight box for the next slice's box.
+
+        Returns:
+            The mask and what was done.
+        """
+        if tuple(volume.shape) != tuple(prompt.shape):
+            raise ValueError(f"volume shape {volume.shape} differs from the prompt's {prompt.shape}")
+        t0 = time.perf_counter()
+        lat = Latency()
+        mask = np.zeros(volume.shape, dtype=np.uint8)
+        done: list[int] = []
+        stops: dict[str, str] = {}
+        with self._lock:
+            for seed in prompt.seeds:
+                pred = confine(self.predict_slice(image_key, volume, seed, lat), prompt.roi_box)
+                mask[:, :, seed.index] |= pred.astype(np.uint8)
+                done.append(seed.index)
+            if prompt.propagate is not None:
+                k_lo, k_hi = prompt.propagate
+                start = prompt.seeds[0].index
+                for name, ks in (("up", range(start + 1, k_hi + 1)), ("down", range(start - 1, k_lo - 1, -1))):
+                    stops[name] = self._propagate(image_key, volume, prompt, mask, start, ks, iou_threshold,
+                                                  margin, lat, done)
+        lat.total_ms = (time.perf_counter() - t0) * 1e3
+        return Segmentation(mask, done, stops, lat)
+
+    def _propagate(self, image_key: str, volume: np.ndarray, prompt: VolumePrompt, mask: np.ndarray, start: int,
+                   ks: Iterable[int], iou_threshold: float, margin: float, lat: Latency, done: list[int]) -> str:
+        prev = mask[:, :, start].astype(bool)
+        h, w = prev.shape
+        if not prev.any():
+            return f"empty mask on the seed slice {start}"
+        for k in ks:
+            box = tight_box(prev) + np.array([-margin, -margin, margin, margin], dtype=np.float32)
+            lo = prompt.roi_box if prompt.roi_box is not None else np.array([0, 0, w - 1, h - 1], np.float32)
+            box = np.array([max(box[0], lo[0]), max(box[1], lo[1]), min(box[2], lo[2]), min(box[3], lo[3])],
+                           dtype=np.float32)
+            pts, lab = prompt.points.get(k, (np.zeros((0, 2), np.float32), np.zeros(0, np.int64)))
+            pred = confine(self.predict_slice(image_key, volume, SlicePrompt(k, box, pts, lab), lat), prompt.roi_box)
+            if not pred.any():
+                return f"empty prediction on slice {k}"
+            iou = mask_iou(pred, prev)
+            if iou < iou_threshold:
+                return f"IoU {iou:.2f} < {iou_threshold} on slice {k}"
+            mask[:, :, k] = pred
+            done.append(k)
+            prev = pred
+        return "end of the box's slice range"
+
+
+__all__ = ["EmbeddingCache", "Latency", "Segmentation", "Segmenter", "confine", "mask_iou"]
