@@ -35,7 +35,9 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))
 
 from medsamix.errors import MedSAMixError  # noqa: E402
-from medsamix.runs.run import datastore_task_set, manifest_styles, run_merge, select_tasks  # noqa: E402
+from medsamix.data.tasksets import datastore_task_set, select_tasks  # noqa: E402
+from medsamix.models.pool import manifest_styles  # noqa: E402
+from medsamix.runs.run import run_merge  # noqa: E402
 from medsamix.models.pool import PoolManifest  # noqa: E402
 from medsamix.models.preprocess import STYLES  # noqa: E402
 from medsamix.search.search import SearchSettings  # noqa: E402

@@ -26,7 +26,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))
 
 from medsamix.search.evaluate import Evaluator  # noqa: E402
-from medsamix.runs.run import MergeRunError, manifest_styles, reference_scores, run_merge, select_tasks  # noqa: E402
+from medsamix.data.tasksets import select_tasks  # noqa: E402
+from medsamix.errors import MergeRunError  # noqa: E402
+from medsamix.models.pool import manifest_styles  # noqa: E402
+from medsamix.runs.run import reference_scores, run_merge  # noqa: E402
 from medsamix.merging.merger import Merger  # noqa: E402
 from medsamix.models.pool import PoolManifest  # noqa: E402
 from medsamix.search.search import SearchSettings  # noqa: E402

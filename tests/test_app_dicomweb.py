@@ -320,7 +320,7 @@ def test_merge_train_on_the_labelled_studies_in_orthanc(pacs, client, source, tm
     import pydicom
     import SimpleITK as sitk
 
-    from medsamix.runs.run import CALIBRATION_FRACTION
+    from medsamix.data.tasksets import CALIBRATION_FRACTION
     from medsamix.data.tasks import split_patients
     from orthanc import GDCM_PLUGIN
 

@@ -16,7 +16,7 @@ import torch
 from conftest import TINY, random_state
 from medsamix import Recipe
 from medsamix.runs.publish import current
-from medsamix.runs.run import ONE_STUDY_SPLIT
+from medsamix.data.tasksets import ONE_STUDY_SPLIT
 from test_merge_run import make_datastore
 
 APP = Path(__file__).resolve().parents[1] / "apps" / "medsamix"

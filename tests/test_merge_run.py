@@ -12,23 +12,14 @@ import pytest
 import torch
 
 from conftest import TINY, random_state
-from medsamix.runs.run import (
-    ONE_STUDY_SPLIT,
-    MergeOptions,
-    MergeRunError,
-    ProgressFile,
-    RunMonitor,
-    decide_promotion,
-    effective_status,
-    label_names,
-    parse_tasks,
-    plan_run,
-    process_started,
-    run_merge,
-    run_name,
-    select_tasks,
-    task_set_from_pairs,
-)
+from medsamix.data.tasksets import ONE_STUDY_SPLIT, select_tasks, task_set_from_pairs
+from medsamix.errors import MergeRunError
+from medsamix.runs.lock import process_started
+from medsamix.runs.options import MergeOptions, label_names, parse_tasks
+from medsamix.runs.plan import plan_run, run_name
+from medsamix.runs.progress import ProgressFile, RunMonitor, effective_status
+from medsamix.runs.promotion import decide_promotion
+from medsamix.runs.run import run_merge
 from medsamix.models.pool import ModelPool
 from medsamix.search.search import SearchSettings, Trial
 

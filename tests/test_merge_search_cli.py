@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from medsamix import Recipe
-from medsamix.runs.run import ONE_STUDY_SPLIT
+from medsamix.data.tasksets import ONE_STUDY_SPLIT
 from test_merge_run import make_datastore
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -16,7 +16,9 @@ import yaml
 from medsamix import Merger, PoolManifest, Recipe
 from medsamix.merging.apply import merge_from_recipe
 from medsamix.search.evaluate import Evaluator
-from medsamix.runs.run import manifest_styles, run_merge, select_tasks, task_set_from_pairs
+from medsamix.data.tasksets import select_tasks, task_set_from_pairs
+from medsamix.models.pool import manifest_styles
+from medsamix.runs.run import run_merge
 from medsamix.runs.publish import publish
 from medsamix.search.search import SearchSettings, initial_configs, score
 from medsamix.serving.service import MergedModelSource, PoolLoader, load_served_pool, member_model

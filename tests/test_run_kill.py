@@ -28,8 +28,12 @@ import sys
 from pathlib import Path
 sys.path.insert(0, {lib!r})
 from medsamix.errors import MedSAMixError
-from medsamix.runs.run import (MergeOptions, ProgressFile, RunMonitor, datastore_task_set, manifest_styles,
-                                plan_run, run_merge)
+from medsamix.data.tasksets import datastore_task_set
+from medsamix.models.pool import manifest_styles
+from medsamix.runs.options import MergeOptions
+from medsamix.runs.plan import plan_run
+from medsamix.runs.progress import ProgressFile, RunMonitor
+from medsamix.runs.run import run_merge
 from medsamix.models.pool import PoolManifest
 
 studies, pool_dir, runs, trials = sys.argv[1:]

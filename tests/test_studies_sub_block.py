@@ -90,7 +90,8 @@ def test_labels_off_the_image_grid_are_still_refused(tmp_path, case):
 def test_task_set_from_pairs_passes_sub_blocks_through(tmp_path):
     """The merge train task's loader: SEG-style block labels are used with ``sub_blocks=True`` and skipped (with the
     shape reason) without it."""
-    from medsamix.runs.run import MergeRunError, task_set_from_pairs
+    from medsamix.data.tasksets import task_set_from_pairs
+    from medsamix.errors import MergeRunError
 
     pairs = []
     for n in range(2):

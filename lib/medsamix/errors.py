@@ -25,3 +25,7 @@ class ConfigError(MedSAMixError):
 
 class StudyError(MedSAMixError):
     """A study (image and label) is missing, unreadable, or its image and label do not fit together."""
+
+
+class MergeRunError(MedSAMixError):
+    """A merge run cannot start: no or too few labelled studies, unknown task, too few slices, bad option."""

@@ -191,7 +191,7 @@ class TrainSupervisor:
         await asyncio.get_running_loop().run_in_executor(None, _kill_group, proc.pid)
         if self._done is not None:
             await self._done.wait()
-        # the train task's progress file now reads "stopped" (medsamix.runs.run.effective_status: its process ended)
+        # the train task's progress file now reads "stopped" (medsamix.runs.progress.effective_status: its process ended)
         return self._public(task)
 
     async def shutdown(self) -> None:

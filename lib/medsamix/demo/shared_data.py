@@ -27,46 +27,12 @@ from pathlib import Path
 
 import numpy as np
 
-from medsamix.models.preprocess import intensity_range, to_255
-from medsamix.data.slices import SliceSample, extract_slices, tight_box
+from medsamix.data.slices import SliceSample, tight_box
 from medsamix.data.studies import Study, find_studies, load_study
-from medsamix.data.tasks import Task, contiguous_runs, split_patients, split_slabs
+from medsamix.data.tasks import Task, split_patients
+from medsamix.data.tasksets import TaskSet, normalized, slab_task_set, slices_of
 
 log = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass
-class TaskSet:
-    """Calibration and test slices of one data source.
-
-    Attributes:
-        name: Data source name.
-        tasks: Its tasks.
-        calibration: Calibration slices (0-255 images).
-        test: Test slices.
-        split: How calibration and test were separated (patients or contiguous slabs).
-    """
-
-    name: str
-    tasks: list[Task]
-    calibration: list[SliceSample]
-    test: list[SliceSample]
-    split: str
-
-
-def normalized(study: Study) -> Study:
-    """The study with its image mapped to 0-255 (CT window or percentiles)."""
-    return dataclasses.replace(study, image=to_255(study.image, *intensity_range(study.image, study.modality)))
-
-
-def _slices(study: Study, tasks: Iterable[Task], indices: Iterable[int] | None = None, jitter: float = 0.0,
-            seed: int = 0) -> list[SliceSample]:
-    keep = None if indices is None else set(indices)
-    out = []
-    for t in tasks:
-        out += [s for s in extract_slices(study, t, axis=2, jitter=jitter, seed=seed)
-                if keep is None or s.index in keep]
-    return out
 
 
 def hippocampus(root: Path, exclude: Iterable[str] = (), seed: int = 0, max_patients: int | None = None,
@@ -84,7 +50,7 @@ def hippocampus(root: Path, exclude: Iterable[str] = (), seed: int = 0, max_pati
     cal, test = [], []
     for image, label in pairs:
         study = normalized(load_study(image, label, modality="MR"))
-        (cal if study.study_id in cal_ids else test).extend(_slices(study, tasks))
+        (cal if study.study_id in cal_ids else test).extend(slices_of(study, tasks))
     return TaskSet("hippocampus", tasks, cal, test,
                    f"patients: {len(cal_ids)} calibration / {len(ids) - len(cal_ids)} test "
                    f"({n_excluded} pool-training patients excluded)")
@@ -95,51 +61,6 @@ def _largest_tasks(study: Study, names: dict[str, str], count: int, min_slices: 
     slices = {int(v): int((study.label == v).any(axis=(0, 1)).sum()) for v in values}
     ranked = sorted((int(n), int(v)) for v, n in zip(values, voxels) if slices[int(v)] >= min_slices)[::-1]
     return [Task(names.get(str(v), f"label_{v}"), v) for _, v in ranked[:count]]
-
-
-def slab_indices(num_slices: int, calibration_fraction: float, seed: int, slab_size: int | None = None,
-                 gap: int = 0) -> tuple[list[int], list[int]]:
-    """The calibration and test slice indices of :func:`slab_task_set` (0 .. ``num_slices`` - 1): one slab, or with
-    ``slab_size`` about ``calibration_fraction * num_slices / slab_size`` slabs
-    (:func:`~medsamix.data.tasks.split_slabs`)."""
-    slabs = 1
-    if slab_size:
-        k = max(1, round(calibration_fraction * num_slices))
-        slabs = max(1, k // slab_size)
-    return split_slabs(num_slices, calibration_fraction, seed, slabs=slabs, gap=gap)
-
-
-def slab_task_set(name: str, study: Study, tasks: Sequence[Task], seed: int, calibration_fraction: float,
-                  slab_size: int | None = None, gap: int = 0, extent: tuple[int, int] | None = None) -> TaskSet:
-    """Slab split of one volume along its last axis: one slab, or (with ``slab_size``) slabs of about that many
-    slices spread over it, ``gap`` guard slices left out of the test set next to each
-    (:func:`~medsamix.data.tasks.split_slabs`).
-
-    Args:
-        name: Data source name.
-        study: The (normalised) volume ``(I, J, K)`` and its label map.
-        tasks: Its tasks.
-        seed: Seed of the slab positions.
-        calibration_fraction: Share of the split slices for calibration, in (0, 1).
-        slab_size: About this many slices per calibration slab (several slabs); ``None``: one slab.
-        gap: Guard slices on each side of a slab.
-        extent: ``(first, last)`` slice indices (inclusive) to split; ``None``: the whole volume. Slices outside
-            belong to neither side.
-    """
-    total = study.image.shape[2]
-    first, last = extent if extent is not None else (0, total - 1)
-    n = last - first + 1
-    cal_idx, test_idx = slab_indices(n, calibration_fraction, seed, slab_size, gap)
-    cal_idx, test_idx = [i + first for i in cal_idx], [i + first for i in test_idx]
-    cal = _slices(study, tasks, cal_idx)
-    test = _slices(study, tasks, test_idx)
-    runs = contiguous_runs(cal_idx)
-    where = ", ".join(f"{r[0]}-{r[-1]}" for r in runs)
-    guard = f", less {n - len(cal_idx) - len(test_idx)} guard slices next to them" if gap else ""
-    within = f" (slices {first}-{last} split, those holding labels)" if (first, last) != (0, total - 1) else ""
-    return TaskSet(name, list(tasks), cal, test,
-                   f"one volume ({total} slices{within}): contiguous slab{'s' if len(runs) > 1 else ''} of slices "
-                   f"{where} for calibration, the other {len(test_idx)} slices for test{guard}")
 
 
 def totalseg(root: Path, modality: str, seed: int = 0, organs: int = 8,

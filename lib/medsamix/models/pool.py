@@ -180,3 +180,8 @@ class PoolManifest:
             raise PoolError(f"{self.folder / 'pool.yaml'}: checkpoint checksum mismatch: {'; '.join(bad)}")
         models = [(a, p) for a, p in self.files.items() if a != self.base]
         return ModelPool.load((self.base, self.files[self.base]), models, arch=self.arch, checksums=actual)
+
+
+def manifest_styles(manifest: PoolManifest) -> dict[str, str]:
+    """Alias -> preprocessing style of each model of a pool manifest."""
+    return {a: str(p.get("style", "sam")) for a, p in manifest.preprocessing.items()}

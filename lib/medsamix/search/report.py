@@ -2,7 +2,7 @@
 
 Besides formatting what a search produced (:class:`~medsamix.search.search.SearchResult`), :func:`uniform_scores` scores
 the uniform merges a searched merge must beat (the single models are scored by
-:func:`medsamix.runs.run.single_model_scores`, each with its own preprocessing). Figures are written with matplotlib's non-interactive Agg backend.
+:func:`medsamix.runs.promotion.single_model_scores`, each with its own preprocessing). Figures are written with matplotlib's non-interactive Agg backend.
 """
 
 from __future__ import annotations

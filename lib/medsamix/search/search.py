@@ -73,7 +73,7 @@ class SearchSettings:
             hyper-parameter ``prep:style`` over :data:`~medsamix.models.preprocess.STYLES`).
         own_styles: ``(alias, style)`` of each pool model: its own preprocessing, as it is served alone. With a
             searched style each single model enters the initial design with it; the no-regression guard scores
-            each single model with it (:func:`medsamix.runs.run.single_model_scores`). A model not listed: the
+            each single model with it (:func:`medsamix.runs.promotion.single_model_scores`). A model not listed: the
             fixed style, else "sam".
         naive: Reproduce the reference loop for comparison: every trial reloads the checkpoints from disk, builds
             a new merger and re-encodes every calibration slice (no embedding reuse).

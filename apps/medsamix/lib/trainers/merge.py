@@ -19,7 +19,7 @@ style), ``min_gain`` (calibration Dice the merged model must gain over the best 
 0 = not worse is enough).
 
 Calibration / test: 20% of the labelled studies against the rest; with a single labelled study, slabs of its
-labelled slices (``medsamix.runs.run.one_study_task_set``), which the status's ``split`` and message say.
+labelled slices (``medsamix.data.tasksets.one_study_task_set``), which the status's ``split`` and message say.
 
 App configuration (``--conf``): ``model_dir`` (runs go to ``<model_dir>/runs``; default: next to the published
 folder), ``labels`` (the app's label names: comma-separated for values 1, 2, ... or ``{"name": value}`` JSON; else
@@ -45,22 +45,13 @@ from typing import Any
 import torch
 from fastapi import HTTPException
 from medsamix.errors import MedSAMixError
-from medsamix.runs.run import (
-    ONE_STUDY_SPLIT,
-    MergeOptions,
-    MergeOutcome,
-    ProgressFile,
-    RunMonitor,
-    RunPlan,
-    effective_status,
-    label_names,
-    plan_run,
-    process_started,
-    run_merge,
-    task_set_from_pairs,
-)
+from medsamix.data.tasksets import ONE_STUDY_SPLIT, task_set_from_pairs
+from medsamix.runs.options import MergeOptions, label_names
+from medsamix.runs.plan import RunPlan, plan_run
+from medsamix.runs.progress import ACTIVE, ProgressFile, RunMonitor, RunStatus, effective_status
+from medsamix.runs.run import MergeOutcome, run_merge
 from medsamix.runs.publish import PublishError, current, publish
-from medsamix.runs.lock import RunLock, RunLockedError, discard_run
+from medsamix.runs.lock import RunLock, RunLockedError, discard_run, process_started
 from medsamix.serving.service import ServedPool, load_served_pool
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.train import TrainTask
@@ -116,9 +107,9 @@ class MergeTrain(TrainTask):
         calibration Dice so far), ``status``, ``message``, ``start_ts`` and, when finished, ``total_time``."""
         data = effective_status(self.progress.read())
         if not data:  # nothing has run: the OHIF panel reads an empty entry as "100 %, 1/1 epochs"
-            return {"status": "idle", "epoch": 0, "total_epochs": int(self._defaults["trials"]),
+            return {"status": RunStatus.IDLE, "epoch": 0, "total_epochs": int(self._defaults["trials"]),
                     "best_metric": 0.0, "total_time": "0:00:00", "message": "no merge run yet"}
-        if data.get("status") in ("preparing", "running", "finishing") and data.get("start_ts"):
+        if data.get("status") in ACTIVE and data.get("start_ts"):
             data["current_time"] = str(datetime.timedelta(seconds=int(time.time() - float(data["start_ts"]))))
         return data
 
@@ -145,7 +136,7 @@ class MergeTrain(TrainTask):
 
     def _call(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
         start = time.time()
-        self.progress.write({"status": "preparing", "pid": os.getpid(),
+        self.progress.write({"status": RunStatus.PREPARING, "pid": os.getpid(),
                              "pid_started": process_started(os.getpid()), "start_ts": int(start), "epoch": 0,
                              "total_epochs": 0, "best_metric": 0.0, "message": "reading the labelled studies",
                              "request": {k: v for k, v in request.items() if k in self._defaults or k == "model"}})
@@ -157,11 +148,12 @@ class MergeTrain(TrainTask):
             outcome, version = self._run(plan, options, start)
             return self._finish(plan, outcome, version, start)
         except MedSAMixError as e:
-            self.progress.update(status="failed", message=str(e), total_time=_elapsed(start))
+            self.progress.update(status=RunStatus.FAILED, message=str(e), total_time=_elapsed(start))
             logger.error("merge training failed: %s", e)
             raise HTTPException(status_code=400, detail=str(e)) from None
         except Exception as e:
-            self.progress.update(status="failed", message=f"{type(e).__name__}: {e}", total_time=_elapsed(start))
+            self.progress.update(status=RunStatus.FAILED, message=f"{type(e).__name__}: {e}",
+                                 total_time=_elapsed(start))
             logger.exception("merge training failed")
             raise
 
@@ -212,7 +204,7 @@ class MergeTrain(TrainTask):
             discard_run(plan.out_dir)  # under the run folder's lock: refused while another process runs there
         monitor = RunMonitor(self.progress, plan.out_dir, plan.settings.trials)
         resumed = monitor.done
-        self.progress.update(status="running", **monitor.fields(), resumed_trials=resumed, device=self.device,
+        self.progress.update(status=RunStatus.RUNNING, **monitor.fields(), resumed_trials=resumed, device=self.device,
                              message=(f"{plan.variant} on {', '.join(plan.settings.tasks)}: "
                                       + (f"resuming after {resumed} trials" if resumed else "starting")
                                       + (f" ({plan.split})" if plan.one_study else "")))
@@ -221,7 +213,7 @@ class MergeTrain(TrainTask):
         published: list[str | None] = [None]
 
         def ready(outcome: MergeOutcome) -> None:  # publish before the (long) report is written
-            self.progress.update(status="finishing", epoch=plan.settings.trials,
+            self.progress.update(status=RunStatus.FINISHING, epoch=plan.settings.trials,
                                  best_metric=outcome.promotion.merged_dice,
                                  message="publishing" + (", then scoring references for the report" if self.report
                                                          else ""))
@@ -250,7 +242,7 @@ class MergeTrain(TrainTask):
             "published_version": version, "out_dir": str(plan.out_dir),
             "report": str(plan.out_dir / "report.md") if (plan.out_dir / "report.md").is_file() else None,
         }
-        self.progress.update(status="done", epoch=plan.settings.trials, best_metric=promotion.merged_dice,
+        self.progress.update(status=RunStatus.DONE, epoch=plan.settings.trials, best_metric=promotion.merged_dice,
                              total_time=_elapsed(start), message=message, promoted=promotion.promote,
                              published_version=version, promotion=promotion.to_dict(),
                              preprocessing=outcome.recipe.style,

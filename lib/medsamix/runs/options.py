@@ -1,0 +1,163 @@
+"""The options of a merge run as a user gives them (a MONAI Label train request, the command line), parsed and
+checked in one place: :class:`MergeOptions` (every option, strings accepted), :func:`parse_tasks` (task names) and
+:func:`label_names` (label value -> task name)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from medsamix.errors import MergeRunError
+from medsamix.merging.recipe import PREPROCESSING_STYLES
+from medsamix.search.search import SearchSettings
+
+def parse_tasks(value: str | Sequence[str] | None) -> tuple[str, ...]:
+    """Task names from an option: a comma-separated string (names may contain spaces: "left kidney, liver") or a
+    list; surrounding spaces and repeats are dropped; empty -> ``()`` (= every task)."""
+    if value is None:
+        return ()
+    items = re.split(r"[,\n]", value) if isinstance(value, str) else [str(v) for v in value]
+    out: list[str] = []
+    for item in (i.strip() for i in items):
+        if item and item not in out:
+            out.append(item)
+    return tuple(out)
+
+
+def label_names(value: str | Mapping[str, Any] | Sequence[str] | None) -> dict[int, str]:
+    """Label value -> task name from a MONAI Label style ``labels`` setting.
+
+    Accepts ``{"liver": 1, ...}`` (MONAI Label's convention), ``{"1": "liver"}``, a list of names (values 1, 2, ...)
+    or the JSON text of any of these; ``None`` / empty gives ``{}``.
+
+    Raises:
+        MergeRunError: anything else.
+    """
+    if value is None or value == "":
+        return {}
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            value = [v for v in parse_tasks(value)]
+    try:
+        if isinstance(value, Mapping):
+            out = {}
+            for k, v in value.items():
+                if isinstance(v, (int, float)) or (isinstance(v, str) and v.strip().isdigit()):
+                    out[int(v)] = str(k)  # {"liver": 1}
+                else:
+                    out[int(k)] = str(v)  # {"1": "liver"}
+            return {k: v for k, v in out.items() if k > 0}
+        if isinstance(value, Sequence):
+            return {i + 1: str(v) for i, v in enumerate(value)}
+    except (TypeError, ValueError):
+        pass
+    raise MergeRunError(f"labels: expected {{name: value}}, {{value: name}} or a list of names, got {value!r}")
+
+
+MAX_OPTION_INT = 2**31 - 1  # integer options (trials, seed, ...) beyond this are refused
+
+
+def _as_int(name: str, value: Any) -> int:
+    if isinstance(value, bool):
+        raise MergeRunError(f"{name}: expected an integer, got {value!r}")
+    try:
+        f = float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise MergeRunError(f"{name}: expected an integer, got {str(value)[:40]!r}") from None
+    if not f.is_integer():
+        raise MergeRunError(f"{name}: expected an integer, got {str(value)[:40]!r}")
+    if abs(f) > MAX_OPTION_INT:
+        raise MergeRunError(f"{name}: {str(value)[:40]} is out of range (at most {MAX_OPTION_INT})")
+    return int(f)
+
+
+def _as_bool(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in ("true", "yes", "1", "on", "false", "no", "0", "off", ""):
+        return value.strip().lower() in ("true", "yes", "1", "on")
+    raise MergeRunError(f"{name}: expected true or false, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class MergeOptions:
+    """The options of a merge run as a user gives them (a MONAI Label train request, a form).
+
+    Attributes:
+        tasks: Task names; one -> MedSAMix-S, several -> MedSAMix-M, none -> every task of the data.
+        trials: Configurations to evaluate (the initial design included).
+        granularity: ViT blocks per encoder group (1-4).
+        separate: Split encoder groups into attn / mlp / norm.
+        min_budget: Multi-fidelity (one task only): fewest calibration slices per trial; ``None`` = off.
+        seed: Seed of the patient split and of SMAC.
+        restart: Discard the stored trials of these settings and start over.
+        preprocessing: Preprocessing style of the merged model ("sam" / "medsam"), fixed; ``None`` = searched
+            (each single pool model enters the initial design with its own style).
+        min_gain: Promote only when the merged model's mean calibration Dice exceeds the best single pool
+            model's by at least this much (0 = not worse is enough). Not part of the search settings.
+    """
+
+    tasks: tuple[str, ...] = ()
+    trials: int = 30
+    granularity: int = 2
+    separate: bool = False
+    min_budget: int | None = None
+    seed: int = 0
+    restart: bool = False
+    preprocessing: str | None = None
+    min_gain: float = 0.0
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], defaults: Mapping[str, Any] | None = None) -> "MergeOptions":
+        """Parse and check options; strings are accepted for every field ("10", "true"), ``task``/``tasks``/
+        ``labels`` name the tasks, and a ``min_budget`` of 0 or empty turns multi-fidelity off. Unrelated keys
+        are ignored.
+
+        Raises:
+            MergeRunError: a value of the wrong type or out of range, naming the option.
+        """
+        merged = {**(defaults or {}), **{k: v for k, v in values.items() if v is not None}}
+        tasks: tuple[str, ...] = ()
+        for key in ("task", "tasks", "labels"):
+            if merged.get(key) not in (None, "", [], ()):
+                tasks = parse_tasks(merged[key])
+                break
+        trials = _as_int("trials", merged.get("trials", cls.trials))
+        if trials < 1:
+            raise MergeRunError(f"trials: must be >= 1, got {trials}")
+        granularity = _as_int("granularity", merged.get("granularity", cls.granularity))
+        if granularity not in (1, 2, 3, 4):
+            raise MergeRunError(f"granularity: must be 1, 2, 3 or 4 ViT blocks per group, got {granularity}")
+        mb_raw = merged.get("min_budget")
+        min_budget = None if mb_raw in (None, "", "none", "None") else _as_int("min_budget", mb_raw)
+        if min_budget is not None and min_budget < 0:
+            raise MergeRunError(f"min_budget: must be >= 0 (0 = all calibration slices), got {min_budget}")
+        seed = _as_int("seed", merged.get("seed", cls.seed))
+        if seed < 0:
+            raise MergeRunError(f"seed: must be >= 0, got {seed}")
+        style = merged.get("preprocessing") or None
+        if style is not None and style not in PREPROCESSING_STYLES:
+            raise MergeRunError(f"preprocessing: must be one of {list(PREPROCESSING_STYLES)} (or empty to search "
+                                f"it), got {style!r}")
+        try:
+            min_gain = float(merged.get("min_gain") or 0.0)
+        except (TypeError, ValueError):
+            raise MergeRunError(f"min_gain: expected a number, got {merged.get('min_gain')!r}") from None
+        if not -1.0 <= min_gain <= 1.0:
+            raise MergeRunError(f"min_gain: must lie in [-1, 1] (a Dice difference), got {min_gain}")
+        return cls(tasks, trials, granularity, _as_bool("separate", merged.get("separate", False)),
+                   min_budget or None, seed, _as_bool("restart", merged.get("restart", False)), style, min_gain)
+
+    def settings(self, tasks: Sequence[str], styles: Mapping[str, str]) -> SearchSettings:
+        """The search settings for ``tasks``; ``styles``: alias -> own preprocessing style of each pool model
+        (:func:`manifest_styles`). The merged model's style is searched unless the options fix one."""
+        return SearchSettings(tasks=tuple(tasks), trials=self.trials, granularity=self.granularity,
+                              separate=self.separate, seed=self.seed, preprocessing=self.preprocessing,
+                              own_styles=tuple((a, str(s)) for a, s in styles.items()), min_budget=self.min_budget)
