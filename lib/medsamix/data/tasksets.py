@@ -23,7 +23,7 @@ from medsamix.errors import MergeRunError
 from medsamix.models.preprocess import intensity_range, to_255
 from medsamix.data.slices import SliceSample, extract_slices
 from medsamix.data.studies import Skipped, Study, find_studies, load_study_pairs
-from medsamix.data.tasks import Task, contiguous_runs, split_patients, split_slabs
+from medsamix.data.tasks import Task, contiguous_runs, split_patients, split_slabs, tasks_from_labels
 
 log = logging.getLogger(__name__)
 
