@@ -36,7 +36,7 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], object], 
     Args:
         path: The target file; its folder is created when missing.
         write: Writes the whole content to the path it is given.
-        mode: Permission bits for the new file (e.g. ``0o600``), set before it takes the target's place.
+        mode: Permission bits for the new file (e.g. ``0o600``), given to the temporary file when it is created.
 
     Returns:
         ``path``. On any failure the temporary file is removed and the exception passes on.
@@ -45,9 +45,9 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], object], 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(path)
     try:
+        if mode is not None:  # created with its final permissions: never readable by others, not even briefly
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode))
         write(tmp)
-        if mode is not None:
-            os.chmod(tmp, mode)
         _fsync(tmp)
         os.replace(tmp, path)
     finally:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import jwt
+from medsamix.atomic import atomic_write_text
 
 ROLES = ("annotator", "admin")
 MIN_PASSWORD = 12
@@ -153,16 +154,7 @@ def read_users(path: str | os.PathLike[str]) -> dict[str, dict[str, str]]:
 
 def write_users(path: str | os.PathLike[str], users: dict[str, dict[str, str]]) -> None:
     """Write the users file atomically, readable by its owner only."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.tmp-{secrets.token_hex(8)}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump({"users": users}, f, indent=2)
-        os.replace(tmp, p)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write_text(path, json.dumps({"users": users}, indent=2), mode=0o600)
 
 
 class Authenticator:

@@ -30,10 +30,9 @@ def _die_with_parent(server_pid: int) -> None:
 
 
 def _write(path: str, data: dict[str, Any]) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, default=str)
-    os.replace(tmp, path)
+    from medsamix.atomic import atomic_write_text  # here: the worker sets its death signal before heavy imports
+
+    atomic_write_text(path, json.dumps(data, default=str))
 
 
 def main() -> int:

@@ -36,6 +36,7 @@ import yaml
 
 from medsamix.models.architecture import PRESETS, TINY256, VIT_B, ArchSpec, reference_param_names, resolve_arch
 from medsamix.merging.config import MergeConfig
+from medsamix.atomic import atomic_write_text
 from medsamix.errors import ConfigError
 from medsamix.merging.groups import group_parameters
 from medsamix.models.pool import ALIAS_RE
@@ -138,11 +139,7 @@ class Recipe:
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the recipe atomically (temporary file, then rename)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text(self.dump())
-        os.replace(tmp, path)
+        atomic_write_text(path, self.dump())
 
     @classmethod
     def from_dict(cls, d: Any, where: str = "recipe") -> "Recipe":

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from medsamix.models.architecture import VIT_B, ArchSpec, infer_arch, reference_state
+from medsamix.atomic import atomic_write
 from medsamix.errors import CheckpointError
 
 SAM_SUBMODULES = ("image_encoder.", "prompt_encoder.", "mask_decoder.")
@@ -190,12 +191,5 @@ def save_sam_checkpoint(state_dict: Mapping[str, Tensor], path: str | os.PathLik
     The result loads with ``sam_model_registry[name](checkpoint=path)`` for official architectures. Tensors are
     cloned so that views into larger buffers do not drag their whole storage into the file.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        torch.save({k: v.detach().clone().contiguous() for k, v in state_dict.items()}, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    atomic_write(path, lambda tmp: torch.save({k: v.detach().clone().contiguous() for k, v in state_dict.items()},
+                                              tmp))
