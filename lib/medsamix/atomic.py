@@ -21,7 +21,8 @@ def temp_path(path: str | os.PathLike[str]) -> Path:
     return path.with_name(f".{path.name}{TMP_INFIX}{uuid.uuid4().hex}")
 
 
-def _fsync(path: Path) -> None:
+def fsync_path(path: str | os.PathLike[str]) -> None:
+    """Flush a file or a folder (its entries) to disk, so a rename never exposes data still in memory only."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -48,7 +49,7 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], object], 
         if mode is not None:  # created with its final permissions: never readable by others, not even briefly
             os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode))
         write(tmp)
-        _fsync(tmp)
+        fsync_path(tmp)
         os.replace(tmp, path)
     finally:
         if tmp.exists():

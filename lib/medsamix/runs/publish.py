@@ -31,6 +31,7 @@ from typing import Any, Mapping
 
 from torch import Tensor
 
+from medsamix.atomic import fsync_path
 from medsamix.models.checkpoint import save_sam_checkpoint, sha256_file
 from medsamix.errors import MedSAMixError
 from medsamix.merging.recipe import Recipe
@@ -93,12 +94,12 @@ def publish(folder: str | os.PathLike[str], recipe: Recipe, state_dict: Mapping[
             save_sam_checkpoint(state_dict, tmp / "merged.pth")
             recipe.save(tmp / "recipe.yaml")
             for name in FILES:
-                _fsync(tmp / name)
-            _fsync(tmp)
+                fsync_path(tmp / name)
+            fsync_path(tmp)
             now = _dt.datetime.now(_dt.timezone.utc)
             version = f"{now:%Y%m%dT%H%M%S%f}-{sha256_file(tmp / 'merged.pth')[:8]}"
             os.rename(tmp, versions / version)
-            _fsync(versions)
+            fsync_path(versions)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -112,9 +113,9 @@ def publish(folder: str | os.PathLike[str], recipe: Recipe, state_dict: Mapping[
         pointer_tmp = folder / f"{TMP_POINTER}{uuid.uuid4().hex}"
         try:
             pointer_tmp.write_text(json.dumps(entry, indent=2, default=str))
-            _fsync(pointer_tmp)
+            fsync_path(pointer_tmp)
             os.replace(pointer_tmp, folder / CURRENT)
-            _fsync(folder)
+            fsync_path(folder)
         finally:
             pointer_tmp.unlink(missing_ok=True)
     return _entry(folder, entry)
@@ -183,15 +184,6 @@ def _remove_incomplete(folder: Path) -> list[Path]:
             p.unlink()
         log.warning("removed %s, left by a publish that did not finish", p)
     return found
-
-
-def _fsync(path: Path) -> None:
-    """Flush a file or a folder (its entries) to disk, so a rename never exposes data still in memory only."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _entry(folder: Path, entry: Mapping[str, Any]) -> Published:
