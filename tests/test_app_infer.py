@@ -176,7 +176,7 @@ class _ScriptedSegmenter(Segmenter):
         self.masks = masks
         self.boxes: dict[int, np.ndarray | None] = {}
 
-    def predict_slice(self, image_key, volume, prompt: SlicePrompt, lat=None):
+    def predict_slice(self, image_key, volume, prompt: SlicePrompt, lat=None, ahead=()):
         self.boxes[prompt.index] = prompt.box
         return self.masks[prompt.index].copy()
 
