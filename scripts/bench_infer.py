@@ -130,6 +130,8 @@ def main() -> int:
     ap.add_argument("--vit-b-firsts", type=int, default=2, help="first prompts for ViT-B (default 2, ~16 s each)")
     ap.add_argument("--tiny-preencode", type=int, default=32, help="slices pre-encoded for the tiny model (32)")
     ap.add_argument("--vit-b-preencode", type=int, default=3, help="slices pre-encoded for ViT-B (default 3)")
+    ap.add_argument("--device", default="cpu", help="where the models run (default cpu; cuda on a GPU)")
+    ap.add_argument("--bf16", action="store_true", help="bf16 autocast for the image encoder (CUDA only)")
     ap.add_argument("--out", type=Path, default=None, help="also write the figures as Markdown to this file")
     args = ap.parse_args()
     if min(args.repeats, args.tiny_firsts, args.vit_b_firsts, args.tiny_preencode, args.vit_b_preencode) < 1:
@@ -141,14 +143,14 @@ def main() -> int:
     rows = []
     t0 = time.perf_counter()
     served = member_model(load_served_pool(args.pool), "sam_tiny")
-    seg = Segmenter(served.model, served.prep, served.version)
+    seg = Segmenter(served.model, served.prep, served.version, device=args.device, bf16=args.bf16)
     rows.append(("tiny pool base (sam_tiny, 256 px)",
                  bench("tiny", seg, volume, args.tiny_firsts, args.repeats, 1)
                  | bench_preencode("tiny", seg, volume, args.tiny_preencode, 3)))
     from segment_anything import sam_model_registry
 
     vit_b = sam_model_registry["vit_b"]().eval()
-    seg = Segmenter(vit_b, Preprocessor("sam", 1024), "vit_b-random")
+    seg = Segmenter(vit_b, Preprocessor("sam", 1024), "vit_b-random", device=args.device, bf16=args.bf16)
     rows.append(("random ViT-B (1024 px)",
                  bench("vit_b", seg, volume, args.vit_b_firsts, args.repeats, 2)
                  | bench_preencode("vit_b", seg, volume, args.vit_b_preencode, 4)))
@@ -158,10 +160,12 @@ def main() -> int:
         "Command: `.venv/bin/python scripts/bench_infer.py"
         + "".join(f" --{k.replace('_', '-')} {getattr(args, k)}" for k, d in
                   (("repeats", 10), ("tiny_firsts", 8), ("vit_b_firsts", 2), ("tiny_preencode", 32),
-                   ("vit_b_preencode", 3)) if getattr(args, k) != d)
+                   ("vit_b_preencode", 3), ("device", "cpu")) if getattr(args, k) != d)
+        + (" --bf16" if args.bf16 else "")
         + (f" --out {args.out}" if args.out else "") + "`",
         "",
-        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch "
+        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, device {args.device}"
+        f"{' (' + torch.cuda.get_device_name() + ')' if args.device.startswith('cuda') else ''}, torch "
         f"{torch.__version__}, {torch.get_num_threads()} threads; image {volume.shape[0]} x {volume.shape[1]} "
         f"x {volume.shape[2]} (2D box prompts); load average at the end "
         f"{' / '.join(f'{x:.1f}' for x in os.getloadavg())} (1/5/15 min; other jobs share the cores). Medians of the "
