@@ -10,11 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY, random_state
 from medsamix.data.volumes import VolumeCache
 from medsamix.errors import ConfigError
 from medsamix.models.encoding import batch_size_for, encode_batches
-from medsamix.models.preprocess import Preprocessor
 from medsamix.serving.preencode import PreEncoder, slice_order
 from medsamix.serving.prompts import parse_prompt
 from medsamix.serving.segmenter import EmbeddingCache, Segmenter
@@ -22,10 +20,8 @@ from medsamix.serving.service import InteractiveService, ServedModel
 
 
 @pytest.fixture(scope="module")
-def parts():
-    model = TINY.build()
-    model.load_state_dict(random_state(TINY, 0))
-    return model.eval(), Preprocessor("sam", TINY.img_size)
+def parts(tiny_segmenter_parts):
+    return tiny_segmenter_parts
 
 
 class _RecordingCache(EmbeddingCache):
