@@ -97,9 +97,12 @@ class MedSAMixApp(MONAILabelApp):
         self.max_slices = int(conf["max_slices"]) if conf.get("max_slices") else None
         self.volumes = VolumeCache(max_voxels=int(conf["max_voxels"]) if conf.get("max_voxels") else None)
         self.embeddings = EmbeddingCache()
+        raw = conf.get("preencode_slices") or ""
+        if raw and not raw.strip().isdigit():
+            raise ValueError(f"conf preencode_slices: expected a whole number of slices >= 0, got {raw!r}")
         self.preencoder = PreEncoder.from_env(
             conf.get("preencode", "true").strip().lower() not in ("0", "false", "off", "no"),
-            int(conf["preencode_slices"]) if conf.get("preencode_slices") else None)
+            int(raw) if raw else None)
         self._merged_service: InteractiveService | None = None
         self.merged = MergedModelSource(self.pool, self.published_dir, MERGED_TASK, conf.get("merged_preprocessing"))
         super().__init__(
