@@ -12,11 +12,20 @@ On one synthetic volume (``sample_studies.phantom_volume``, 96 x 80 x 32), the s
 
 Each model gets one untimed warm-up prompt first.
 
+Pre-encoding (``medsamix.serving.preencode.PreEncoder``, the server's background encoder): a volume is opened under a
+new image key with the middle slice as centre and a budget of ``--*-preencode`` slices; ``volume_encode_s`` is the
+wall time until those slices are encoded (ViT-B: a few slices only, ~16 s each here, so it is *not* a whole volume;
+the slice count is printed). Then ``preencoded_ms`` is a 2D box prompt on a pre-encoded slice never prompted before,
+and a 3D box over the pre-encoded slices gives ``3d_preencoded_over_decoder`` (its total / the sum of its decoder
+passes). ``3d_cold_over_encoder``: a 3D box over the same slice range of a volume never seen (total / the sum of the
+encoder passes it needed).
+
 A first prompt on a slice pays the image encoder; a repeated prompt (another box on the same slice) finds the slice's
 embedding in the cache and pays only the prompt encoder and mask decoder plus post-processing. Figures are the
 segmenter's server-side latencies (``total_ms`` of a 2D box request, ``decoder_ms`` its prompt encoder + mask
 decoder part); medians over the repetitions. The last line (ViT-B figures) is
-``first_ms=<ms> repeat_ms=<ms> decoder_ms=<ms> repeat_over_decoder=<repeat_ms / decoder_ms>``.
+``first_ms=<ms> repeat_ms=<ms> decoder_ms=<ms> repeat_over_decoder=<x> preencoded_ms=<ms> preencoded_over_decoder=<x>
+volume_encode_s=<s>`` (one line), preceded by a line with the two 3D ratios.
 """
 
 from __future__ import annotations
@@ -36,6 +45,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "lib"))
 
 from medsamix.models.preprocess import Preprocessor  # noqa: E402
+from medsamix.serving.preencode import PreEncoder  # noqa: E402
 from medsamix.serving.prompts import parse_prompt  # noqa: E402
 from medsamix.demo.sample_studies import phantom_volume  # noqa: E402
 from medsamix.serving.segmenter import Segmenter  # noqa: E402
@@ -80,16 +90,52 @@ def bench(name: str, seg: Segmenter, volume: np.ndarray, firsts: int, repeats: i
             "firsts": firsts, "repeats": repeats}
 
 
+def bench_preencode(name: str, seg: Segmenter, volume: np.ndarray, budget: int, seed: int) -> dict[str, float]:
+    """Pre-encode ``budget`` slices around the middle one, then prompt them in 2D and 3D; a cold 3D prompt for scale.
+
+    The 3D range is the ``min(budget, 3)`` slices nearest the middle (all pre-encoded)."""
+    rng = np.random.default_rng(seed)
+    shape = tuple(int(s) for s in volume.shape)
+    mid = shape[2] // 2
+    pre = PreEncoder(max_slices=budget)
+    key = f"{name}-opened"
+    t0 = time.perf_counter()
+    pre.schedule(seg, key, volume, center=mid)
+    pre.wait()
+    encode_s = time.perf_counter() - t0
+    pre.stop()
+    k = mid + 1 if budget > 1 else mid  # pre-encoded, never prompted
+    r = seg.segment(key, volume, parse_prompt({"roi": _boxes(rng, shape, k, 1)[0]}, shape)).latency
+    assert r.cache_misses == 0 and r.preencoded_hits == 1, "a pre-encoded slice must not run the image encoder"
+    n3 = min(budget, 3)
+    lo = mid - (n3 - 1) // 2 if n3 == 3 else mid
+    span = [lo, lo + n3 - 1]
+    i0, i1 = shape[0] // 4, 3 * shape[0] // 4
+    j0, j1 = shape[1] // 4, 3 * shape[1] // 4
+    roi3 = {"roi": [i0, i1, j0, j1, span[0], span[1]]}
+    warm3 = seg.segment(key, volume, parse_prompt(roi3, shape)).latency
+    assert warm3.cache_misses == 0
+    cold3 = seg.segment(f"{name}-cold-3d", volume, parse_prompt(roi3, shape)).latency
+    return {"preencoded_ms": r.total_ms, "preencoded_decoder_ms": r.decoder_ms, "volume_encode_s": encode_s,
+            "preencoded_slices": budget, "3d_slices": warm3.cache_hits, "3d_cold_slices": cold3.cache_misses,
+            "3d_preencoded_over_decoder": warm3.total_ms / warm3.decoder_ms,
+            "3d_cold_over_encoder": cold3.total_ms / cold3.encoder_ms}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pool", type=Path, default=REPO / "sample-data" / "pool")
     ap.add_argument("--repeats", type=int, default=10, help="repeated prompts per model (default 10)")
     ap.add_argument("--tiny-firsts", type=int, default=8, help="first prompts for the tiny model (default 8)")
     ap.add_argument("--vit-b-firsts", type=int, default=2, help="first prompts for ViT-B (default 2, ~16 s each)")
+    ap.add_argument("--tiny-preencode", type=int, default=32, help="slices pre-encoded for the tiny model (32)")
+    ap.add_argument("--vit-b-preencode", type=int, default=3, help="slices pre-encoded for ViT-B (default 3)")
+    ap.add_argument("--device", default="cpu", help="where the models run (default cpu; cuda on a GPU)")
+    ap.add_argument("--bf16", action="store_true", help="bf16 autocast for the image encoder (CUDA only)")
     ap.add_argument("--out", type=Path, default=None, help="also write the figures as Markdown to this file")
     args = ap.parse_args()
-    if args.repeats < 1 or args.tiny_firsts < 1 or args.vit_b_firsts < 1:
-        print("error: --repeats, --tiny-firsts and --vit-b-firsts must be >= 1", file=sys.stderr)
+    if min(args.repeats, args.tiny_firsts, args.vit_b_firsts, args.tiny_preencode, args.vit_b_preencode) < 1:
+        print("error: --repeats, --*-firsts and --*-preencode must be >= 1", file=sys.stderr)
         return 2
     torch.manual_seed(0)
     image, _ = phantom_volume(np.random.default_rng(0))
@@ -97,39 +143,55 @@ def main() -> int:
     rows = []
     t0 = time.perf_counter()
     served = member_model(load_served_pool(args.pool), "sam_tiny")
+    seg = Segmenter(served.model, served.prep, served.version, device=args.device, bf16=args.bf16)
     rows.append(("tiny pool base (sam_tiny, 256 px)",
-                 bench("tiny", Segmenter(served.model, served.prep, served.version), volume, args.tiny_firsts,
-                       args.repeats, 1)))
+                 bench("tiny", seg, volume, args.tiny_firsts, args.repeats, 1)
+                 | bench_preencode("tiny", seg, volume, args.tiny_preencode, 3)))
     from segment_anything import sam_model_registry
 
     vit_b = sam_model_registry["vit_b"]().eval()
+    seg = Segmenter(vit_b, Preprocessor("sam", 1024), "vit_b-random", device=args.device, bf16=args.bf16)
     rows.append(("random ViT-B (1024 px)",
-                 bench("vit_b", Segmenter(vit_b, Preprocessor("sam", 1024), "vit_b-random"), volume,
-                       args.vit_b_firsts, args.repeats, 2)))
+                 bench("vit_b", seg, volume, args.vit_b_firsts, args.repeats, 2)
+                 | bench_preencode("vit_b", seg, volume, args.vit_b_preencode, 4)))
     lines = [
         "# Interactive latency: first prompt vs repeated prompts on the same slice",
         "",
         "Command: `.venv/bin/python scripts/bench_infer.py"
-        + (f" --repeats {args.repeats}" if args.repeats != 10 else "")
+        + "".join(f" --{k.replace('_', '-')} {getattr(args, k)}" for k, d in
+                  (("repeats", 10), ("tiny_firsts", 8), ("vit_b_firsts", 2), ("tiny_preencode", 32),
+                   ("vit_b_preencode", 3), ("device", "cpu")) if getattr(args, k) != d)
+        + (" --bf16" if args.bf16 else "")
         + (f" --out {args.out}" if args.out else "") + "`",
         "",
-        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch "
+        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, device {args.device}"
+        f"{' (' + torch.cuda.get_device_name() + ')' if args.device.startswith('cuda') else ''}, torch "
         f"{torch.__version__}, {torch.get_num_threads()} threads; image {volume.shape[0]} x {volume.shape[1]} "
         f"x {volume.shape[2]} (2D box prompts); load average at the end "
         f"{' / '.join(f'{x:.1f}' for x in os.getloadavg())} (1/5/15 min; other jobs share the cores). Medians of the "
         "segmenter's server-side latencies.",
         "",
-        "| model | first prompt ms (n) | of which encoder ms | repeated prompt ms (n) | decoder ms | repeat / decoder |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| model | first prompt ms (n) | of which encoder ms | repeated prompt ms (n) | decoder ms | repeat / decoder "
+        "| pre-encoded prompt ms | pre-encoded / decoder | pre-encoding s (slices) | 3D pre-encoded / decoder sum "
+        "(slices) | 3D cold / encoder sum (slices) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, r in rows:
         lines.append(f"| {name} | {r['first_ms']:.1f} ({r['firsts']}) | {r['encoder_ms']:.1f} | "
                      f"{r['repeat_ms']:.1f} ({r['repeats']}) | {r['decoder_ms']:.1f} | "
-                     f"{r['repeat_ms'] / r['decoder_ms']:.3f} |")
+                     f"{r['repeat_ms'] / r['decoder_ms']:.3f} | {r['preencoded_ms']:.1f} | "
+                     f"{r['preencoded_ms'] / r['decoder_ms']:.3f} | {r['volume_encode_s']:.2f} "
+                     f"({r['preencoded_slices']}) | {r['3d_preencoded_over_decoder']:.3f} ({r['3d_slices']}) | "
+                     f"{r['3d_cold_over_encoder']:.3f} ({r['3d_cold_slices']}) |")
     v = rows[-1][1]
     lines += ["", f"Total benchmark time {time.perf_counter() - t0:.0f} s.", "",
+              f"3d_cold_over_encoder={v['3d_cold_over_encoder']:.3f} "
+              f"3d_preencoded_over_decoder={v['3d_preencoded_over_decoder']:.3f}",
+              "",
               f"first_ms={v['first_ms']:.1f} repeat_ms={v['repeat_ms']:.1f} decoder_ms={v['decoder_ms']:.1f} "
-              f"repeat_over_decoder={v['repeat_ms'] / v['decoder_ms']:.3f}"]
+              f"repeat_over_decoder={v['repeat_ms'] / v['decoder_ms']:.3f} preencoded_ms={v['preencoded_ms']:.1f} "
+              f"preencoded_over_decoder={v['preencoded_ms'] / v['decoder_ms']:.3f} "
+              f"volume_encode_s={v['volume_encode_s']:.2f}"]
     text = "\n".join(lines)
     print(text)
     if args.out:

@@ -55,3 +55,13 @@ def tiny_pool_files(tmp_path: Path) -> dict[str, Path]:
         out[alias] = tmp_path / f"{alias}.pth"
         torch.save(random_state(TINY, i), out[alias])
     return out
+
+
+@pytest.fixture(scope="module")
+def tiny_segmenter_parts():
+    """A tiny ``Sam`` with random weights (seed 0) in eval mode and its SAM-style preprocessor."""
+    from medsamix.models.preprocess import Preprocessor
+
+    model = TINY.build()
+    model.load_state_dict(random_state(TINY, 0))
+    return model.eval(), Preprocessor("sam", TINY.img_size)

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from app_server import running_server
-from conftest import TINY, random_state
+from conftest import TINY
 from medsamix.search.evaluate import Evaluator
 from medsamix.models.preprocess import Preprocessor
 from medsamix.serving.prompts import PromptError, SlicePrompt, VolumePrompt, parse_prompt
@@ -118,13 +118,6 @@ def test_all_zero_roi_means_no_roi():
 
 # ---------------------------------------------------------------- segmenter (no server)
 
-@pytest.fixture(scope="module")
-def tiny_segmenter_parts():
-    model = TINY.build()
-    model.load_state_dict(random_state(TINY, 0))
-    return model.eval(), Preprocessor("sam", TINY.img_size)
-
-
 def test_second_prompt_on_the_same_slice_needs_no_encoder_pass(tiny_segmenter_parts):
     model, prep = tiny_segmenter_parts
     vol = np.random.default_rng(0).uniform(0, 255, (40, 48, 6)).astype(np.float32)
@@ -176,7 +169,7 @@ class _ScriptedSegmenter(Segmenter):
         self.masks = masks
         self.boxes: dict[int, np.ndarray | None] = {}
 
-    def predict_slice(self, image_key, volume, prompt: SlicePrompt, lat=None):
+    def predict_slice(self, image_key, volume, prompt: SlicePrompt, lat=None, ahead=()):
         self.boxes[prompt.index] = prompt.box
         return self.masks[prompt.index].copy()
 

@@ -19,6 +19,9 @@ Configuration (``--conf key value``):
   ``scripts/make_sample_studies.py``, else "foreground").
 * ``iou_threshold`` (0.4), ``margin`` (2): defaults of 3D propagation.
 * ``device``: where the models run (default ``cuda`` when available, else ``cpu``).
+* ``preencode`` ("true"): background pre-encoding of an opened volume's slices for the model prompted (the merged
+  model when an image is downloaded or uploaded); ``preencode_slices`` (256): slice budget per volume; the environment
+  variables ``MEDSAMIX_PREENCODE=0`` / ``MEDSAMIX_PREENCODE_SLICES`` override both.
 * ``max_slices`` (no limit): most slices one prompt may segment; ``max_voxels`` (no limit): largest volume read
   (checked on the header first). The hardened server (``medsamix-server``) sets both from its limits.
 
@@ -32,6 +35,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +48,7 @@ from monailabel.interfaces.tasks.train import TrainTask
 from lib.infers.interactive import InteractiveInfer
 from medsamix.errors import MedSAMixError
 from medsamix.runs.publish import clean_incomplete
+from medsamix.serving.preencode import PreEncoder
 from medsamix.serving.segmenter import DEFAULT_IOU_THRESHOLD, DEFAULT_MARGIN, EmbeddingCache
 from medsamix.serving.service import InteractiveService, MergedModelSource, PoolLoader
 from medsamix.data.volumes import VolumeCache
@@ -92,6 +97,13 @@ class MedSAMixApp(MONAILabelApp):
         self.max_slices = int(conf["max_slices"]) if conf.get("max_slices") else None
         self.volumes = VolumeCache(max_voxels=int(conf["max_voxels"]) if conf.get("max_voxels") else None)
         self.embeddings = EmbeddingCache()
+        raw = conf.get("preencode_slices") or ""
+        if raw and not raw.strip().isdigit():
+            raise ValueError(f"conf preencode_slices: expected a whole number of slices >= 0, got {raw!r}")
+        self.preencoder = PreEncoder.from_env(
+            conf.get("preencode", "true").strip().lower() not in ("0", "false", "off", "no"),
+            int(raw) if raw else None)
+        self._merged_service: InteractiveService | None = None
         self.merged = MergedModelSource(self.pool, self.published_dir, MERGED_TASK, conf.get("merged_preprocessing"))
         super().__init__(
             app_dir=app_dir,
@@ -105,14 +117,28 @@ class MedSAMixApp(MONAILabelApp):
 
     def _service(self, name: str, source: Any, status: Any = None) -> InteractiveService:
         return InteractiveService(name, source, self.volumes, self.embeddings, self.iou_threshold, self.margin,
-                                  status, self.device, self.max_slices)
+                                  status, self.device, self.max_slices, self.preencoder)
+
+    def open_image(self, path: str) -> None:
+        """A client opened (downloaded or uploaded) ``path``: pre-encode it for the merged model in the background."""
+        service = self._merged_service
+        if service is None or not self.preencoder.enabled:
+            return
+
+        def run() -> None:
+            try:
+                service.open_image(path)
+            except (MedSAMixError, OSError, ValueError) as e:  # not an image the models can segment: nothing to do
+                logger.info("no pre-encoding for %s: %s", path, e)
+
+        threading.Thread(target=run, name="medsamix-open-image", daemon=True).start()
 
     def init_infers(self) -> dict[str, InferTask]:
         # Models are built on first use (MONAI Label also builds the app in each training subprocess, which never
         # segments); the server preloads them in on_init_complete.
+        self._merged_service = self._service(MERGED_TASK, self.merged.get, lambda: self.merged.warning)
         infers: dict[str, InferTask] = {
-            MERGED_TASK: InteractiveInfer(self._service(MERGED_TASK, self.merged.get, lambda: self.merged.warning),
-                                          self.label_names, self.merged.describe)
+            MERGED_TASK: InteractiveInfer(self._merged_service, self.label_names, self.merged.describe)
         }
         for alias in self.pool.aliases:
             infers[alias] = InteractiveInfer(self._service(alias, lambda a=alias: self.pool.member(a)),

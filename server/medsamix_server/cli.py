@@ -46,6 +46,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--proxy-timeout-s", type=float, default=d.proxy_timeout_s)
     p.add_argument("--token-ttl-h", type=float, default=12.0)
     p.add_argument("--no-train-sync", action="store_true", help="refuse run_sync=true train requests")
+    p.add_argument("--no-preencode", action="store_true",
+                   help="no background pre-encoding of opened volumes (also MEDSAMIX_PREENCODE=0)")
+    p.add_argument("--preencode-slices", type=int, default=None,
+                   help="most slices pre-encoded per opened volume (default 256)")
     return p
 
 
@@ -90,6 +94,12 @@ def config_from_args(argv: list[str] | None = None) -> ServerConfig:
     conf = {k: v for k, v in a.conf}
     conf.setdefault("model_dir", str(app_dir / "model"))
     conf["max_slices"] = str(limits.slices_3d)
+    if a.no_preencode:
+        conf["preencode"] = "false"
+    if a.preencode_slices is not None:
+        if a.preencode_slices < 0:
+            p.error(f"--preencode-slices must be >= 0, got {a.preencode_slices}")
+        conf["preencode_slices"] = str(a.preencode_slices)
     conf["max_voxels"] = str(limits.voxels)
     return ServerConfig(app_dir=app_dir, studies=studies, conf=conf, state_dir=state, host=a.host, port=a.port,
                         users_file=users if has_users else None, allowed_hosts=tuple(a.allowed_host),

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from medsamix.models.encoding import DEFAULT_ENCODE_MEMORY_BYTES, batch_size_for, encode_batches
 from medsamix.models.preprocess import Preprocessor
 from medsamix.serving.prompts import SlicePrompt, VolumePrompt
 from medsamix.data.slices import tight_box
@@ -46,6 +47,7 @@ class Latency:
         total_ms: The whole :meth:`Segmenter.segment` call.
         cache_hits: Slices whose embedding came from the cache.
         cache_misses: Slices pushed through the image encoder.
+        preencoded_hits: Cache hits whose embedding the background pre-encoder computed.
     """
 
     encoder_ms: float = 0.0
@@ -53,6 +55,7 @@ class Latency:
     total_ms: float = 0.0
     cache_hits: int = 0
     cache_misses: int = 0
+    preencoded_hits: int = 0
 
     @property
     def cache_hit(self) -> bool:
@@ -62,7 +65,7 @@ class Latency:
     def to_dict(self) -> dict[str, float | int | bool]:
         return {"encoder_ms": round(self.encoder_ms, 3), "decoder_ms": round(self.decoder_ms, 3),
                 "total_ms": round(self.total_ms, 3), "cache_hit": self.cache_hit, "cache_hits": self.cache_hits,
-                "cache_misses": self.cache_misses}
+                "cache_misses": self.cache_misses, "preencoded_hits": self.preencoded_hits}
 
 
 @dataclasses.dataclass
@@ -110,6 +113,7 @@ class EmbeddingCache:
         self.max_bytes = max_bytes
         self._items: collections.OrderedDict[tuple[str, int, str], Tensor] = collections.OrderedDict()
         self._bytes = 0
+        self._preencoded: set[tuple[str, int, str]] = set()
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -119,6 +123,20 @@ class EmbeddingCache:
         with self._lock:
             return list(self._items)
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the cached embeddings."""
+        return self._bytes
+
+    def __contains__(self, key: tuple[str, int, str]) -> bool:
+        with self._lock:
+            return key in self._items
+
+    def is_preencoded(self, key: tuple[str, int, str]) -> bool:
+        """The cached embedding under ``key`` was computed by the background pre-encoder."""
+        with self._lock:
+            return key in self._preencoded
+
     def get(self, key: tuple[str, int, str]) -> Tensor | None:
         with self._lock:
             t = self._items.get(key)
@@ -126,23 +144,28 @@ class EmbeddingCache:
                 self._items.move_to_end(key)
             return t
 
-    def put(self, key: tuple[str, int, str], value: Tensor) -> None:
+    def put(self, key: tuple[str, int, str], value: Tensor, preencoded: bool = False) -> None:
+        """Store ``value`` under ``key`` (``preencoded``: computed in the background, not for a request)."""
         with self._lock:
-            old = self._items.pop(key, None)
-            if old is not None:
-                self._bytes -= old.element_size() * old.nelement()
+            self._pop(key)
             self._items[key] = value
             self._bytes += value.element_size() * value.nelement()
+            if preencoded:
+                self._preencoded.add(key)
             while self._bytes > self.max_bytes and len(self._items) > 1:
-                _, dropped = self._items.popitem(last=False)
-                self._bytes -= dropped.element_size() * dropped.nelement()
+                self._pop(next(iter(self._items)))
+
+    def _pop(self, key: tuple[str, int, str]) -> None:
+        t = self._items.pop(key, None)
+        self._preencoded.discard(key)
+        if t is not None:
+            self._bytes -= t.element_size() * t.nelement()
 
     def drop_version(self, version: str) -> None:
         """Forget the embeddings computed with model version ``version``."""
         with self._lock:
             for key in [k for k in self._items if k[2] == version]:
-                t = self._items.pop(key)
-                self._bytes -= t.element_size() * t.nelement()
+                self._pop(key)
 
 
 class Segmenter:
@@ -154,13 +177,22 @@ class Segmenter:
         version: Identifies the weights; part of every cache key.
         cache: Embedding cache (a new one of :data:`DEFAULT_CACHE_BYTES` if None).
         device: Where the model runs.
+        encode_batch: Slices per image-encoder pass when several are encoded together (pre-encoding, 3D
+            propagation); None: :func:`~medsamix.models.encoding.batch_size_for` under ``encode_memory_bytes``
+            (1 on a CPU, where batching gains nothing).
+        bf16: bf16 autocast for the image encoder on CUDA (fp32 otherwise and by default).
     """
 
     def __init__(self, model: nn.Module, prep: Preprocessor, version: str, cache: EmbeddingCache | None = None,
-                 device: str | torch.device = "cpu") -> None:
+                 device: str | torch.device = "cpu", encode_batch: int | None = None,
+                 encode_memory_bytes: int = DEFAULT_ENCODE_MEMORY_BYTES, bf16: bool = False) -> None:
         self.device = torch.device(device)
-        self.cache = cache or EmbeddingCache()
+        self.cache = cache if cache is not None else EmbeddingCache()
         self.encoder_passes = 0
+        self.encoder_calls = 0
+        self.bf16 = bf16
+        self._encode_batch = encode_batch
+        self.encode_memory_bytes = encode_memory_bytes
         self._lock = threading.RLock()
         self.set_model(model, prep, version)
 
@@ -179,34 +211,68 @@ class Segmenter:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
+    @property
+    def encode_batch(self) -> int:
+        """Slices per image-encoder pass (see the class arguments)."""
+        if self._encode_batch is not None:
+            return max(1, self._encode_batch)
+        return batch_size_for(self.model.image_encoder, self.device, self.encode_memory_bytes)
+
+    def encode_slices(self, image_key: str, volume: np.ndarray, ks: Iterable[int], preencoded: bool = False,
+                      lat: Latency | None = None) -> list[int]:
+        """Embed slices ``ks`` of ``volume`` ``(I, J, K)`` that are not cached yet, in batches of :attr:`encode_batch`.
+
+        Returns:
+            The slice indices encoded now (in the order given), their embeddings stored in the cache.
+        """
+        with self._lock:
+            todo = [k for k in dict.fromkeys(int(k) for k in ks) if (image_key, k, self.version) not in self.cache]
+            if not todo:
+                return []
+            t0 = time.perf_counter()
+            batch = self.encode_batch
+            for i in range(0, len(todo), batch):
+                part = todo[i:i + batch]
+                x = self.prep.images(np.stack([volume[:, :, k] for k in part]))
+                embs = encode_batches(self.model.image_encoder, x, batch, self.device, self.bf16)
+                self.encoder_calls += 1
+                for k, emb in zip(part, embs):
+                    self.cache.put((image_key, k, self.version), emb, preencoded)
+            self._sync()
+            self.encoder_passes += len(todo)
+            if lat is not None:
+                lat.encoder_ms += (time.perf_counter() - t0) * 1e3
+                lat.cache_misses += len(todo)
+            return todo
+
     @torch.no_grad()
-    def _embedding(self, image_key: str, volume: np.ndarray, k: int, lat: Latency) -> Tensor:
+    def _embedding(self, image_key: str, volume: np.ndarray, k: int, lat: Latency,
+                   ahead: Iterable[int] = ()) -> Tensor:
+        """Slice ``k``'s embedding ``(C, h, w)``; on a miss, the next slices ``ahead`` are encoded in the same batch."""
         key = (image_key, k, self.version)
         emb = self.cache.get(key)
         if emb is not None:
             lat.cache_hits += 1
+            lat.preencoded_hits += int(self.cache.is_preencoded(key))
             return emb
-        t0 = time.perf_counter()
-        x = self.prep.images(np.ascontiguousarray(volume[:, :, k])[None]).to(self.device)
-        emb = self.model.image_encoder(x)[0]
-        self._sync()
-        lat.encoder_ms += (time.perf_counter() - t0) * 1e3
-        lat.cache_misses += 1
-        self.encoder_passes += 1
-        self.cache.put(key, emb)
+        extra = [j for j in ahead if j != k][:self.encode_batch - 1]
+        self.encode_slices(image_key, volume, [*extra, k], lat=lat)  # k stored last: the newest entry
+        emb = self.cache.get(key)
+        assert emb is not None, "an embedding just computed is the newest cache entry and is never dropped"
         return emb
 
     @torch.no_grad()
     def predict_slice(self, image_key: str, volume: np.ndarray, prompt: SlicePrompt,
-                      lat: Latency | None = None) -> np.ndarray:
+                      lat: Latency | None = None, ahead: Iterable[int] = ()) -> np.ndarray:
         """Segment slice ``prompt.index`` of ``volume`` ``(I, J, K)``; returns an ``(I, J)`` bool mask.
 
         A single point without a box uses SAM's three-mask output and keeps the mask with the best predicted IoU
-        (SAM's recipe for ambiguous prompts); otherwise one mask is predicted.
+        (SAM's recipe for ambiguous prompts); otherwise one mask is predicted. ``ahead``: slices likely needed
+        next (3D propagation), encoded in the same batch when this slice's embedding is missing.
         """
         lat = lat if lat is not None else Latency()
         with self._lock:
-            emb = self._embedding(image_key, volume, prompt.index, lat)
+            emb = self._embedding(image_key, volume, prompt.index, lat, ahead)
             hw = (int(volume.shape[0]), int(volume.shape[1]))
             t0 = time.perf_counter()
             boxes = None if prompt.box is None else self.prep.boxes(prompt.box[None], hw).to(self.device)
@@ -264,13 +330,15 @@ class Segmenter:
         h, w = prev.shape
         if not prev.any():
             return f"empty mask on the seed slice {start}"
-        for k in ks:
+        ks = list(ks)
+        for n, k in enumerate(ks):
             box = tight_box(prev) + np.array([-margin, -margin, margin, margin], dtype=np.float32)
             lo = prompt.roi_box if prompt.roi_box is not None else np.array([0, 0, w - 1, h - 1], np.float32)
             box = np.array([max(box[0], lo[0]), max(box[1], lo[1]), min(box[2], lo[2]), min(box[3], lo[3])],
                            dtype=np.float32)
             pts, lab = prompt.points.get(k, (np.zeros((0, 2), np.float32), np.zeros(0, np.int64)))
-            pred = confine(self.predict_slice(image_key, volume, SlicePrompt(k, box, pts, lab), lat), prompt.roi_box)
+            pred = confine(self.predict_slice(image_key, volume, SlicePrompt(k, box, pts, lab), lat, ks[n + 1:]),
+                           prompt.roi_box)
             if not pred.any():
                 return f"empty prediction on slice {k}"
             iou = mask_iou(pred, prev)

@@ -23,6 +23,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Mapping
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ from medsamix.errors import CheckpointError, ConfigError, MedSAMixError, PoolErr
 from medsamix.merging.merger import Merger
 from medsamix.models.pool import ModelPool, PoolManifest
 from medsamix.models.preprocess import STYLES, Preprocessor
+from medsamix.serving.preencode import PreEncoder
 from medsamix.serving.prompts import PromptError, parse_prompt
 from medsamix.runs.publish import PublishError, current
 from medsamix.serving.segmenter import DEFAULT_IOU_THRESHOLD, DEFAULT_MARGIN, EmbeddingCache, Segmenter
@@ -344,13 +346,16 @@ class InteractiveService:
         device: Where the model runs ("cpu", "cuda", "cuda:1" ...); the model is moved there on first use.
         max_slices: Most slices one request may segment (a 3D box's K range, or the slices of 2D point prompts);
             None: no limit.
+        preencoder: Background pre-encoding (shared by the services of one server): the first prompt on a volume
+            queues its other slices, nearest first; requests pause it. None: off.
     """
 
     def __init__(self, name: str, source: Callable[[], ServedModel], volumes: VolumeCache, cache: EmbeddingCache,
                  iou_threshold: float = DEFAULT_IOU_THRESHOLD, margin: float = DEFAULT_MARGIN,
                  status: Callable[[], str | None] | None = None, device: str = "cpu",
-                 max_slices: int | None = None) -> None:
+                 max_slices: int | None = None, preencoder: PreEncoder | None = None) -> None:
         self.name = name
+        self.preencoder = preencoder
         self.max_slices = max_slices
         self.source = source
         self.status = status
@@ -370,6 +375,19 @@ class InteractiveService:
         elif self._segmenter.version != served.version:
             self._segmenter.set_model(served.model, served.prep, served.version)
         return self._segmenter, served
+
+    def open_image(self, image_path: str | os.PathLike[str]) -> bool:
+        """A client opened ``image_path``: pre-encode its slices from the middle one outward (True when queued).
+
+        Raises:
+            StudyError: The image cannot be read or is not 3D.
+        """
+        if self.preencoder is None or not self.preencoder.enabled:
+            return False
+        volume = self.volumes.get(image_path)
+        with self._lock:
+            segmenter, _ = self.segmenter()
+        return self.preencoder.schedule(segmenter, volume.key, volume.image255)
 
     def _float(self, request: Mapping[str, Any], key: str, default: float, lo: float, hi: float) -> float:
         raw = request.get(key, default)
@@ -398,9 +416,12 @@ class InteractiveService:
         if self.max_slices is not None and n_slices > self.max_slices:
             raise PromptError(f"the prompt spans {n_slices} slices; at most {self.max_slices} per request")
         load_ms = (time.perf_counter() - t0) * 1e3
-        with self._lock:
+        with self.preencoder.interactive() if self.preencoder is not None else nullcontext(), self._lock:
             segmenter, served = self.segmenter()
             result = segmenter.segment(volume.key, volume.image255, prompt, iou_threshold, margin)
+        if self.preencoder is not None:
+            self.preencoder.schedule(segmenter, volume.key, volume.image255,
+                                    prompt.seeds[0].index if prompt.seeds else None)
         label = str(request.get("label") or "") or "foreground"
         lat = result.latency.to_dict()
         lat["load_ms"] = round(load_ms, 3)
@@ -419,6 +440,9 @@ class InteractiveService:
             "ignored_points": prompt.ignored_points,
             "label_names": {label: 1},
             "latencies": lat,
+            # no image-encoder pass in this request: every embedding was computed before it (by the background
+            # pre-encoder, see latencies.preencoded_hits, or by an earlier prompt)
+            "embedding_precomputed": result.latency.cache_misses == 0,
         }
         warning = self.status() if self.status is not None else None
         if warning:

@@ -155,10 +155,18 @@ def _image_file(ctx: ServerContext, image: str) -> Path:
     return path
 
 
+def _preencode(ctx: ServerContext, path: Path | str) -> None:
+    """The client opened ``path``: let the app pre-encode it in the background (when it offers that)."""
+    opener = getattr(ctx.instance, "open_image", None)
+    if callable(opener):
+        opener(str(path))
+
+
 @router.get("/datastore/image", dependencies=[ANNOTATOR])
 async def download_image(request: Request, image: str) -> FileResponse:
     ctx = ctx_of(request)
     path = await run_in_threadpool(ctx.guarded, lambda: _image_file(ctx, image))
+    _preencode(ctx, path)
     return FileResponse(path, media_type="application/octet-stream", filename=path.name)
 
 
@@ -385,6 +393,7 @@ async def create_session(request: Request, uncompress: bool = False, expiry: int
     finally:
         await form.close()
     contained(info.image, root, "session")
+    _preencode(ctx, info.image)
     logger.info("session %s created by %s (%d bytes)", session_id, user.name, size)
     return {"session_id": session_id, "session_info": _session_json(info)}
 
