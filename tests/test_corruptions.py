@@ -83,3 +83,15 @@ def test_suite_same_for_every_call_and_shared_slices(image: np.ndarray) -> None:
     assert set(conds[:20]) == set(CONDITIONS)
     assert conds[:20] == conds[20:]
     assert not np.array_equal(corrupt_samples(samples, seed=3)[0].image, a[0].image)
+
+
+def test_with_corrupted_adds_a_corrupted_twin_per_task(image: np.ndarray) -> None:
+    from medsamix.search.corruptions import robust_tasks, with_corrupted
+
+    samples = _samples(image, 12)
+    both = with_corrupted(samples, seed=1)
+    assert both[:24] == samples and len(both) == 48
+    assert {s.task.name for s in both[24:]} == {"t1@corrupted", "t2@corrupted"}
+    assert all(s.study_id == "st@corrupted" and s.task.value in (1, 2) for s in both[24:])
+    assert all(not np.array_equal(c.image, s.image) for c, s in zip(both[24:], samples))
+    assert robust_tasks(("t1", "t2")) == ("t1", "t2", "t1@corrupted", "t2@corrupted")

@@ -53,6 +53,7 @@ from medsamix.search.evaluate import Evaluator
 from medsamix.merging.merger import Merger
 from medsamix.models.pool import ModelPool, PoolManifest
 from medsamix.merging.recipe import PREPROCESSING_STYLES, ModelRef, Recipe
+from medsamix.search.corruptions import robust_tasks, with_corrupted
 from medsamix.search.report import uniform_scores, write_report
 from medsamix.runs.lock import RunLock, pid_alive, process_started  # noqa: F401 - process_started: part of this API
 from medsamix.search.search import SearchResult, SearchSettings, Trial, _settings_key, run_search, score
@@ -437,7 +438,7 @@ def _run_merge(pool: ModelPool, calibration: Sequence[SliceSample], test: Sequen
                device: str, on_ready: Callable[["MergeOutcome"], None] | None) -> MergeOutcome:
     """:func:`run_merge` with the run folder's lock held."""
     merger = Merger(pool, settings.granularity, settings.separate, device)
-    evaluator = Evaluator(list(calibration), device=device)
+    evaluator = Evaluator(list(calibration), device=device, rounds=settings.rounds)
     context = search_context(pool, calibration, split)
     if restore_search_state(out_dir) is None and not (out_dir / SMAC_DIR).exists():
         checkpoint_search_state(out_dir, 0)  # a new run: a kill before the first trial's checkpoint returns here
@@ -453,7 +454,7 @@ def _run_merge(pool: ModelPool, calibration: Sequence[SliceSample], test: Sequen
 
     result = run_search(merger, evaluator, settings, out_dir, context, restart, after_trial, client)
     best = result.best.config
-    test_ev = Evaluator(list(test), device=device) if test else None
+    test_ev = Evaluator(list(test), device=device, rounds=settings.rounds) if test else None
     test_dice = score(merger, test_ev, best, settings.tasks) if test_ev else {}
     singles = single_model_scores(merger, evaluator, settings)
     promotion = decide_promotion(result.best.dice, singles, min_gain)
@@ -648,6 +649,9 @@ class MergeOptions:
             (each single pool model enters the initial design with its own style).
         min_gain: Promote only when the merged model's mean calibration Dice exceeds the best single pool
             model's by at least this much (0 = not worse is enough). Not part of the search settings.
+        robust: Add the corrupted twin ``<task>@corrupted`` of every task as an objective (calibration and test
+            slices under :mod:`medsamix.search.corruptions`' seeded suite), so ParEGO trades clean against
+            corrupted Dice.
     """
 
     tasks: tuple[str, ...] = ()
@@ -659,6 +663,7 @@ class MergeOptions:
     restart: bool = False
     preprocessing: str | None = None
     min_gain: float = 0.0
+    robust: bool = False
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any], defaults: Mapping[str, Any] | None = None) -> "MergeOptions":
@@ -699,7 +704,8 @@ class MergeOptions:
         if not -1.0 <= min_gain <= 1.0:
             raise MergeRunError(f"min_gain: must lie in [-1, 1] (a Dice difference), got {min_gain}")
         return cls(tasks, trials, granularity, _as_bool("separate", merged.get("separate", False)),
-                   min_budget or None, seed, _as_bool("restart", merged.get("restart", False)), style, min_gain)
+                   min_budget or None, seed, _as_bool("restart", merged.get("restart", False)), style, min_gain,
+                   _as_bool("robust", merged.get("robust", False)))
 
     def settings(self, tasks: Sequence[str], styles: Mapping[str, str]) -> SearchSettings:
         """The search settings for ``tasks``; ``styles``: alias -> own preprocessing style of each pool model
@@ -750,9 +756,14 @@ def plan_run(task_set: TaskSet, options: MergeOptions, pool: ModelPool, runs_dir
         if len(tasks) > 1:
             raise MergeRunError(f"min_budget (multi-fidelity) works with one task only; {len(tasks)} tasks were "
                                 f"asked for ({', '.join(tasks)})")
+        if options.robust:
+            raise MergeRunError("min_budget (multi-fidelity) works with one objective only; robust adds the "
+                                "corrupted Dice as a second one")
         if not 1 <= options.min_budget < len(cal):
             raise MergeRunError(f"min_budget must lie in [1, {len(cal)}): task {tasks[0]!r} has {len(cal)} "
                                 "calibration slices")
+    if options.robust:
+        cal, test, tasks = with_corrupted(cal, options.seed), with_corrupted(test, options.seed), robust_tasks(tasks)
     settings = options.settings(tasks, {a: styles[a] for a in pool.aliases if a in styles})
     name = run_name(settings, search_context(pool, cal, task_set.split))
     return RunPlan(name, Path(runs_dir) / name, settings, cal, test, task_set.split, available)

@@ -157,3 +157,26 @@ def condition_of_samples(samples: Sequence[SliceSample], seed: int = 0,
 
 def _key(sample: SliceSample) -> str:
     return f"{sample.study_id}|{sample.axis}|{sample.index}"
+
+
+CORRUPTED = "@corrupted"  # suffix of a task's corrupted twin: "<task>@corrupted"
+
+
+def robust_tasks(tasks: Sequence[str]) -> tuple[str, ...]:
+    """The objectives of a robust search: every task, then its corrupted twin ``<task>@corrupted``."""
+    return tuple(tasks) + tuple(f"{t}{CORRUPTED}" for t in tasks)
+
+
+def with_corrupted(samples: Sequence[SliceSample], seed: int = 0) -> list[SliceSample]:
+    """``samples`` followed by their corrupted copies (:func:`corrupt_samples`) as the tasks ``<task>@corrupted``.
+
+    The copies' ``study_id`` is ``<study_id>@corrupted``, so an :class:`~medsamix.search.evaluate.Evaluator` keeps
+    a clean and a corrupted slice apart (it shares images by study, axis and index) and scores the corrupted twin
+    of every task as a task of its own: its Dice is the objective ``<task>@corrupted`` of a robust search and a row
+    of the report next to the clean one.
+    """
+    corrupted = corrupt_samples(samples, seed)
+    return list(samples) + [
+        dataclasses.replace(c, study_id=f"{c.study_id}{CORRUPTED}",
+                            task=dataclasses.replace(c.task, name=f"{c.task.name}{CORRUPTED}"))
+        for c in corrupted]
