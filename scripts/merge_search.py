@@ -40,6 +40,7 @@ from medsamix.models.pool import manifest_styles  # noqa: E402
 from medsamix.runs.run import run_merge  # noqa: E402
 from medsamix.models.pool import PoolManifest  # noqa: E402
 from medsamix.models.preprocess import STYLES  # noqa: E402
+from medsamix.search.corruptions import robust_tasks, with_corrupted  # noqa: E402
 from medsamix.search.search import SearchSettings  # noqa: E402
 from medsamix.demo.shared_data import shared_task_sets  # noqa: E402
 
@@ -61,6 +62,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--preprocessing", choices=list(STYLES), default=None,
                     help="fix the merged model's preprocessing style (default: searched)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--objective", choices=["box", "interactive"], default="box",
+                    help="what a configuration is scored on: box prompts, or the interactive protocol (the box, then "
+                         "--rounds correction clicks in the largest error region; Dice averaged over the rounds)")
+    ap.add_argument("--rounds", type=int, default=3, help="correction rounds of --objective interactive")
+    ap.add_argument("--robust", action="store_true",
+                    help="add the corrupted Dice of every task as an objective (<task>@corrupted: the same slices "
+                         "under a seeded suite of noise, blur, motion, bias field and low contrast), so the search "
+                         "(ParEGO) trades clean against corrupted Dice; the report gets both rows")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--restart", action="store_true", help="discard an incompatible history in --out")
     ap.add_argument("--min-budget", type=int, default=None,
@@ -90,11 +99,20 @@ def main(argv: list[str] | None = None) -> int:
         else:
             ts = shared_task_sets(args.shared_root, exclude, args.seed, [args.shared_set], args.max_patients)[0]
         cal, test = select_tasks(ts, args.task)
+        tasks = tuple(args.task)
+        if args.objective == "interactive" and args.rounds < 1:
+            raise MedSAMixError(f"--rounds must be >= 1 for --objective interactive, got {args.rounds}")
+        if args.robust:
+            if args.min_budget is not None:
+                raise MedSAMixError("--min-budget (multi-fidelity) works with one objective only; --robust adds "
+                                    "the corrupted Dice as a second one")
+            cal, test, tasks = with_corrupted(cal, args.seed), with_corrupted(test, args.seed), robust_tasks(tasks)
         print(f"data: {ts.name}: {ts.split}", flush=True)
-        settings = SearchSettings(tasks=tuple(args.task), trials=args.trials, granularity=args.granularity,
+        settings = SearchSettings(tasks=tasks, trials=args.trials, granularity=args.granularity,
                                   separate=args.separate, seed=args.seed, preprocessing=args.preprocessing,
                                   own_styles=tuple(manifest_styles(manifest).items()), naive=args.naive,
-                                  min_budget=args.min_budget, eta=args.eta, coarse_share=args.coarse_share)
+                                  min_budget=args.min_budget, eta=args.eta, coarse_share=args.coarse_share,
+                                  rounds=args.rounds if args.objective == "interactive" else 0)
         if args.min_budget is not None and not 1 <= args.min_budget < len(cal):
             raise MedSAMixError(f"--min-budget must lie in [1, {len(cal)}): the tasks have {len(cal)} "
                                 "calibration slices")

@@ -66,7 +66,7 @@ def _task(studies_root: Path, model_dir: Path, models_spec: str, **conf: str):
 def test_config_lists_the_options_clients_show():
     t = merge.MergeTrain(str(APP), "/nowhere", "", "/nowhere/model/merged", {})
     assert set(t.config()) == {"task", "trials", "granularity", "separate", "min_budget", "seed", "restart",
-                               "preprocessing", "min_gain"}
+                               "preprocessing", "min_gain", "robust"}
     # before any run: an idle entry that OHIF's panel shows as 0 of the default trials (not "100 %")
     assert t.stats() == {"status": "idle", "epoch": 0, "total_epochs": 30, "best_metric": 0.0,
                          "total_time": "0:00:00", "message": "no merge run yet"}

@@ -87,6 +87,7 @@ def test_options_accept_strings_and_fill_defaults():
     assert MergeOptions.from_mapping({}, {"trials": 30, "task": ""}).trials == 30
     assert MergeOptions.from_mapping({"labels": ["a", "b", "a"]}).tasks == ("a", "b")
     assert MergeOptions.from_mapping({"min_budget": 4, "min_gain": "0.01"}).min_budget == 4
+    assert MergeOptions.from_mapping({"robust": "true"}).robust and not MergeOptions.from_mapping({}).robust
     s = MergeOptions.from_mapping({"preprocessing": "medsam"}).settings(("a",), STYLES)
     assert s.preprocessing == "medsam" and s.own_styles == tuple(STYLES.items())  # fixed: no search over it
     searched = MergeOptions.from_mapping({"preprocessing": ""}).settings(("a",), STYLES)
@@ -103,6 +104,7 @@ def test_options_accept_strings_and_fill_defaults():
     ({"restart": "maybe"}, "restart: expected true or false"),
     ({"preprocessing": "ct"}, "preprocessing: must be one of"),
     ({"min_gain": "x"}, "min_gain: expected a number"),
+    ({"robust": "sometimes"}, "robust: expected true or false"),
 ])
 def test_bad_options_name_the_option(values, needle):
     with pytest.raises(MergeRunError, match=needle):
@@ -188,6 +190,12 @@ def test_plan_names_runs_stably_and_checks_multi_fidelity(task_set, pool, tmp_pa
         plan_run(ts, MergeOptions(min_budget=2), pool, tmp_path, STYLES)
     with pytest.raises(MergeRunError, match=r"min_budget must lie in \[1, "):
         plan_run(ts, MergeOptions(("ellipsoid",), min_budget=999), pool, tmp_path, STYLES)
+    robust = plan_run(ts, MergeOptions(("ellipsoid",), trials=10, robust=True), pool, tmp_path, STYLES)
+    assert robust.settings.tasks == ("ellipsoid", "ellipsoid@corrupted") and robust.variant == "MedSAMix-M"
+    assert robust.name != a.name and len(robust.calibration) == 2 * len(a.calibration)
+    assert len(robust.test) == 2 * len(a.test)
+    with pytest.raises(MergeRunError, match="one objective only"):
+        plan_run(ts, MergeOptions(("ellipsoid",), min_budget=2, robust=True), pool, tmp_path, STYLES)
     s = SearchSettings(tasks=("a/b",), trials=5)
     assert "/" not in run_name(s, {}) and run_name(s, {}) == run_name(s, {}) != run_name(s, {"pool": 1})
 

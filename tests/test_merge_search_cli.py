@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -79,3 +80,31 @@ def test_one_labelled_study_is_searched_on_a_slab_split(tmp_path):
     assert recipe.scores["split"].startswith(ONE_STUDY_SPLIT) and recipe.scores["test_dice"]
     assert recipe.style == "sam"  # --preprocessing fixes it
     assert f"Data: {ONE_STUDY_SPLIT}" in (out / "report.md").read_text()
+
+
+def test_robust_search_trades_clean_against_corrupted_dice(datastore, tmp_path):
+    out = tmp_path / "robust"
+    res = run("--studies", str(datastore), "--task", "label_1", "--trials", "10", "--robust", "--out", str(out))
+    assert res.returncode == 0, res.stderr[-2000:]
+    recipe = Recipe.load(out / "recipe.yaml")
+    assert set(recipe.scores["calibration_dice"]) == {"label_1", "label_1@corrupted"}
+    assert set(recipe.scores["test_dice"]) == {"label_1", "label_1@corrupted"}
+    report = (out / "report.md").read_text()
+    assert "MedSAMix-M (ParEGO)" in report and "| label_1@corrupted |" in report  # a row per model, clean and corrupted
+    bad = run("--studies", str(datastore), "--task", "label_1", "--trials", "10", "--robust", "--min-budget", "3",
+              "--out", str(tmp_path / "x"))
+    assert bad.returncode == 2 and "one objective only" in bad.stderr
+
+
+def test_interactive_objective_is_searched_and_reported(datastore, tmp_path):
+    out = tmp_path / "interactive"
+    res = run("--studies", str(datastore), "--task", "label_1", "--trials", "10", "--objective", "interactive",
+              "--rounds", "2", "--out", str(out))
+    assert res.returncode == 0, res.stderr[-2000:]
+    report = (out / "report.md").read_text()
+    assert "Objective: Dice of the interactive protocol (the box, then 2 correction clicks" in report
+    settings = json.loads((out / "search_settings.json").read_text())["settings"]
+    assert settings["rounds"] == 2
+    bad = run("--studies", str(datastore), "--task", "label_1", "--objective", "interactive", "--rounds", "0",
+              "--out", str(tmp_path / "x"))
+    assert bad.returncode == 2 and "--rounds must be >= 1" in bad.stderr

@@ -102,6 +102,9 @@ class MergeOptions:
             (each single pool model enters the initial design with its own style).
         min_gain: Promote only when the merged model's mean calibration Dice exceeds the best single pool
             model's by at least this much (0 = not worse is enough). Not part of the search settings.
+        robust: Add the corrupted twin ``<task>@corrupted`` of every task as an objective (calibration and test
+            slices under :mod:`medsamix.search.corruptions`' seeded suite), so ParEGO trades clean against
+            corrupted Dice.
     """
 
     tasks: tuple[str, ...] = ()
@@ -113,6 +116,7 @@ class MergeOptions:
     restart: bool = False
     preprocessing: str | None = None
     min_gain: float = 0.0
+    robust: bool = False
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any], defaults: Mapping[str, Any] | None = None) -> "MergeOptions":
@@ -153,7 +157,8 @@ class MergeOptions:
         if not -1.0 <= min_gain <= 1.0:
             raise MergeRunError(f"min_gain: must lie in [-1, 1] (a Dice difference), got {min_gain}")
         return cls(tasks, trials, granularity, _as_bool("separate", merged.get("separate", False)),
-                   min_budget or None, seed, _as_bool("restart", merged.get("restart", False)), style, min_gain)
+                   min_budget or None, seed, _as_bool("restart", merged.get("restart", False)), style, min_gain,
+                   _as_bool("robust", merged.get("robust", False)))
 
     def settings(self, tasks: Sequence[str], styles: Mapping[str, str]) -> SearchSettings:
         """The search settings for ``tasks``; ``styles``: alias -> own preprocessing style of each pool model

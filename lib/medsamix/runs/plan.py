@@ -18,6 +18,7 @@ from medsamix.data.tasksets import ONE_STUDY_SPLIT, TaskSet, select_tasks
 from medsamix.errors import MergeRunError
 from medsamix.models.pool import ModelPool
 from medsamix.runs.options import MergeOptions
+from medsamix.search.corruptions import robust_tasks, with_corrupted
 from medsamix.search.search import SearchSettings, _settings_key
 
 def search_context(pool: ModelPool, calibration: Sequence[SliceSample], split: str) -> dict[str, Any]:
@@ -81,9 +82,14 @@ def plan_run(task_set: TaskSet, options: MergeOptions, pool: ModelPool, runs_dir
         if len(tasks) > 1:
             raise MergeRunError(f"min_budget (multi-fidelity) works with one task only; {len(tasks)} tasks were "
                                 f"asked for ({', '.join(tasks)})")
+        if options.robust:
+            raise MergeRunError("min_budget (multi-fidelity) works with one objective only; robust adds the "
+                                "corrupted Dice as a second one")
         if not 1 <= options.min_budget < len(cal):
             raise MergeRunError(f"min_budget must lie in [1, {len(cal)}): task {tasks[0]!r} has {len(cal)} "
                                 "calibration slices")
+    if options.robust:
+        cal, test, tasks = with_corrupted(cal, options.seed), with_corrupted(test, options.seed), robust_tasks(tasks)
     settings = options.settings(tasks, {a: styles[a] for a in pool.aliases if a in styles})
     name = run_name(settings, search_context(pool, cal, task_set.split))
     return RunPlan(name, Path(runs_dir) / name, settings, cal, test, task_set.split, available)

@@ -106,7 +106,7 @@ def _run_merge(pool: ModelPool, calibration: Sequence[SliceSample], test: Sequen
                device: str, on_ready: Callable[["MergeOutcome"], None] | None) -> MergeOutcome:
     """:func:`run_merge` with the run folder's lock held."""
     merger = Merger(pool, settings.granularity, settings.separate, device)
-    evaluator = Evaluator(list(calibration), device=device)
+    evaluator = Evaluator(list(calibration), device=device, rounds=settings.rounds)
     context = search_context(pool, calibration, split)
     if restore_search_state(out_dir) is None and not (out_dir / SMAC_DIR).exists():
         checkpoint_search_state(out_dir, 0)  # a new run: a kill before the first trial's checkpoint returns here
@@ -122,7 +122,7 @@ def _run_merge(pool: ModelPool, calibration: Sequence[SliceSample], test: Sequen
 
     result = run_search(merger, evaluator, settings, out_dir, context, restart, after_trial, client)
     best = result.best.config
-    test_ev = Evaluator(list(test), device=device) if test else None
+    test_ev = Evaluator(list(test), device=device, rounds=settings.rounds) if test else None
     test_dice = score(merger, test_ev, best, settings.tasks) if test_ev else {}
     singles = single_model_scores(merger, evaluator, settings)
     promotion = decide_promotion(result.best.dice, singles, min_gain)

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from medsamix.models.preprocess import Preprocessor
 from medsamix.data.slices import SliceSample
+from medsamix.search.interactive import STARTS, interactive_masks
 
 
 @dataclasses.dataclass
@@ -64,12 +65,20 @@ class Evaluator:
         cache_bytes: Most bytes of cached embeddings; least recently used sets are dropped first (the set in use
             is never dropped). Multi-fidelity searches need room for every configuration awaiting promotion.
         device: Where models run.
+        rounds: 0 scores box prompts; k > 0 scores the interactive protocol (:mod:`medsamix.search.interactive`):
+            the initial prompt and k correction clicks, a slice's Dice being its mean over the k + 1 rounds.
+        start: Initial prompt of the interactive protocol, "box" or "point".
     """
 
     def __init__(self, samples: Sequence[SliceSample], batch_size: int = 16, cache_size: int | None = None,
-                 cache_bytes: int = 2 * 2**30, device: str | torch.device = "cpu") -> None:
+                 cache_bytes: int = 2 * 2**30, device: str | torch.device = "cpu", rounds: int = 0,
+                 start: str = "box") -> None:
         if not samples:
             raise ValueError("an evaluator needs at least one slice sample")
+        if rounds < 0 or start not in STARTS:
+            raise ValueError(f"rounds must be >= 0 and start one of {STARTS}, got {rounds}, {start!r}")
+        self.rounds = rounds
+        self.start = start
         self.samples = list(samples)
         self.batch_size = batch_size
         self.cache_size = cache_size
@@ -175,16 +184,37 @@ class Evaluator:
                 preds[i] = m
         return preds
 
+    @torch.no_grad()
+    def predict_rounds(self, model: nn.Module, prep: Preprocessor, key: str | None = None,
+                       indices: Sequence[int] | None = None) -> list[dict[int, np.ndarray]]:
+        """Predictions ``(H, W)`` bool of every round of the interactive protocol (``self.rounds`` correction
+        rounds after ``self.start``), round by round; each slice is encoded once, the rounds are decoder-only."""
+        model.eval()
+        indices = list(range(len(self.samples))) if indices is None else list(indices)
+        emb = self._embeddings(model, prep, key, sorted({self.image_of[i] for i in indices}))
+        out: list[dict[int, np.ndarray]] = [{} for _ in range(self.rounds + 1)]
+        for i in indices:
+            s = self.samples[i]
+            masks = interactive_masks(model, prep, emb[self.image_of[i]], s.mask, s.box, self.rounds, self.start)
+            for r, m in enumerate(masks):
+                out[r][i] = m
+        return out
+
     def evaluate(self, model: nn.Module, prep: Preprocessor, key: str | None = None,
                  indices: Sequence[int] | None = None) -> DiceResult:
-        """2D and 3D Dice per task of ``model`` on the given samples (all by default)."""
-        preds = self.predict(model, prep, key, indices)
+        """2D and 3D Dice per task of ``model`` on the given samples (all by default).
+
+        With ``rounds`` > 0 a slice's 2D Dice is its mean over the rounds of the interactive protocol and the 3D
+        Dice is that of the last round's predictions."""
+        rounds = ([self.predict(model, prep, key, indices)] if self.rounds == 0
+                  else self.predict_rounds(model, prep, key, indices))
+        preds = rounds[-1]
         per_sample = np.full(len(self.samples), np.nan)
         per_task: dict[str, list[float]] = collections.defaultdict(list)
         volumes: dict[tuple[str, str], list[int]] = collections.defaultdict(list)
         for i, pred in preds.items():
             s = self.samples[i]
-            per_sample[i] = dice_2d(pred, s.mask)
+            per_sample[i] = float(np.mean([dice_2d(r[i], s.mask) for r in rounds]))
             per_task[s.task.name].append(per_sample[i])
             volumes[(s.task.name, s.study_id)].append(i)
         dice3d: dict[str, list[float]] = collections.defaultdict(list)

@@ -149,6 +149,12 @@ def write_report(out_dir: str | Path, result: SearchResult, settings: SearchSett
               f"slices); image-encoder passes: {result.encoder_passes}; granularity {settings.granularity}"
               f"{', attn/mlp/norm separate' if settings.separate else ''}; seed {settings.seed}; search wall time "
               f"{result.seconds:.0f} s.", ""]
+    objective = (f"the interactive protocol (the box, then {settings.rounds} correction clicks at the centre of the "
+                 "largest error region; a slice's Dice is its mean over the rounds)" if settings.rounds
+                 else "box prompts")
+    lines += [f"Objective: Dice of {objective}" + ("; a task `<task>@corrupted` is the same slices under the seeded "
+              "corruption suite (noise, blur, motion, bias field, low contrast; two severities)"
+              if any(t.endswith("@corrupted") for t in settings.tasks) else "") + ".", ""]
     stages = {k: sum(t.stage == k for t in result.trials) for k in ("coarse", "groups", "rescored")}
     if stages["coarse"]:
         rescored = (f", and {stages['rescored']} initial-design configurations dropped early by Hyperband were scored "

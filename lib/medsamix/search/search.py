@@ -89,6 +89,8 @@ class SearchSettings:
             space reaches only through many coordinated moves. The initial design runs there; the per-group stage
             that follows starts from the coarse stage's best configurations (:data:`COARSE_TOP`), so SMAC's local
             search refines them group by group.
+        rounds: The objective: 0 = Dice of box prompts; k > 0 = the interactive protocol, the box then k
+            correction clicks (:mod:`medsamix.search.interactive`), a slice's Dice averaged over the k + 1 rounds.
     """
 
     tasks: tuple[str, ...]
@@ -103,8 +105,11 @@ class SearchSettings:
     min_budget: int | None = None
     eta: int = 3
     coarse_share: float = 1 / 3
+    rounds: int = 0
 
     def __post_init__(self) -> None:
+        if self.rounds < 0:
+            raise SearchError(f"rounds must be >= 0, got {self.rounds}")
         bad = [s for s in (self.preprocessing, *(st for _, st in self.own_styles)) if s is not None and s not in STYLES]
         if bad:
             raise SearchError(f"preprocessing styles must be among {STYLES}, got {bad}")
@@ -128,7 +133,10 @@ class SearchSettings:
         return self.preprocessing or self.own_style(alias)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if not self.rounds:  # box objective: the settings (and run keys) of searches before the interactive one
+            del d["rounds"]
+        return d
 
 
 def initial_configs(merger: Merger, settings: SearchSettings) -> list[MergeConfig]:
@@ -257,7 +265,7 @@ def _dask_trial(setup: WorkerSetup, samples: list[Any], settings: SearchSettings
         (base, *models) = setup.members
         pool = ModelPool.load(base, list(models), arch=setup.arch)
         _WORKER_STATE.clear()
-        _WORKER_STATE[setup.key] = (Merger(pool, setup.granularity, setup.separate), Evaluator(samples))
+        _WORKER_STATE[setup.key] = (Merger(pool, setup.granularity, setup.separate), Evaluator(samples, rounds=settings.rounds))
     merger, evaluator = _WORKER_STATE[setup.key]
     before = evaluator.encoder_passes
     dice, status = _run_trial(merger, evaluator, settings, config, budget)

@@ -16,7 +16,8 @@ encoder group), ``separate``, ``min_budget`` (multi-fidelity, one task; 0 = off)
 (discard the stored trials of these settings), ``preprocessing`` of the merged model ("sam" / "medsam" fixes it;
 empty = searched as the hyper-parameter ``prep:style``, each pool model entering the initial design with its own
 style), ``min_gain`` (calibration Dice the merged model must gain over the best single pool model to be published;
-0 = not worse is enough).
+0 = not worse is enough), ``robust`` (add the corrupted Dice ``<task>@corrupted`` of every task as an objective,
+:mod:`medsamix.search.corruptions`; a single task becomes a two-objective ParEGO search).
 
 Calibration / test: 20% of the labelled studies against the rest; with a single labelled study, slabs of its
 labelled slices (``medsamix.data.tasksets.one_study_task_set``), which the status's ``split`` and message say.
@@ -89,7 +90,8 @@ class MergeTrain(TrainTask):
         self.device = self.conf.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
         self._defaults: dict[str, Any] = {"task": "", "trials": int(self.conf.get("merge_trials", 30)),
                                           "granularity": 2, "separate": False, "min_budget": 0, "seed": 0,
-                                          "restart": False, "preprocessing": "", "min_gain": 0.0}
+                                          "restart": False, "preprocessing": "", "min_gain": 0.0,
+                                          "robust": False}
 
     def config(self) -> dict[str, Any]:
         """The options shown by Slicer / OHIF (and sent back with the train request)."""
