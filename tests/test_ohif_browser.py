@@ -406,7 +406,8 @@ def test_a_submitted_label_reaches_the_pacs_as_dicom_seg_and_the_study_counts_as
 
 
 def test_a_failing_training_run_shows_the_reason_in_red(pacs, viewer):
-    """Train merge with fewer than 2 labelled studies: the run fails and the panel shows the trainer's reason."""
+    """Train merge on a datastore too small to search: the run fails and the panel shows the trainer's reason (with
+    one labelled study the slab split has too few calibration slices; with none, no labelled studies)."""
     page, b = viewer["page"], viewer["b"]
     _open(viewer, pacs, "ct3", connect=False)
     labelled = _stats(pacs, viewer)["completed"]
@@ -417,7 +418,8 @@ def test_a_failing_training_run_shows_the_reason_in_red(pacs, viewer):
     info = _http(pacs, "GET", f"{viewer['url']}/info/").json()
     st = info["train_stats"]["merge"]
     assert st["status"] == "failed"
-    want = ("at least 2 labelled studies are needed" if labelled == 1 else "no labelled studies")
+    want = ("calibration slices (at least 3 are needed; slab split of the one labelled study" if labelled == 1
+            else "no labelled studies")
     assert want in st["message"], st
     assert lines[-1]["text"] == f"failed: {st['message']}" and lines[-1]["kind"].endswith("error"), lines
     assert lines[-1]["color"] == "rgb(255, 107, 107)"  # red
