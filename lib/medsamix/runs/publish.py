@@ -31,7 +31,7 @@ from typing import Any, Mapping
 
 from torch import Tensor
 
-from medsamix.atomic import fsync_path
+from medsamix.atomic import TMP_INFIX, atomic_write_text, fsync_path
 from medsamix.models.checkpoint import save_sam_checkpoint, sha256_file
 from medsamix.errors import MedSAMixError
 from medsamix.merging.recipe import Recipe
@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 CURRENT = "current.json"
 VERSIONS = "versions"
 TMP_VERSION = ".tmp-"  # prefix of a version folder being written
-TMP_POINTER = f".{CURRENT}.tmp-"  # prefix of a current.json being written
+TMP_POINTER = f".{CURRENT}{TMP_INFIX}"  # prefix of a current.json being written
 FILES = ("recipe.yaml", "merged.pth")  # what a complete version folder holds
 PUBLISH_WAIT = 600.0
 """Seconds :func:`publish` waits for another publish into the same folder to finish."""
@@ -110,14 +110,8 @@ def publish(folder: str | os.PathLike[str], recipe: Recipe, state_dict: Mapping[
             "published_at": now.isoformat(timespec="seconds"),
             "info": dict(info or {}),
         }
-        pointer_tmp = folder / f"{TMP_POINTER}{uuid.uuid4().hex}"
-        try:
-            pointer_tmp.write_text(json.dumps(entry, indent=2, default=str))
-            fsync_path(pointer_tmp)
-            os.replace(pointer_tmp, folder / CURRENT)
-            fsync_path(folder)
-        finally:
-            pointer_tmp.unlink(missing_ok=True)
+        atomic_write_text(folder / CURRENT, json.dumps(entry, indent=2, default=str))  # temp: TMP_POINTER*
+        fsync_path(folder)
     return _entry(folder, entry)
 
 
