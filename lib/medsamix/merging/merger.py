@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from medsamix.merging.config import MergeConfig
 from medsamix.errors import ConfigError
 from medsamix.merging.groups import Group, encoder_groups, group_parameters
-from medsamix.merging.methods import Sources, get_method
+from medsamix.merging.methods import REGISTRY, Sources, get_method
 from medsamix.models.pool import ModelPool
 
 log = logging.getLogger(__name__)
@@ -122,16 +122,25 @@ class Merger:
                 state.applied = key
         return self.model
 
-    def prepare(self, methods: Iterable[str] = ("ties", "slerp", "dare"), seed: int = 0) -> None:
-        """Compute the memoised per-method quantities for every group now rather than on first use."""
-        probe = {"ties": {"keep": 0.5, "scale": 1.0}, "slerp": {"t": 0.5},
-                 "dare": {"drop": 0.5, "scale": 1.0, "seed": seed}}
+    def prepare(self, methods: Iterable[str] | None = None, seed: int = 0) -> None:
+        """Compute the memoised per-method quantities for every group now rather than on first use.
+
+        Args:
+            methods: Method names (default: every registered method with a ``warmup``; the others are skipped).
+            seed: Replaces the ``seed`` of a warm-up (DARE's drop mask is memoised per seed).
+        """
+        names = list(REGISTRY) if methods is None else list(methods)
         with torch.no_grad():
-            for m in methods:
-                fn = get_method(m).fn
+            for name in names:
+                method = get_method(name)
+                if method.warmup is None:
+                    continue
+                probe = dict(method.warmup)
+                if "seed" in probe:
+                    probe["seed"] = seed
                 for state in self._state.values():
                     for src, _ in state.tensors:
-                        fn(src, probe[m], None)
+                        method.fn(src, probe, None)
 
     def state_dict(self) -> dict[str, Tensor]:
         """The merged model's state dict (the live parameters: clone before keeping)."""

@@ -112,16 +112,48 @@ class ParamSpec:
 
 
 MethodFn = Callable[[Sources, Mapping[str, Any], Tensor | None], Tensor]
+Params = Mapping[str, Any]
+UniformFn = Callable[[Sequence[str]], Mapping[str, Params]]
+"""Pool aliases (base first) -> named uniform baselines ``{name: alias-keyed params}``."""
+SingleFn = Callable[[str, Sequence[str]], "Params | None"]
+"""``(alias, aliases)`` -> alias-keyed params bit-identical to the single source ``alias`` (``None``: none)."""
 
 
 @dataclasses.dataclass(frozen=True)
 class MergeMethod:
-    """A registered merge method: its function and hyper-parameters."""
+    """A registered merge method: everything the merger, the search space and the initial design know of it.
+
+    Attributes:
+        name: The name recipes and search spaces use.
+        fn: ``fn(src, params, out=None) -> Tensor``, ``params`` in index form (:meth:`resolve`).
+        params: Hyper-parameters, with their valid ranges and the ranges a search explores (the ConfigSpace
+            hyper-parameters of :func:`medsamix.search.space.build_space` are built from them).
+        doc: One-paragraph description.
+        task_vectors: Whether ``fn`` reads ``src.deltas`` (task vectors); ``False`` for methods of the raw weights.
+        uniform: The uniform baselines of this method: a callable of the pool aliases (base first) returning
+            ``{baseline name: alias-keyed params}`` (:func:`medsamix.merging.config.uniform_merges`; scored in
+            reports and part of every search's initial design).
+        design: Further uniform settings (alias-keyed params) in every search's initial design.
+        single: ``(alias, aliases) -> params`` bit-identical to one source (``None`` for sources it cannot
+            express): each such point enters the initial design with that model's style.
+        warmup: Index-form params whose evaluation computes this method's memoised quantities
+            (:meth:`medsamix.merging.merger.Merger.prepare`; a ``seed`` entry is replaced by the caller's seed);
+            ``None`` when the method memoises nothing.
+    """
 
     name: str
     fn: MethodFn
     params: tuple[ParamSpec, ...]
     doc: str
+    task_vectors: bool = True
+    uniform: UniformFn | None = None
+    design: tuple[Params, ...] = ()
+    single: SingleFn | None = None
+    warmup: Params | None = None
+
+    def uniform_baselines(self, aliases: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """This method's uniform baselines for a pool with ``aliases``: name -> alias-keyed params."""
+        return {} if self.uniform is None else {n: dict(p) for n, p in self.uniform(aliases).items()}
 
     def resolve(self, params: Mapping[str, Any], aliases: Sequence[str], where: str = "") -> dict[str, Any]:
         """Validate alias-keyed ``params`` and return them in index form.
@@ -220,16 +252,31 @@ def _check_weights(value: Any, names: Sequence[str], field: str, key: str, valid
 REGISTRY: dict[str, MergeMethod] = {}
 
 
-def register(name: str, params: Sequence[ParamSpec] = ()) -> Callable[[MethodFn], MethodFn]:
-    """Decorator adding a merge method to :data:`REGISTRY`."""
+def register(name: str, params: Sequence[ParamSpec] = (), *, task_vectors: bool = True,
+             uniform: Mapping[str, Params] | UniformFn | None = None, design: Sequence[Params] = (),
+             single: SingleFn | None = None, warmup: Params | None = None) -> Callable[[MethodFn], MethodFn]:
+    """Decorator adding a merge method to :data:`REGISTRY`: one registration is all a new method needs (the
+    merger, the search space, the uniform baselines and the initial design read it). The keyword arguments are the
+    :class:`MergeMethod` attributes of the same names; ``uniform`` may also be a fixed mapping name -> params."""
 
     def deco(fn: MethodFn) -> MethodFn:
         if name in REGISTRY:
             raise ValueError(f"merge method {name!r} registered twice")
-        REGISTRY[name] = MergeMethod(name, fn, tuple(params), (fn.__doc__ or "").strip())
+        baselines = uniform if uniform is None or callable(uniform) else _fixed(uniform)
+        REGISTRY[name] = MergeMethod(name, fn, tuple(params), (fn.__doc__ or "").strip(), task_vectors, baselines,
+                                     tuple(design), single, warmup)
         return fn
 
     return deco
+
+
+def unregister(name: str) -> MergeMethod:
+    """Remove a method from :data:`REGISTRY` (a plug-in or a test undoing its registration) and return it."""
+    return REGISTRY.pop(name)
+
+
+def _fixed(table: Mapping[str, Params]) -> UniformFn:
+    return lambda aliases: table
 
 
 def get_method(name: str) -> MergeMethod:
@@ -256,7 +303,13 @@ def _combine(src: Sources, coefficients: Sequence[float], out: Tensor | None) ->
     return res.add_(src.base, alpha=coefficients[0])
 
 
-@register("linear", [ParamSpec("weights", "weights", doc="non-negative weight per source, normalised to sum 1")])
+def _one_hot(alias: str, names: Sequence[str]) -> dict[str, float]:
+    return {b: float(alias == b) for b in names}
+
+
+@register("linear", [ParamSpec("weights", "weights", doc="non-negative weight per source, normalised to sum 1")],
+          task_vectors=False, uniform=lambda aliases: {"linear": {"weights": {a: 1.0 for a in aliases}}},
+          single=lambda alias, aliases: {"weights": _one_hot(alias, aliases)})
 def linear(src: Sources, params: Mapping[str, Any], out: Tensor | None = None) -> Tensor:
     """Weighted average of base and models."""
     w = params["weights"]
@@ -268,7 +321,10 @@ def linear(src: Sources, params: Mapping[str, Any], out: Tensor | None = None) -
     _SCALE,
     ParamSpec("weights", "model_weights", 0.0, 3.0, search_low=0.0, search_high=1.0,
               doc="weight of each fine-tuned model's task vector (default 1 each)"),
-])
+], task_vectors=False,  # computed as a combination of the weights (theta_0 + sum_k c_k (theta_k - theta_0))
+    uniform={"task_arithmetic_0.5": {"scale": 0.5}},
+    single=lambda alias, aliases: (None if alias == aliases[0]
+                                   else {"scale": 1.0, "weights": _one_hot(alias, list(aliases)[1:])}))
 def task_arithmetic(src: Sources, params: Mapping[str, Any], out: Tensor | None = None) -> Tensor:
     """Base plus the scaled, weighted sum of task vectors (Ilharco et al., 2023)."""
     lam = params["scale"]
@@ -278,7 +334,7 @@ def task_arithmetic(src: Sources, params: Mapping[str, Any], out: Tensor | None 
     return _combine(src, [1.0 - lam * sum(w)] + [lam * x for x in w], out)
 
 
-@register("pick", [ParamSpec("source", "source", doc="the source whose values are taken verbatim")])
+@register("pick", [ParamSpec("source", "source", doc="the source whose values are taken verbatim")], task_vectors=False)
 def pick(src: Sources, params: Mapping[str, Any], out: Tensor | None = None) -> Tensor:
     """One source's values, unchanged."""
     i = params["source"]
@@ -302,6 +358,8 @@ def ties_trim_thresholds(src: Sources, keep: float) -> Tensor:
     "ties",
     [ParamSpec("keep", "float", 0.0, 1.0, default=0.2, search_low=0.05, search_high=1.0,
                doc="fraction of each task vector kept by magnitude"), _SCALE],
+    uniform={"ties_0.5_0.5": {"keep": 0.5, "scale": 0.5}},
+    warmup={"keep": 0.5, "scale": 1.0},
 )
 def ties(src: Sources, params: Mapping[str, Any], out: Tensor | None = None) -> Tensor:
     """TIES-merging: trim, elect sign, disjoint mean (Yadav et al., 2023)."""
@@ -335,7 +393,8 @@ def _slerp_geometry(src: Sources) -> tuple[Tensor, float]:
     return src.memo("slerp", make)
 
 
-@register("slerp", [ParamSpec("t", "float", 0.0, 1.0, default=0.5, doc="0 = base, 1 = models' centroid")])
+@register("slerp", [ParamSpec("t", "float", 0.0, 1.0, default=0.5, doc="0 = base, 1 = models' centroid")],
+          task_vectors=False, uniform={"slerp_0.5": {"t": 0.5}}, warmup={"t": 0.5})
 def slerp(src: Sources, params: Mapping[str, Any], out: Tensor | None = None) -> Tensor:
     """Spherical linear interpolation from the base towards the models' spherical centroid."""
     t = params["t"]
@@ -365,6 +424,8 @@ def _dare_field(src: Sources, seed: int) -> Tensor:
                doc="probability of dropping a task-vector entry"),
      _SCALE,
      ParamSpec("seed", "int", 0, 2**31 - 1, default=0, doc="seed of the drop mask")],
+    design=({"drop": 0.5, "scale": 0.5, "seed": 0},),
+    warmup={"drop": 0.5, "scale": 1.0, "seed": 0},
 )
 def dare(src: Sources, params: Mapping[str, Any], out: Tensor | None = None) -> Tensor:
     """DARE: random drop and rescale of task vectors, then task arithmetic (Yu et al., 2024)."""

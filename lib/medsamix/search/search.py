@@ -44,6 +44,7 @@ from medsamix.merging.config import MergeConfig, uniform_merges
 from medsamix.errors import MedSAMixError
 from medsamix.search.evaluate import Evaluator
 from medsamix.merging.merger import MergeError, Merger
+from medsamix.merging.methods import REGISTRY
 from medsamix.models.preprocess import STYLES, Preprocessor
 from medsamix.search.space import Tie, build_space, component_tie, from_merge_config, to_merge_config
 
@@ -67,7 +68,7 @@ class SearchSettings:
         trials: Number of configurations to evaluate in total (initial design included).
         granularity: ViT blocks per encoder group.
         separate: Split encoder groups into attn / mlp / norm.
-        methods: Merge methods searched over.
+        methods: Merge methods searched over (default: every registered one, by name).
         seed: SMAC's seed.
         preprocessing: Preprocessing style of the merged model ("sam" / "medsam"); ``None``: searched (the
             hyper-parameter ``prep:style`` over :data:`~medsamix.models.preprocess.STYLES`).
@@ -97,7 +98,7 @@ class SearchSettings:
     trials: int = 120
     granularity: int = 2
     separate: bool = False
-    methods: tuple[str, ...] = ("dare", "linear", "pick", "slerp", "task_arithmetic", "ties")
+    methods: tuple[str, ...] = dataclasses.field(default_factory=lambda: tuple(sorted(REGISTRY)))
     seed: int = 0
     preprocessing: str | None = None
     own_styles: tuple[tuple[str, str], ...] = ()
@@ -140,7 +141,9 @@ class SearchSettings:
 
 
 def initial_configs(merger: Merger, settings: SearchSettings) -> list[MergeConfig]:
-    """The uniform merges (with the base model's style) and every single pool model with its style
+    """The initial design, read from the method registry (:class:`~medsamix.merging.methods.MergeMethod`) for
+    the methods of ``settings``: the uniform merges and each method's further ``design`` points (with the base
+    model's style), then every single pool model as each method's ``single`` point with the model's style
     (:meth:`SearchSettings.design_style`: its own unless the settings fix one), as merge configurations.
 
     A single model is a one-hot linear merge (weight 1 on it, 0 on the others; bit-identical to the model). As a
@@ -151,16 +154,15 @@ def initial_configs(merger: Merger, settings: SearchSettings) -> list[MergeConfi
     linear weights cannot express, and the addition of a little of another model's task vector."""
     g, sep, groups, aliases = settings.granularity, settings.separate, merger.groups, merger.aliases
     base_style = settings.design_style(aliases[0])
-    configs = list(uniform_merges(groups, aliases, g, sep, base_style).values())
-    configs.append(MergeConfig.uniform(groups, "dare", {"drop": 0.5, "scale": 0.5, "seed": 0}, g, sep, base_style))
-    configs += [MergeConfig.uniform(groups, "linear", {"weights": {b: float(a == b) for b in aliases}}, g, sep,
-                                    settings.design_style(a))
-                for a in aliases]
-    configs += [MergeConfig.uniform(groups, "task_arithmetic",
-                                    {"scale": 1.0, "weights": {b: float(a == b) for b in aliases[1:]}}, g, sep,
-                                    settings.design_style(a))
-                for a in aliases[1:]]
-    return [c for c in configs if next(iter(c.groups.values())).method in settings.methods]
+    methods = [m for m in REGISTRY.values() if m.name in settings.methods]
+    configs = [c for c in uniform_merges(groups, aliases, g, sep, base_style).values()
+               if next(iter(c.groups.values())).method in settings.methods]
+    configs += [MergeConfig.uniform(groups, m.name, p, g, sep, base_style) for m in methods for p in m.design]
+    for m in methods:
+        singles = {a: m.single(a, aliases) for a in aliases} if m.single else {}
+        configs += [MergeConfig.uniform(groups, m.name, p, g, sep, settings.design_style(a))
+                    for a, p in singles.items() if p is not None]
+    return configs
 
 
 def coarse_trials(trials: int, share: float, n_initial: int) -> int:
