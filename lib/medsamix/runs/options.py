@@ -11,7 +11,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from medsamix.errors import MergeRunError
-from medsamix.merging.recipe import PREPROCESSING_STYLES
+from medsamix.merging.groups import GRANULARITIES
+from medsamix.models.preprocess import STYLES
 from medsamix.search.search import SearchSettings
 
 def parse_tasks(value: str | Sequence[str] | None) -> tuple[str, ...]:
@@ -137,7 +138,7 @@ class MergeOptions:
         if trials < 1:
             raise MergeRunError(f"trials: must be >= 1, got {trials}")
         granularity = _as_int("granularity", merged.get("granularity", cls.granularity))
-        if granularity not in (1, 2, 3, 4):
+        if granularity not in GRANULARITIES:
             raise MergeRunError(f"granularity: must be 1, 2, 3 or 4 ViT blocks per group, got {granularity}")
         mb_raw = merged.get("min_budget")
         min_budget = None if mb_raw in (None, "", "none", "None") else _as_int("min_budget", mb_raw)
@@ -147,8 +148,8 @@ class MergeOptions:
         if seed < 0:
             raise MergeRunError(f"seed: must be >= 0, got {seed}")
         style = merged.get("preprocessing") or None
-        if style is not None and style not in PREPROCESSING_STYLES:
-            raise MergeRunError(f"preprocessing: must be one of {list(PREPROCESSING_STYLES)} (or empty to search "
+        if style is not None and style not in STYLES:
+            raise MergeRunError(f"preprocessing: must be one of {list(STYLES)} (or empty to search "
                                 f"it), got {style!r}")
         try:
             min_gain = float(merged.get("min_gain") or 0.0)

@@ -1,7 +1,7 @@
 """The models a segmentation server offers: each pool member, and the merged model with hot reload.
 
-* :func:`load_served_pool` reads the pool from a ``pool.yaml`` folder (:class:`~medsamix.models.pool.PoolManifest`) or from
-  ``alias=path`` pairs (first = base), with each member's preprocessing style.
+* :func:`describe_pool` describes the pool (:class:`~medsamix.models.pool.PoolManifest`) from a ``pool.yaml`` folder or
+  from ``alias=path`` pairs (first = base), with each member's preprocessing style; :func:`load_served_pool` loads it.
 * :func:`member_model` builds a ``Sam`` module holding one member's weights; :class:`PoolLoader` describes a pool
   without reading its weights and loads it (and each member's module) once, on demand.
 * :class:`MergedModelSource` serves whatever :func:`medsamix.runs.publish.current` names in the published folder, with the
@@ -32,10 +32,10 @@ from torch import nn
 
 from medsamix.models.checkpoint import load_sam_checkpoint
 from medsamix.merging.config import uniform_merges
-from medsamix.errors import CheckpointError, ConfigError, MedSAMixError, PoolError
+from medsamix.errors import ConfigError, MedSAMixError, PoolError
 from medsamix.merging.merger import Merger
-from medsamix.models.pool import ModelPool, PoolManifest
-from medsamix.models.preprocess import STYLES, Preprocessor
+from medsamix.models.pool import ModelPool, PoolManifest, check_style
+from medsamix.models.preprocess import Preprocessor
 from medsamix.serving.preencode import PreEncoder
 from medsamix.serving.prompts import PromptError, parse_prompt
 from medsamix.runs.publish import PublishError, current
@@ -43,21 +43,6 @@ from medsamix.serving.segmenter import DEFAULT_IOU_THRESHOLD, DEFAULT_MARGIN, Em
 from medsamix.data.volumes import VolumeCache
 
 log = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass
-class ServedPool:
-    """A loaded pool and how each member expects its input.
-
-    Attributes:
-        pool: The models (base first).
-        styles: Alias -> preprocessing style ("sam" or "medsam").
-        source: Where it came from (the pool folder, or the list of files), for descriptions.
-    """
-
-    pool: ModelPool
-    styles: dict[str, str]
-    source: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,95 +64,58 @@ class ServedModel:
     description: str
 
 
-def parse_models_spec(spec: str) -> list[tuple[str, Path]]:
-    """``"alias=path,alias=path"`` (first = base) -> ``[(alias, path), ...]``.
+def describe_pool(pool_dir: str | os.PathLike[str] | None = None, models: str | None = None,
+                  preprocessing: str | None = None) -> PoolManifest:
+    """The pool a server offers, described without reading weights: ``models`` (``"alias=path,..."``, first = base,
+    with ``preprocessing`` ``"alias=style,..."``) when given, else the pool folder ``pool_dir`` (whose manifest
+    gives the styles; ``preprocessing`` is then ignored).
 
     Raises:
-        PoolError: An entry is not ``alias=path``, an alias repeats, or fewer than two models are given.
+        PoolError: Malformed ``models`` / ``preprocessing``, unreadable manifest, or neither given.
     """
-    out: list[tuple[str, Path]] = []
-    for part in (p.strip() for p in spec.split(",")):
-        if not part:
-            continue
-        alias, sep, path = part.partition("=")
-        if not sep or not alias.strip() or not path.strip():
-            raise PoolError(f"models: expected alias=path entries separated by commas, got {part!r}")
-        out.append((alias.strip(), Path(path.strip()).expanduser()))
-    if len(out) < 2:
-        raise PoolError(f"models: a pool needs a base and at least one fine-tuned model (alias=path,alias=path), "
-                        f"got {spec!r}")
-    aliases = [a for a, _ in out]
-    if len(set(aliases)) != len(aliases):
-        raise PoolError(f"models: duplicate aliases in {aliases}")
-    return out
-
-
-def parse_styles(spec: str | None, aliases: list[str], default: str = "sam") -> dict[str, str]:
-    """``"alias=style,..."`` -> a style per alias (``default`` for those not named)."""
-    styles = {a: default for a in aliases}
-    for part in (p.strip() for p in (spec or "").split(",")):
-        if not part:
-            continue
-        alias, sep, style = part.partition("=")
-        alias, style = alias.strip(), style.strip()
-        if not sep or alias not in styles:
-            raise PoolError(f"preprocessing: expected alias=style for aliases {aliases}, got {part!r}")
-        if style not in STYLES:
-            raise PoolError(f"preprocessing: style of {alias!r} must be one of {STYLES}, got {style!r}")
-        styles[alias] = style
-    return styles
+    if models:
+        return PoolManifest.from_spec(models, preprocessing)
+    if pool_dir is None:
+        raise PoolError("no pool: give a pool folder (pool.yaml) or models alias=path,alias=path")
+    return PoolManifest.load(pool_dir)
 
 
 def load_served_pool(pool_dir: str | os.PathLike[str] | None = None, models: str | None = None,
-                     preprocessing: str | None = None) -> ServedPool:
-    """Load the pool a server offers.
-
-    Args:
-        pool_dir: Folder with ``pool.yaml`` (used when ``models`` is not given).
-        models: ``"alias=path,alias=path"``, first = base; the architecture is inferred from the files.
-        preprocessing: ``"alias=style,..."`` for ``models`` (default "sam" for each); ignored for a pool folder,
-            whose manifest gives the styles.
+                     preprocessing: str | None = None) -> ModelPool:
+    """Load the pool a server offers (arguments as :func:`describe_pool`), each member with its style.
 
     Raises:
         PoolError, CheckpointError: With the file and the reason.
     """
-    if models:
-        pairs = parse_models_spec(models)
-        pool = ModelPool.load(pairs[0], pairs[1:], arch=None)
-        return ServedPool(pool, parse_styles(preprocessing, pool.aliases), ", ".join(str(p) for _, p in pairs))
-    if pool_dir is None:
-        raise PoolError("no pool: give a pool folder (pool.yaml) or models alias=path,alias=path")
-    manifest = PoolManifest.load(pool_dir)
-    pool = manifest.load_pool()
-    styles = {a: str(manifest.preprocessing.get(a, {}).get("style", "sam")) for a in pool.aliases}
-    return ServedPool(pool, styles, str(Path(pool_dir)))
+    return describe_pool(pool_dir, models, preprocessing).load_pool()
 
 
-def member_model(served: ServedPool, alias: str) -> ServedModel:
-    """A ``Sam`` module with one pool member's weights."""
-    members = {m.alias: m for m in served.pool.members}
-    if alias not in members:
-        raise PoolError(f"no pool member {alias!r}; members: {served.pool.aliases}")
-    m = members[alias]
-    model = served.pool.arch.build()
+def member_model(pool: ModelPool, alias: str) -> ServedModel:
+    """A ``Sam`` module with one pool member's weights, served with the member's style.
+
+    Raises:
+        PoolError: no member ``alias``.
+    """
+    m = pool.member(alias)
+    model = pool.arch.build()
     model.load_state_dict(m.state_dict)
-    style = served.styles[alias]
-    return ServedModel(alias, model.eval(), Preprocessor(style, served.pool.arch.img_size), f"{alias}@{m.sha256[:12]}",
-                       f"{alias}: {_role(alias, served.pool.base.alias)} of the pool ({served.pool.arch.name}, "
-                       f"{style} preprocessing), box/point prompts, 2D or 3D propagation")
+    return ServedModel(alias, model.eval(), m.preprocessor(pool.arch.img_size), f"{alias}@{m.sha256[:12]}",
+                       _member_description(alias, pool.base.alias, m.style, f"{pool.arch.name}, "))
 
 
-def _role(alias: str, base: str) -> str:
-    return "base model" if alias == base else "fine-tuned pool model"
+def _member_description(alias: str, base: str, style: str, arch: str = "") -> str:
+    role = "base model" if alias == base else "fine-tuned pool model"
+    return f"{alias}: {role} of the pool ({arch}{style} preprocessing), box/point prompts, 2D or 3D propagation"
 
 
 class PoolLoader:
-    """A server's pool described up front (aliases, base, styles; files checked to exist) and loaded once, on demand.
+    """A server's pool described up front (:func:`describe_pool`: aliases, base, styles; files checked to exist)
+    and loaded once, on demand.
 
     MONAI Label builds the app in every training subprocess too; describing the pool without reading the weights
     keeps those processes light, while the server preloads everything once it has started.
 
-    Args: as :func:`load_served_pool`.
+    Args: as :func:`describe_pool`.
 
     Raises:
         PoolError, CheckpointError: Malformed ``models`` / ``preprocessing``, unreadable manifest, missing files.
@@ -175,51 +123,41 @@ class PoolLoader:
 
     def __init__(self, pool_dir: str | os.PathLike[str] | None = None, models: str | None = None,
                  preprocessing: str | None = None) -> None:
-        self.pool_dir, self.models, self.preprocessing = pool_dir, models, preprocessing
-        if models:
-            pairs = parse_models_spec(models)
-            files = dict(pairs)
-            self.styles = parse_styles(preprocessing, list(files))
-            self.source = ", ".join(str(p) for p in files.values())
-        elif pool_dir is not None:
-            manifest = PoolManifest.load(pool_dir)
-            files = dict(manifest.files)
-            self.styles = {a: str(manifest.preprocessing.get(a, {}).get("style", "sam")) for a in files}
-            self.source = str(Path(pool_dir))
-        else:
-            raise PoolError("no pool: give a pool folder (pool.yaml) or models alias=path,alias=path")
-        missing = [f"{p} ({a})" for a, p in files.items() if not Path(p).is_file()]
-        if missing:
-            raise CheckpointError(f"pool checkpoint file(s) not found: {', '.join(missing)}")
-        self.aliases: list[str] = list(files)
-        self.base = self.aliases[0]
-        self._served: ServedPool | None = None
+        self.manifest = describe_pool(pool_dir, models, preprocessing)
+        self.manifest.check_files()
+        self.aliases: list[str] = self.manifest.aliases
+        self.base = self.manifest.base
+        self._pool: ModelPool | None = None
         self._members: dict[str, ServedModel] = {}
         self._lock = threading.Lock()
 
-    def load(self) -> ServedPool:
+    @property
+    def styles(self) -> dict[str, str]:
+        """Alias -> preprocessing style of each member."""
+        return self.manifest.styles
+
+    def load(self) -> ModelPool:
         """The loaded pool (read and validated on the first call)."""
         with self._lock:
-            if self._served is None:
+            if self._pool is None:
                 t0 = time.perf_counter()
-                self._served = load_served_pool(self.pool_dir, self.models, self.preprocessing)
+                self._pool = self.manifest.load_pool()
                 log.info("loaded the pool (%s) in %.1f s", ", ".join(self.aliases), time.perf_counter() - t0)
-            return self._served
+            return self._pool
 
     def member(self, alias: str) -> ServedModel:
         """One member's model (built on the first call)."""
         if alias not in self.aliases:
             raise PoolError(f"no pool member {alias!r}; members: {self.aliases}")
-        served = self.load()
+        pool = self.load()
         with self._lock:
             if alias not in self._members:
-                self._members[alias] = member_model(served, alias)
+                self._members[alias] = member_model(pool, alias)
             return self._members[alias]
 
     def describe(self, alias: str) -> str:
         """A member's description, without loading anything."""
-        return (f"{alias}: {_role(alias, self.base)} of the pool ({self.styles[alias]} preprocessing), "
-                "box/point prompts, 2D or 3D propagation")
+        return _member_description(alias, self.base, self.styles[alias])
 
 
 class MergedModelSource:
@@ -234,8 +172,8 @@ class MergedModelSource:
 
     def __init__(self, loader: PoolLoader, published_dir: str | os.PathLike[str], name: str = "medsamix",
                  style: str | None = None) -> None:
-        if style is not None and style not in STYLES:
-            raise PoolError(f"merged_preprocessing must be one of {STYLES}, got {style!r}")
+        if style is not None:
+            check_style(style, "merged_preprocessing")
         self.loader = loader
         self.published_dir = Path(published_dir)
         self.name = name
@@ -248,7 +186,7 @@ class MergedModelSource:
     def uniform(self) -> ServedModel:
         """The uniform linear merge of the whole pool (built once)."""
         if self._uniform is None:
-            pool = self.loader.load().pool
+            pool = self.loader.load()
             digest = hashlib.sha256("|".join(f"{a}:{s}" for a, s in pool.checksums.items()).encode()).hexdigest()
             merger = Merger(pool)
             merger.apply(uniform_merges(merger.groups, pool.aliases)["linear"], check_finite=True)
