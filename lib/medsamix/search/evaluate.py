@@ -24,6 +24,7 @@ import torch
 from monai.metrics import compute_dice
 from torch import Tensor, nn
 
+from medsamix.models.forward import predict_masks
 from medsamix.models.preprocess import Preprocessor
 from medsamix.data.slices import SliceSample
 from medsamix.search.interactive import STARTS, interactive_masks
@@ -175,11 +176,8 @@ class Evaluator:
         dense_pe = model.prompt_encoder.get_dense_pe()
         preds: dict[int, np.ndarray] = {}
         for img, sample_ids in by_image.items():
-            hw = self.images[img].shape
-            boxes = prep.boxes(np.stack([self.samples[i].box for i in sample_ids]), hw).to(self.device)
-            sparse, dense = model.prompt_encoder(points=None, boxes=boxes, masks=None)
-            low, _ = model.mask_decoder(emb[img][None], dense_pe, sparse, dense, False)
-            masks = (prep.masks(low, hw)[:, 0] > 0).cpu().numpy()
+            boxes = np.stack([self.samples[i].box for i in sample_ids])
+            masks = predict_masks(model, prep, emb[img], self.images[img].shape, boxes=boxes, dense_pe=dense_pe)
             for i, m in zip(sample_ids, masks):
                 preds[i] = m
         return preds
