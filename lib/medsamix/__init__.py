@@ -21,7 +21,8 @@ from medsamix.data.tasks import Task, split_patients, split_slabs
 __all__ = [
     "VIT_B", "ArchSpec", "infer_arch", "LoadReport", "load_sam_checkpoint", "save_sam_checkpoint", "sha256_file",
     "GroupSetting", "MergeConfig", "CheckpointError", "ConfigError", "MedSAMixError", "PoolError", "Group",
-    "group_parameters", "MergeError", "Merger", "REGISTRY", "MergeMethod", "Sources", "get_method", "register", "unregister",
+    "group_parameters", "MergeError", "Merger", "REGISTRY", "MergeMethod", "Sources", "get_method", "register",
+    "unregister",
     "ModelPool", "PoolMember", "ModelRef", "Recipe", "check_checksums", "TINY256", "StudyError", "DiceResult",
     "Evaluator", "PoolManifest", "Preprocessor", "SliceSample", "extract_slices", "tight_box", "Study",
     "load_studies", "load_study", "Task", "split_patients", "split_slabs",

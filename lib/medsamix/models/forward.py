@@ -55,7 +55,8 @@ def decode(model: nn.Module, embedding: Tensor, boxes: Tensor | None = None, poi
 
 
 def best_mask(low: Tensor, iou: Tensor) -> Tensor:
-    """Of ``C`` masks per prompt ``(N, C, h, w)`` the one with the highest predicted IoU ``(N, C)``: ``(N, 1, h, w)``."""
+    """Of ``C`` masks per prompt ``(N, C, h, w)`` the one with the highest predicted IoU ``(N, C)``:
+    ``(N, 1, h, w)``."""
     best = iou.argmax(dim=1)
     return low[torch.arange(low.shape[0], device=low.device), best][:, None]
 

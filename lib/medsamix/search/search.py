@@ -51,6 +51,7 @@ from medsamix.search.settings import (
     COARSE_TOP,
     SearchError,
     SearchSettings,
+    budget_problem,
     coarse_trials,
     initial_configs,
     settings_key,
@@ -61,8 +62,8 @@ log = logging.getLogger(__name__)
 
 _settings_key = settings_key  # the former private name (runs/plan.py)
 
-__all__ = ["COARSE_TOP", "SearchError", "SearchResult", "SearchSettings", "Trial", "coarse_trials", "initial_configs",
-           "preprocessor", "run_search", "score", "settings_key"]
+__all__ = ["COARSE_TOP", "SearchError", "SearchResult", "SearchSettings", "Trial", "budget_problem", "coarse_trials",
+           "initial_configs", "preprocessor", "run_search", "score", "settings_key"]
 
 
 @dataclasses.dataclass
@@ -131,10 +132,9 @@ def run_search(
             raise SearchError(f"task {t!r} has no calibration slices; available: {sorted(available)}")
     full = len(evaluator.samples)
     if settings.min_budget is not None:
-        if settings.multi:
-            raise SearchError("multi-fidelity is supported for single-task searches only")
-        if not 1 <= settings.min_budget < full:
-            raise SearchError(f"min_budget must lie in [1, {full}) calibration slices, got {settings.min_budget}")
+        problem = budget_problem(settings.min_budget, len(settings.tasks), full)
+        if problem:
+            raise SearchError(problem)
         if settings.eta < 2:
             raise SearchError(f"eta must be at least 2, got {settings.eta}")
     design = initial_configs(merger, settings)

@@ -147,3 +147,20 @@ def settings_key(settings: SearchSettings, context: dict[str, Any]) -> str:
     """Hash of the settings and further facts (pool checksums, calibration ids ...): equal keys may resume."""
     payload = json.dumps({"settings": settings.to_dict(), "context": context}, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def budget_problem(min_budget: int | None, n_tasks: int, n_slices: int,
+                   where: str = "the calibration set") -> str | None:
+    """Why ``min_budget`` (multi-fidelity) cannot be used with ``n_tasks`` tasks (objectives) and ``n_slices``
+    calibration slices (``where`` names them in the message), or ``None`` when it can (or is ``None``, off).
+
+    The one statement of the rule: multi-fidelity needs one objective, and at least one slice fewer than all.
+    """
+    if min_budget is None:
+        return None
+    if n_tasks > 1:
+        return (f"min_budget (multi-fidelity) works with one task only (single-task searches); {n_tasks} tasks "
+                "were asked for")
+    if not 1 <= min_budget < n_slices:
+        return f"min_budget must lie in [1, {n_slices}): {where} has {n_slices} calibration slices, got {min_budget}"
+    return None
