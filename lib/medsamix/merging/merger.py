@@ -1,12 +1,12 @@
 """Materialising merge configurations into one resident SAM model, in place.
 
-The :class:`Merger` lays every parameter out once, flattened, as base ``(n,)``, models ``(K, n)`` and task vectors
-``(K, n)``, and owns a single ``Sam`` module whose parameters are views of flat ``(n,)`` output tensors. Applying a configuration writes each merged tensor
+The :class:`Merger` lays every parameter out once, flattened, as base ``(n,)`` and models ``(K, n)`` (task vectors
+``models - base`` are computed per tensor during a merge, never stored), and owns a single ``Sam`` module whose parameters are views of flat ``(n,)`` output tensors. Applying a configuration writes each merged tensor
 straight into the module's parameter storage: no checkpoint is re-read, nothing is written to disk, no new module
 is built and no full-size temporary is allocated. Groups whose setting did not change since the last application
 are skipped, so a configuration that only touches the mask decoder costs only the decoder.
 
-Memory: ``(2K + 2) x`` the model size (sources, task vectors, the merged model) plus memoised per-method
+Memory: ``(K + 2) x`` the model size (sources and the merged model) plus memoised per-method
 quantities (TIES: sorted task-vector magnitudes, ``K x``; DARE: one random field per seed, ``K x``; SLERP: one
 centroid, ``1 x``), each allocated on first use. The pool's state dicts become views into the stacks (no copy).
 """
@@ -44,7 +44,7 @@ class Merger:
     """Keeps a pool resident and materialises configurations into one ``Sam`` module.
 
     Args:
-        pool: The model pool. Its state dicts are re-pointed into the merger's stacks.
+        pool: The model pool. Its state dicts are re-pointed into the merger's stacks (on a CPU: no copy stays).
         granularity: ViT blocks per encoder group (1-4).
         separate: Split encoder groups into attn / mlp / norm.
         device: Where buffers and the model live.
@@ -76,7 +76,7 @@ class Merger:
                             m.state_dict[n] = models[i].view(shape)
                     out = base.clone()
                     named[n].data = out.view(shape)
-                    tensors.append((Sources(base=base, models=models, deltas=models - base, key=n), out))
+                    tensors.append((Sources(base=base, models=models, key=n), out))
                 self._state[g.name] = _GroupState(g, tensors)
         base_sd = pool.base.state_dict
         for name, buf in self.model.named_buffers():

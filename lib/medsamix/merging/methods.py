@@ -5,8 +5,8 @@ tensors and its hyper-parameters, applied to one parameter tensor at a time. Ten
 :class:`Sources` holding
 
 * ``base``   - shape ``(n,)``, the base model's (SAM's) tensor;
-* ``models`` - shape ``(K, n)``, the K fine-tuned models' tensors, in pool order;
-* ``deltas`` - task vectors ``models - base``, shape ``(K, n)``;
+* ``models`` - shape ``(K, n)``, the K fine-tuned models' tensors, in pool order (task vectors
+  ``models - base`` are computed where needed, not stored);
 
 and the method writes the merged ``(n,)`` vector into ``out`` when given (else into a new tensor) and returns it.
 
@@ -53,13 +53,14 @@ from medsamix.errors import ConfigError
 class Sources:
     """The inputs of a merge method for one parameter tensor, flattened.
 
-    All three tensors are contiguous and own their storage (not views): compiled kernels then see the same
-    tensor layout for every parameter and are compiled once.
+    Both tensors are contiguous and own their storage (not views): compiled kernels then see the same tensor layout
+    for every parameter and are compiled once. Task vectors ``models - base`` are not stored: the kernels compute
+    them element by element as they merge (:meth:`task_vectors` gives them for one tensor), so a merger holds the
+    sources once and not K more full copies.
 
     Attributes:
         base: Base model tensor, shape ``(n,)``.
         models: Fine-tuned model tensors, shape ``(K, n)``.
-        deltas: Task vectors ``models - base``, shape ``(K, n)``.
         key: Stable name (the parameter name) used to seed random methods.
         cache: Memo for quantities that depend only on the sources (sorted magnitudes, centroid, random fields);
             a merger keeps its ``Sources`` alive so these are computed once per pool.
@@ -67,7 +68,6 @@ class Sources:
 
     base: Tensor
     models: Tensor
-    deltas: Tensor
     key: str = ""
     cache: dict[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -76,11 +76,15 @@ class Sources:
         """Build sources from a base tensor of any shape and a list (or stack) of model tensors of that shape."""
         flat_base = base.detach().flatten().clone()
         stacked = torch.stack([m.detach().flatten() for m in models])
-        return cls(base=flat_base, models=stacked, deltas=stacked - flat_base, key=key)
+        return cls(base=flat_base, models=stacked, key=key)
 
     @property
     def num_models(self) -> int:
         return int(self.models.shape[0])
+
+    def task_vectors(self) -> Tensor:
+        """Task vectors ``models - base``, shape ``(K, n)``: a new tensor (a temporary of one parameter's size)."""
+        return self.models - self.base
 
     def memo(self, name: str, make: Callable[[], Any]) -> Any:
         if name not in self.cache:
@@ -343,7 +347,7 @@ def pick(src: Sources, params: Mapping[str, Any], out: Tensor | None = None) -> 
 
 def _sorted_magnitudes(src: Sources) -> Tensor:
     """``|tau_k|`` of each model sorted ascending, shape ``(K, n)``; memoised."""
-    return src.memo("sorted_abs", lambda: src.deltas.abs().sort(dim=1).values)
+    return src.memo("sorted_abs", lambda: src.task_vectors().abs_().sort(dim=1).values)
 
 
 def ties_trim_thresholds(src: Sources, keep: float) -> Tensor:
@@ -366,7 +370,7 @@ def ties(src: Sources, params: Mapping[str, Any], out: Tensor | None = None) -> 
     res = _output(src, out)
     if params["keep"] <= 0:
         return res.copy_(src.base)
-    kernels.ties_merge(src.deltas, ties_trim_thresholds(src, params["keep"]), src.base, params["scale"], res)
+    kernels.ties_merge(src.models, ties_trim_thresholds(src, params["keep"]), src.base, params["scale"], res)
     return res
 
 
@@ -413,8 +417,8 @@ def _dare_field(src: Sources, seed: int) -> Tensor:
     cached = src.cache.get("dare")
     if cached is None or cached[0] != seed:
         g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(src.key.encode()))
-        field = torch.rand(src.deltas.shape, generator=g, dtype=src.deltas.dtype)
-        src.cache["dare"] = cached = (seed, field.to(src.deltas.device))
+        field = torch.rand(src.models.shape, generator=g, dtype=src.models.dtype)
+        src.cache["dare"] = cached = (seed, field.to(src.models.device))
     return cached[1]
 
 
@@ -430,5 +434,5 @@ def _dare_field(src: Sources, seed: int) -> Tensor:
 def dare(src: Sources, params: Mapping[str, Any], out: Tensor | None = None) -> Tensor:
     """DARE: random drop and rescale of task vectors, then task arithmetic (Yu et al., 2024)."""
     res = _output(src, out)
-    kernels.dare_merge(src.deltas, _dare_field(src, params["seed"]), params["drop"], src.base, params["scale"], res)
+    kernels.dare_merge(src.models, _dare_field(src, params["seed"]), params["drop"], src.base, params["scale"], res)
     return res
