@@ -86,6 +86,22 @@ def _as_bool(name: str, value: Any) -> bool:
     raise MergeRunError(f"{name}: expected true or false, got {value!r}")
 
 
+def parse_min_gain(value: Any, name: str = "min_gain") -> float:
+    """The promotion margin (:func:`medsamix.runs.promotion.decide_promotion`): a Dice difference in [-1, 1];
+    ``None`` / empty -> 0.
+
+    Raises:
+        MergeRunError: not a number or out of range, naming the option ``name``.
+    """
+    try:
+        min_gain = float(value or 0.0)
+    except (TypeError, ValueError):
+        raise MergeRunError(f"{name}: expected a number, got {value!r}") from None
+    if not -1.0 <= min_gain <= 1.0:
+        raise MergeRunError(f"{name}: must lie in [-1, 1] (a Dice difference), got {min_gain}")
+    return min_gain
+
+
 @dataclasses.dataclass(frozen=True)
 class MergeOptions:
     """The options of a merge run as a user gives them (a MONAI Label train request, a form).
@@ -150,12 +166,7 @@ class MergeOptions:
         if style is not None and style not in PREPROCESSING_STYLES:
             raise MergeRunError(f"preprocessing: must be one of {list(PREPROCESSING_STYLES)} (or empty to search "
                                 f"it), got {style!r}")
-        try:
-            min_gain = float(merged.get("min_gain") or 0.0)
-        except (TypeError, ValueError):
-            raise MergeRunError(f"min_gain: expected a number, got {merged.get('min_gain')!r}") from None
-        if not -1.0 <= min_gain <= 1.0:
-            raise MergeRunError(f"min_gain: must lie in [-1, 1] (a Dice difference), got {min_gain}")
+        min_gain = parse_min_gain(merged.get("min_gain"))
         return cls(tasks, trials, granularity, _as_bool("separate", merged.get("separate", False)),
                    min_budget or None, seed, _as_bool("restart", merged.get("restart", False)), style, min_gain,
                    _as_bool("robust", merged.get("robust", False)))

@@ -51,7 +51,7 @@ from medsamix.runs.options import MergeOptions, label_names
 from medsamix.runs.plan import RunPlan, plan_run
 from medsamix.runs.progress import ACTIVE, ProgressFile, RunMonitor, RunStatus, effective_status
 from medsamix.runs.run import MergeOutcome, run_merge
-from medsamix.runs.publish import PublishError, current, publish
+from medsamix.runs.publish import publish_outcome
 from medsamix.runs.lock import RunLock, RunLockedError, discard_run, process_started
 from medsamix.serving.service import ServedPool, load_served_pool
 from monailabel.interfaces.datastore import Datastore
@@ -219,8 +219,8 @@ class MergeTrain(TrainTask):
                                  best_metric=outcome.promotion.merged_dice,
                                  message="publishing" + (", then scoring references for the report" if self.report
                                                          else ""))
-            if outcome.promotion.promote:
-                published[0] = self._publish(plan, outcome)
+            if outcome.promotion.promote:  # the library's publish step (also scripts/merge_search.py --publish)
+                published[0] = publish_outcome(self.published_dir, plan, outcome).version
 
         outcome = run_merge(self._served.pool, plan.calibration, plan.test, plan.settings, plan.out_dir, plan.split,
                             on_trial=monitor.on_trial, report=self.report,
@@ -251,22 +251,6 @@ class MergeTrain(TrainTask):
                              extra_full_budget_scores=result["extra_full_budget_scores"],
                              calibration_dice=outcome.calibration_dice, test_dice=outcome.test_dice)
         return result
-
-    def _publish(self, plan: RunPlan, outcome: MergeOutcome) -> str:
-        """Publish the merged model; a run that is already the served model is not published twice."""
-        try:
-            now = current(self.published_dir)
-        except PublishError as e:  # a damaged pointer: the new version replaces it
-            logger.warning("%s; publishing a new version", e)
-            now = None
-        if now is not None and now.info.get("run") == plan.name and now.recipe.read_text() == outcome.recipe.dump():
-            logger.info("run %s is already published as version %s", plan.name, now.version)
-            return now.version
-        info = {"run": plan.name, "variant": plan.variant, "tasks": list(plan.settings.tasks),
-                "trials": plan.settings.trials, "calibration_dice": outcome.calibration_dice,
-                "test_dice": outcome.test_dice, "best_single": outcome.promotion.best_single,
-                "best_single_dice": outcome.promotion.best_single_dice}
-        return publish(self.published_dir, outcome.recipe, outcome.state_dict, info).version
 
 
 def _extra(plan: RunPlan, outcome: MergeOutcome) -> int:
