@@ -31,7 +31,6 @@ in --out all the same).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
@@ -42,6 +41,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))
 
 from medsamix.errors import MedSAMixError  # noqa: E402
+from medsamix.data.tasks import read_label_names  # noqa: E402
 from medsamix.data.tasksets import datastore_task_set, select_tasks  # noqa: E402
 from medsamix.models.pool import manifest_styles  # noqa: E402
 from medsamix.runs.options import parse_min_gain  # noqa: E402
@@ -63,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     src.add_argument("--studies", type=Path, help="MONAI Label datastore folder (images + labels/final)")
     src.add_argument("--shared-set", help="a task set of the shared data: hippocampus, totalseg_ct, ...")
     ap.add_argument("--shared-root", type=Path, default=SHARED)
-    ap.add_argument("--label-names", type=Path, help="JSON {value: name} for --studies labels")
+    ap.add_argument("--label-names", type=Path,
+                    help="label names of --studies: JSON {value: name} or {name: value}, or comma-separated names")
     ap.add_argument("--pool", type=Path, default=Path("sample-data/pool"))
     ap.add_argument("--task", action="append", required=True, help="task name; repeat for MedSAMix-M")
     ap.add_argument("--trials", type=int, default=120)
@@ -112,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         pool = manifest.load_pool()
         exclude = [i for ids in manifest.training_studies.values() for i in ids]
         if args.studies:
-            names = {int(k): v for k, v in json.loads(args.label_names.read_text()).items()} if args.label_names else {}
+            names = read_label_names(args.label_names) if args.label_names else {}
             ts = datastore_task_set(args.studies, names, args.seed)
         else:
             ts = shared_task_sets(args.shared_root, exclude, args.seed, [args.shared_set], args.max_patients)[0]

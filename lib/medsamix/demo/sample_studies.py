@@ -24,9 +24,8 @@ import numpy as np
 from scipy import ndimage
 
 from medsamix.data.studies import find_studies
-from medsamix.data.tasks import split_patients
+from medsamix.data.tasks import LABELS_FILE, split_patients
 
-LABELS_FILE = ".medsamix-labels.json"
 HIPPOCAMPUS_LABELS = {"anterior": 1, "posterior": 2}
 PHANTOM_LABELS = {"ellipsoid": 1, "blob": 2}
 

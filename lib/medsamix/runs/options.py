@@ -1,62 +1,22 @@
 """The options of a merge run as a user gives them (a MONAI Label train request, the command line), parsed and
-checked in one place: :class:`MergeOptions` (every option, strings accepted), :func:`parse_tasks` (task names) and
-:func:`label_names` (label value -> task name)."""
+checked in one place: :class:`MergeOptions` (every option, strings accepted) and :func:`parse_tasks` (task names).
+Label names (value -> task name) are read by :func:`medsamix.data.tasks.label_names`, re-exported here."""
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from medsamix.data.tasks import label_names, parse_names
 from medsamix.errors import MergeRunError
 from medsamix.merging.recipe import PREPROCESSING_STYLES
 from medsamix.search.search import SearchSettings
 
-def parse_tasks(value: str | Sequence[str] | None) -> tuple[str, ...]:
-    """Task names from an option: a comma-separated string (names may contain spaces: "left kidney, liver") or a
-    list; surrounding spaces and repeats are dropped; empty -> ``()`` (= every task)."""
-    if value is None:
-        return ()
-    items = re.split(r"[,\n]", value) if isinstance(value, str) else [str(v) for v in value]
-    out: list[str] = []
-    for item in (i.strip() for i in items):
-        if item and item not in out:
-            out.append(item)
-    return tuple(out)
+__all__ = ["MergeOptions", "label_names", "parse_min_gain", "parse_tasks"]
 
-
-def label_names(value: str | Mapping[str, Any] | Sequence[str] | None) -> dict[int, str]:
-    """Label value -> task name from a MONAI Label style ``labels`` setting.
-
-    Accepts ``{"liver": 1, ...}`` (MONAI Label's convention), ``{"1": "liver"}``, a list of names (values 1, 2, ...)
-    or the JSON text of any of these; ``None`` / empty gives ``{}``.
-
-    Raises:
-        MergeRunError: anything else.
-    """
-    if value is None or value == "":
-        return {}
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except ValueError:
-            value = [v for v in parse_tasks(value)]
-    try:
-        if isinstance(value, Mapping):
-            out = {}
-            for k, v in value.items():
-                if isinstance(v, (int, float)) or (isinstance(v, str) and v.strip().isdigit()):
-                    out[int(v)] = str(k)  # {"liver": 1}
-                else:
-                    out[int(k)] = str(v)  # {"1": "liver"}
-            return {k: v for k, v in out.items() if k > 0}
-        if isinstance(value, Sequence):
-            return {i + 1: str(v) for i, v in enumerate(value)}
-    except (TypeError, ValueError):
-        pass
-    raise MergeRunError(f"labels: expected {{name: value}}, {{value: name}} or a list of names, got {value!r}")
+parse_tasks = parse_names
+"""Task names from an option (:func:`medsamix.data.tasks.parse_names`)."""
 
 
 MAX_OPTION_INT = 2**31 - 1  # integer options (trials, seed, ...) beyond this are refused
