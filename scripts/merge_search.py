@@ -41,7 +41,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))
 
 from medsamix.errors import MedSAMixError  # noqa: E402
-from medsamix.data.tasks import read_label_names  # noqa: E402
+from medsamix.data.tasks import read_label_names, training_study_ids  # noqa: E402
 from medsamix.data.tasksets import datastore_task_set, select_tasks  # noqa: E402
 from medsamix.models.pool import manifest_styles  # noqa: E402
 from medsamix.runs.options import parse_min_gain  # noqa: E402
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         parse_min_gain(args.min_gain, "--min-gain")
         manifest = PoolManifest.load(args.pool)
         pool = manifest.load_pool()
-        exclude = [i for ids in manifest.training_studies.values() for i in ids]
+        exclude = training_study_ids(manifest.training_studies)
         if args.studies:
             names = read_label_names(args.label_names) if args.label_names else {}
             ts = datastore_task_set(args.studies, names, args.seed)

@@ -18,13 +18,14 @@ import math
 import os
 import re
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from medsamix.data.imageio import study_id_of
 from medsamix.errors import MergeRunError
 
 if TYPE_CHECKING:
@@ -163,6 +164,21 @@ def read_label_names(path: str | os.PathLike[str]) -> dict[int, str]:
     except (OSError, UnicodeDecodeError) as e:
         raise MergeRunError(f"{path}: cannot read label names ({e})") from None
     return label_names(text, str(path))
+
+
+def training_study_ids(training_studies: Mapping[str, Sequence[str]]) -> list[str]:
+    """Every study id a pool model was trained on, from a pool manifest's ``training_studies`` (data source ->
+    ids): these patients never enter a calibration or test split (:func:`without_studies`)."""
+    return [i for ids in training_studies.values() for i in ids]
+
+
+def without_studies(pairs: Sequence[tuple[Path, Path | None]],
+                    exclude: Iterable[str]) -> tuple[list[tuple[Path, Path | None]], int]:
+    """The (image, label) pairs whose study id (:func:`~medsamix.data.imageio.study_id_of`) is not in ``exclude``
+    (e.g. :func:`training_study_ids`), in their order, and how many were left out."""
+    excluded = set(exclude)
+    kept = [(i, lab) for i, lab in pairs if study_id_of(i) not in excluded]
+    return kept, len(pairs) - len(kept)
 
 
 def _calibration_size(n: int, calibration_fraction: float) -> int:
