@@ -26,6 +26,7 @@ sys.path.insert(0, str(REPO / "lib"))
 
 from medsamix.data.slices import tight_box  # noqa: E402
 from medsamix.demo.sample_studies import phantom_volume  # noqa: E402
+from medsamix.models.encoding import default_device  # noqa: E402
 from medsamix.models.preprocess import Preprocessor  # noqa: E402
 from medsamix.serving.prompts import SlicePrompt  # noqa: E402
 from medsamix.serving.segmenter import Segmenter  # noqa: E402
@@ -48,7 +49,7 @@ def masks(model: torch.nn.Module, prep: Preprocessor, volume: np.ndarray, label:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", default=default_device())
     ap.add_argument("--slices", type=int, default=8)
     ap.add_argument("--vit-b-slices", type=int, default=2)
     args = ap.parse_args()

@@ -29,6 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))
 
+from medsamix.data.tasks import training_study_ids  # noqa: E402
 from medsamix.search.evaluate import Evaluator  # noqa: E402
 from medsamix.merging.merger import Merger  # noqa: E402
 from medsamix.models.pool import PoolManifest  # noqa: E402
@@ -57,7 +58,7 @@ def main() -> int:
               "hippocampus data", file=sys.stderr)
         return 2
     manifest = PoolManifest.load(args.pool)
-    exclude = [i for ids in manifest.training_studies.values() for i in ids]
+    exclude = training_study_ids(manifest.training_studies)
     ts = shared_task_sets(args.shared_root, exclude, args.seed, ["hippocampus"], args.max_patients)[0]
     cal = [s for s in ts.calibration if s.task.name == args.task]
     test = [s for s in ts.test if s.task.name == args.task]

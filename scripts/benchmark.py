@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))
 
+from medsamix.data.tasks import training_study_ids  # noqa: E402
 from medsamix.merging.config import MergeConfig, uniform_merges  # noqa: E402
 from medsamix.search.evaluate import Evaluator  # noqa: E402
 from medsamix.merging.merger import Merger  # noqa: E402
@@ -52,7 +53,7 @@ def main() -> None:
     merger = Merger(pool)
     size = manifest.arch.img_size
     merged_style = args.merged_preprocessing or manifest.styles[manifest.base]
-    exclude = [i for ids in manifest.training_studies.values() for i in ids]
+    exclude = training_study_ids(manifest.training_studies)
     sets = shared_task_sets(args.studies, exclude=exclude, seed=args.seed, names=args.sets.split(","),
                             max_patients=args.max_patients)
 

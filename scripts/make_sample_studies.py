@@ -17,6 +17,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "lib"))
 
+from medsamix.data.tasks import training_study_ids  # noqa: E402
 from medsamix.models.pool import PoolManifest  # noqa: E402
 from medsamix.demo.sample_studies import copy_hippocampus, write_phantoms  # noqa: E402
 
@@ -39,7 +40,7 @@ def main() -> int:
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
     if not args.phantoms and (args.shared / "hippocampus" / "images").is_dir():
-        exclude = [i for ids in PoolManifest.load(args.pool).training_studies.values() for i in ids]
+        exclude = training_study_ids(PoolManifest.load(args.pool).training_studies)
         ids = copy_hippocampus(args.out, args.shared, exclude, args.count)
         print(f"copied {len(ids)} hippocampus test-split studies into {args.out}: {', '.join(ids)}")
     else:

@@ -17,14 +17,20 @@ copy of it after the last finished trial (``smac.checkpoint-<n>/``). Re-running 
 interrupted search (from that copy, so a kill while SMAC rewrites its files loses nothing); a different command on
 the same --out is refused unless --restart; a second process on an --out while one searches there is refused with
 the first one's pid and start time (``medsamix.runs.lock``). The last line also says whether the merge passes the no-regression
-guard (calibration Dice not below the best single pool model's with its own preprocessing), as the server's
-``merge`` train task decides before publishing (``medsamix.runs.run``).
+guard (calibration Dice not below the best single pool model's with its own preprocessing, plus --min-gain), as the
+server's ``merge`` train task decides before publishing (``medsamix.runs.run``).
+
+--publish DIR publishes a promoted merge into the served model folder DIR exactly as the train task does
+(``medsamix.runs.publish.publish_outcome``: ``DIR/versions/<version>/{recipe.yaml,merged.pth}`` and
+``DIR/current.json``, written atomically; a run already served there is not published twice), e.g.
+``--publish apps/medsamix/model/merged`` for the app's ``medsamix`` infer task, which picks it up without a restart.
+A merge that is not promoted is not published: the command says why and exits with status 3 (the run's files are
+in --out all the same).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
@@ -35,9 +41,13 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))
 
 from medsamix.errors import MedSAMixError  # noqa: E402
+from medsamix.data.tasks import read_label_names, training_study_ids  # noqa: E402
 from medsamix.data.tasksets import datastore_task_set, select_tasks  # noqa: E402
 from medsamix.models.pool import manifest_styles  # noqa: E402
-from medsamix.runs.run import run_merge  # noqa: E402
+from medsamix.runs.options import parse_min_gain  # noqa: E402
+from medsamix.runs.plan import RunPlan, run_name, search_context  # noqa: E402
+from medsamix.runs.publish import NotPromotedError, publish_outcome  # noqa: E402
+from medsamix.runs.run import MergeOutcome, run_merge  # noqa: E402
 from medsamix.models.pool import PoolManifest  # noqa: E402
 from medsamix.models.preprocess import STYLES  # noqa: E402
 from medsamix.search.corruptions import robust_tasks, with_corrupted  # noqa: E402
@@ -53,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     src.add_argument("--studies", type=Path, help="MONAI Label datastore folder (images + labels/final)")
     src.add_argument("--shared-set", help="a task set of the shared data: hippocampus, totalseg_ct, ...")
     ap.add_argument("--shared-root", type=Path, default=SHARED)
-    ap.add_argument("--label-names", type=Path, help="JSON {value: name} for --studies labels")
+    ap.add_argument("--label-names", type=Path,
+                    help="label names of --studies: JSON {value: name} or {name: value}, or comma-separated names")
     ap.add_argument("--pool", type=Path, default=Path("sample-data/pool"))
     ap.add_argument("--task", action="append", required=True, help="task name; repeat for MedSAMix-M")
     ap.add_argument("--trials", type=int, default=120)
@@ -86,15 +97,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--naive", action="store_true",
                     help="reference loop for comparison: reload checkpoints and re-encode every slice each trial")
     ap.add_argument("--max-patients", type=int, default=None)
+    ap.add_argument("--min-gain", type=float, default=0.0,
+                    help="calibration Dice the merge must gain over the best single pool model to be promoted")
+    ap.add_argument("--publish", type=Path, default=None, metavar="DIR",
+                    help="publish the merge, if promoted, into this served model folder as the app's train task "
+                         "does (e.g. apps/medsamix/model/merged); exit status 3 when it is not promoted")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("smac").setLevel(logging.WARNING)  # SMAC's per-trial chatter would drown the progress bar
     try:
+        if args.publish is not None and args.publish.exists() and not args.publish.is_dir():
+            raise MedSAMixError(f"--publish {args.publish}: not a folder")
+        parse_min_gain(args.min_gain, "--min-gain")
         manifest = PoolManifest.load(args.pool)
         pool = manifest.load_pool()
-        exclude = [i for ids in manifest.training_studies.values() for i in ids]
+        exclude = training_study_ids(manifest.training_studies)
         if args.studies:
-            names = {int(k): v for k, v in json.loads(args.label_names.read_text()).items()} if args.label_names else {}
+            names = read_label_names(args.label_names) if args.label_names else {}
             ts = datastore_task_set(args.studies, names, args.seed)
         else:
             ts = shared_task_sets(args.shared_root, exclude, args.seed, [args.shared_set], args.max_patients)[0]
@@ -125,6 +144,18 @@ def main(argv: list[str] | None = None) -> int:
             bar.set_postfix(best=f"{best[0]:.3f}", last=f"{trial.mean_dice:.3f}")
             bar.refresh()
 
+        plan = RunPlan(run_name(settings, search_context(pool, cal, ts.split)), args.out, settings, cal, test,
+                       ts.split, [t.name for t in ts.tasks])
+        published: list[str] = []
+        refused: list[NotPromotedError] = []
+
+        def ready(outcome: MergeOutcome) -> None:  # publish before the (long) report, as the train task does
+            if args.publish is not None:
+                try:
+                    published.append(publish_outcome(args.publish, plan, outcome).version)
+                except NotPromotedError as e:
+                    refused.append(e)
+
         t0 = time.time()
         client = None
         if args.scheduler or args.workers > 0:
@@ -133,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
             client = Client(args.scheduler) if args.scheduler else Client(
                 LocalCluster(n_workers=args.workers, threads_per_worker=1, dashboard_address=None))
         try:
-            outcome = run_merge(pool, cal, test, settings, args.out, ts.split, args.restart, progress, client)
+            outcome = run_merge(pool, cal, test, settings, args.out, ts.split, args.restart, progress, client,
+                                min_gain=args.min_gain, on_ready=ready)
         finally:
             if client is not None:
                 client.close()
@@ -147,6 +179,11 @@ def main(argv: list[str] | None = None) -> int:
           f"{result.encoder_passes} encoder passes; search {result.seconds:.0f} s, with test scoring and report "
           f"{time.time() - t0:.0f} s; {outcome.promotion.reason}; "
           f"wrote {args.out}")
+    if refused:
+        print(f"error: {refused[0]}", file=sys.stderr)
+        return 3
+    if published:
+        print(f"published version {published[0]} to {args.publish}")
     return 0
 
 

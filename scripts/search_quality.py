@@ -25,6 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))
 
+from medsamix.data.tasks import training_study_ids  # noqa: E402
 from medsamix.search.evaluate import Evaluator  # noqa: E402
 from medsamix.data.tasksets import select_tasks  # noqa: E402
 from medsamix.errors import MergeRunError  # noqa: E402
@@ -66,7 +67,7 @@ def main() -> int:
     manifest = PoolManifest.load(args.pool)
     pool = manifest.load_pool()
     styles = manifest_styles(manifest)
-    exclude = [i for ids in manifest.training_studies.values() for i in ids]
+    exclude = training_study_ids(manifest.training_studies)
     work = args.work or Path(tempfile.mkdtemp(prefix="medsamix-quality-"))
     rows: list[dict] = []
     splits: list[str] = []

@@ -34,7 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))
 from medsamix.models.architecture import TINY256  # noqa: E402
 from medsamix.models.checkpoint import save_sam_checkpoint, sha256_file  # noqa: E402
 from medsamix.demo.phantoms import shapes_image  # noqa: E402
-from medsamix.models.preprocess import Preprocessor, intensity_range, to_255  # noqa: E402
+from medsamix.data.intensity import normalize  # noqa: E402
+from medsamix.models.preprocess import Preprocessor  # noqa: E402
 from medsamix.data.studies import load_study  # noqa: E402
 from medsamix.demo.training import PromptPolicy, Sample, box_dice, train_step  # noqa: E402
 
@@ -218,7 +219,7 @@ def main() -> None:
     ct_study = load_study(args.data / "totalseg" / "example_ct_dicom",
                           args.data / "totalseg" / "example_seg_dicom.nii.gz", modality="CT")
     ct, ct_label = ct_study.image, ct_study.label
-    ct255 = to_255(ct, *intensity_range(ct, "CT"))
+    ct255 = normalize(ct, "CT")
     k = ct.shape[2]
     ct_train = slice_samples(ct255, ct_label, range(0, k - 4), min_pixels=50)
     ct_val = slice_samples(ct255, ct_label, range(k - 4, k), min_pixels=50)
@@ -237,7 +238,7 @@ def main() -> None:
     for i, name in enumerate(ids):
         study = load_study(hippo / "images" / name, hippo / "labels" / name, modality="MR")
         vol = study.image
-        samples = slice_samples(to_255(vol, *intensity_range(vol, "MR")), study.label, range(vol.shape[2]),
+        samples = slice_samples(normalize(vol, "MR"), study.label, range(vol.shape[2]),
                                 min_pixels=10)
         (mr_val if i >= args.mr_patients - 5 else mr_train).extend(samples)
     print(f"MR specialist data: {len(mr_train)} train / {len(mr_val)} val (slice, structure) pairs", flush=True)

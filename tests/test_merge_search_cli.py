@@ -13,6 +13,7 @@ import pytest
 
 from medsamix import Recipe
 from medsamix.data.tasksets import ONE_STUDY_SPLIT
+from medsamix.runs.publish import current
 from test_merge_run import make_datastore
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -108,3 +109,35 @@ def test_interactive_objective_is_searched_and_reported(datastore, tmp_path):
     bad = run("--studies", str(datastore), "--task", "label_1", "--objective", "interactive", "--rounds", "0",
               "--out", str(tmp_path / "x"))
     assert bad.returncode == 2 and "--rounds must be >= 1" in bad.stderr
+
+
+def test_publish_refuses_an_unpromoted_merge_and_publishes_a_promoted_one_as_the_app_does(datastore, tmp_path):
+    out, served = tmp_path / "run", tmp_path / "model" / "merged"
+    (tmp_path / "file").write_text("x")
+    bad = run("--studies", str(datastore), "--task", "label_1", "--out", str(out), "--publish", str(tmp_path / "file"))
+    assert bad.returncode == 2 and "--publish" in bad.stderr and "not a folder" in bad.stderr
+    # a merge that must gain a whole Dice point over the best single model is not promoted: refused, nothing written
+    refused = run("--studies", str(datastore), "--task", "label_1", "--trials", "10", "--min-gain", "1", "--out",
+                  str(out), "--publish", str(served))
+    assert refused.returncode == 3, refused.stderr[-2000:]
+    assert f"not published to {served} (run label_1-t10-g2-seed0-" in refused.stderr
+    assert "): not promoted: merged calibration Dice" in refused.stderr
+    assert current(served) is None and not (served / "versions").exists()
+    assert (out / "recipe.yaml").is_file()  # the run's own files are written all the same
+    # the same search without the required gain resumes the finished run (no trial run again) and publishes it
+    res = run("--studies", str(datastore), "--task", "label_1", "--trials", "10", "--out", str(out), "--publish",
+              str(served))
+    assert res.returncode == 0, res.stderr[-2000:]
+    pub = current(served)
+    assert pub is not None and f"published version {pub.version} to {served}" in res.stdout
+    assert len((out / "history.csv").read_text().splitlines()) == 11
+    # the app's layout: versions/<version>/{recipe.yaml,merged.pth} named by current.json, nothing temporary left
+    assert sorted(p.name for p in served.iterdir()) == [".lock", "current.json", "versions"]
+    assert sorted(p.name for p in (served / "versions").iterdir()) == [pub.version]
+    assert (pub.recipe, pub.checkpoint) == (served / "versions" / pub.version / "recipe.yaml",
+                                            served / "versions" / pub.version / "merged.pth")
+    assert pub.recipe.read_text() == (out / "recipe.yaml").read_text()
+    assert pub.checkpoint.read_bytes() == (out / "merged.pth").read_bytes()
+    assert pub.info["variant"] == "MedSAMix-S" and pub.info["tasks"] == ["label_1"] and pub.info["trials"] == 10
+    assert pub.info["run"].startswith("label_1-t10-g2-seed0-")  # the train task's run name for these settings
+    assert pub.info["calibration_dice"] == Recipe.load(out / "recipe.yaml").scores["calibration_dice"]

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,7 +17,9 @@ from medsamix.models.architecture import TINY256
 from medsamix.merging.config import MergeConfig
 from medsamix.merging.groups import group_parameters
 from medsamix.models.architecture import reference_param_names
-from medsamix.runs.publish import Published, PublishError, clean_incomplete, current, publish
+from medsamix.runs.promotion import decide_promotion
+from medsamix.runs.publish import (NotPromotedError, Published, PublishError, clean_incomplete, current, publish,
+                                publish_outcome, publish_run)
 from medsamix.merging.recipe import ModelRef, Recipe
 from medsamix.runs.lock import RunLockedError
 
@@ -59,6 +62,35 @@ def test_broken_pointer_is_named(tmp_path):
     (tmp_path / "current.json").write_text("{not json")
     with pytest.raises(PublishError, match="unreadable"):
         current(tmp_path)
+
+
+def _run(name: str, gain: float, recipe: Recipe | None = None) -> tuple[SimpleNamespace, SimpleNamespace]:
+    """A finished run as :func:`publish_outcome` reads it (a RunPlan and a MergeOutcome)."""
+    plan = SimpleNamespace(name=name, variant="MedSAMix-S", settings=SimpleNamespace(tasks=("liver",), trials=10))
+    promotion = decide_promotion({"liver": 0.8}, {"base": {"liver": 0.7}, "ft": {"liver": 0.75}}, gain)
+    outcome = SimpleNamespace(promotion=promotion, recipe=recipe or _recipe(), state_dict={"w": torch.ones(3)},
+                              calibration_dice={"liver": 0.8}, test_dice={"liver": 0.7})
+    return plan, outcome
+
+
+def test_a_run_is_published_once_and_an_unpromoted_one_never(tmp_path):
+    with pytest.raises(NotPromotedError, match=r"not published to .* \(run r1\): not promoted: merged"):
+        publish_outcome(tmp_path, *_run("r1", gain=0.1))
+    assert current(tmp_path) is None and not (tmp_path / "versions").exists()
+    first = publish_outcome(tmp_path, *_run("r1", gain=0.0))
+    assert first.info == {"run": "r1", "variant": "MedSAMix-S", "tasks": ["liver"], "trials": 10,
+                          "calibration_dice": {"liver": 0.8}, "test_dice": {"liver": 0.7}, "best_single": "ft",
+                          "best_single_dice": 0.75}
+    assert publish_outcome(tmp_path, *_run("r1", gain=0.0)) == first  # already served: nothing new
+    assert _versions(tmp_path) == [first.version]
+    other = _recipe()
+    other.notes = "another selection"
+    assert publish_run(tmp_path, "r1", other, {"w": torch.ones(3)}).version != first.version  # other recipe text
+    again = publish_run(tmp_path, "r2", other, {"w": torch.ones(3)})  # another run, same recipe: published
+    assert len(_versions(tmp_path)) == 3 and current(tmp_path) == again
+    (tmp_path / "current.json").write_text("{cut")  # a damaged pointer is replaced
+    assert publish_run(tmp_path, "r2", other, {"w": torch.ones(3)}) == current(tmp_path)
+    assert len(_versions(tmp_path)) == 4
 
 
 # ------------------------------------------------------------------------------------------------ killed publishes

@@ -21,7 +21,9 @@ from conftest import SHARED_DATA
 from medsamix.errors import StudyError
 from medsamix.data.slices import extract_slices, jitter_box, jitter_pixels, tight_box
 from medsamix.data.studies import Study, find_studies, load_studies, load_study
-from medsamix.data.tasks import Task, contiguous_runs, split_patients, split_slabs, tasks_from_labels
+from medsamix.data.tasks import (LABELS_FILE, Task, contiguous_runs, datastore_label_names, label_names,
+                                 read_label_names, split_patients, split_slabs, tasks_from_labels)
+from medsamix.errors import MergeRunError
 
 CT3 = SHARED_DATA / "dcmqi_ct3slice"
 HIPPO = SHARED_DATA / "hippocampus"
@@ -312,6 +314,28 @@ def test_hippocampus_studies(hippo_studies: list[Study]) -> None:
 def _study(label: np.ndarray, study_id: str = "s", image: np.ndarray | None = None) -> Study:
     image = np.arange(label.size, dtype=np.float32).reshape(label.shape) if image is None else image
     return Study(study_id, image, label.astype(np.int16), np.eye(4), "other", Path(study_id), Path(study_id))
+
+
+def test_label_names_one_parser_for_the_app_its_train_task_and_the_cli(tmp_path, caplog) -> None:
+    # the app's ``labels`` setting: comma-separated (values 1, 2, ...) or JSON, both forms of a mapping
+    assert datastore_label_names("liver, spleen", tmp_path) == {1: "liver", 2: "spleen"}
+    assert datastore_label_names('{"liver": 1, "kidney": 3}', tmp_path) == {1: "liver", 3: "kidney"}
+    assert datastore_label_names('{"2": "spleen"}', tmp_path) == {2: "spleen"}
+    with pytest.raises(MergeRunError, match=r"labels: not valid JSON"):
+        datastore_label_names('{"liver": 1', tmp_path)  # not split at its comma into two odd names
+    with pytest.raises(MergeRunError, match=r"labels: expected \{name: value\}"):
+        label_names('"liver"')
+    # no setting: the datastore's label-names file, else value 1 is "foreground"
+    assert datastore_label_names(None, tmp_path) == {1: "foreground"}
+    (tmp_path / LABELS_FILE).write_text('{"anterior": 1, "posterior": 2}')
+    assert datastore_label_names("", tmp_path) == {1: "anterior", 2: "posterior"}
+    assert datastore_label_names("liver", tmp_path) == {1: "liver"}  # the setting wins
+    (tmp_path / LABELS_FILE).write_text("{cut")
+    with caplog.at_level(logging.WARNING):
+        assert datastore_label_names(None, tmp_path) == {1: "foreground"}
+    assert f"{tmp_path / LABELS_FILE}: not valid JSON" in caplog.text
+    with pytest.raises(MergeRunError, match="nope.json: cannot read label names"):
+        read_label_names(tmp_path / "nope.json")
 
 
 def test_tasks_from_labels() -> None:

@@ -15,8 +15,9 @@ Configuration (``--conf key value``):
 * ``model_dir``: the app's model folder (default ``apps/medsamix/model``); merged models are published to
   ``<model_dir>/merged`` and picked up by the ``medsamix`` infer task without a restart (what a publish killed
   midway left there is removed at server start).
-* ``labels``: comma-separated label names (default: ``<studies>/.medsamix-labels.json`` written by
-  ``scripts/make_sample_studies.py``, else "foreground").
+* ``labels``: label names, comma-separated (values 1, 2, ...) or JSON (``{"name": value}``) (default:
+  ``<studies>/.medsamix-labels.json`` written by ``scripts/make_sample_studies.py``, else "foreground";
+  ``medsamix.data.tasks.datastore_label_names``, which the merge train task reads too).
 * ``iou_threshold`` (0.4), ``margin`` (2): defaults of 3D propagation.
 * ``device``: where the models run (default ``cuda`` when available, else ``cpu``).
 * ``preencode`` ("true"): background pre-encoding of an opened volume's slices for the model prompted (the merged
@@ -32,21 +33,21 @@ a prompt outside the volume or empty, a 2D image) are answered with HTTP 4xx and
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
 from pathlib import Path
 from typing import Any
 
-import torch
 from fastapi import HTTPException
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.tasks.infer_v2 import InferTask
 from monailabel.interfaces.tasks.train import TrainTask
 
 from lib.infers.interactive import InteractiveInfer
+from medsamix.data.tasks import datastore_label_names
 from medsamix.errors import MedSAMixError
+from medsamix.models.encoding import default_device
 from medsamix.runs.publish import clean_incomplete
 from medsamix.serving.preencode import PreEncoder
 from medsamix.serving.segmenter import DEFAULT_IOU_THRESHOLD, DEFAULT_MARGIN, EmbeddingCache
@@ -57,26 +58,12 @@ logger = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[2]
 MERGED_TASK = "medsamix"
-LABELS_FILE = ".medsamix-labels.json"
 
 
 def _resolve(path: str) -> Path:
     """A conf path: as given if it exists (absolute or relative to the working folder), else relative to the repo."""
     p = Path(path).expanduser()
     return p if p.is_absolute() or p.exists() else REPO / p
-
-
-def _labels(conf: dict[str, str], studies: str) -> list[str]:
-    if conf.get("labels"):
-        return [s.strip() for s in conf["labels"].split(",") if s.strip()]
-    f = Path(studies) / LABELS_FILE
-    if f.is_file():
-        try:
-            names = json.loads(f.read_text())
-            return [str(k) for k, _ in sorted(names.items(), key=lambda kv: kv[1])]
-        except (ValueError, AttributeError) as e:
-            logger.warning("%s: unreadable label names (%s); using 'foreground'", f, e)
-    return ["foreground"]
 
 
 class MedSAMixApp(MONAILabelApp):
@@ -89,10 +76,11 @@ class MedSAMixApp(MONAILabelApp):
         model_dir = Path(conf["model_dir"]).expanduser() if conf.get("model_dir") else Path(app_dir) / "model"
         self.published_dir = model_dir / "merged"
         self.published_dir.mkdir(parents=True, exist_ok=True)
-        self.label_names = _labels(conf, studies)
+        names = datastore_label_names(conf.get("labels"), studies)  # as the merge train task names them
+        self.label_names = [names[v] for v in sorted(names)]
         self.iou_threshold = float(conf.get("iou_threshold", DEFAULT_IOU_THRESHOLD))
         self.margin = float(conf.get("margin", DEFAULT_MARGIN))
-        self.device = conf.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = default_device(conf.get("device"))
         logger.info("MedSAMix models run on %s", self.device)
         self.max_slices = int(conf["max_slices"]) if conf.get("max_slices") else None
         self.volumes = VolumeCache(max_voxels=int(conf["max_voxels"]) if conf.get("max_voxels") else None)

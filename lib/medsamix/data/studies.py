@@ -14,10 +14,10 @@ Layout::
 
 Hidden entries (``.lock``, ``.datastore.json`` ...) and files of other types are ignored.
 
-Images are read with MONAI (``NibabelReader`` for NIfTI, ``NrrdReader`` for NRRD, ``ITKReader`` for DICOM series), so
-every array is in MONAI's IJK voxel order and every affine maps voxel IJK to world RAS millimetres (MONAI converts the
-LPS of NRRD and DICOM to RAS). For a DICOM series, ITK sorts the slices by their position along the slice normal, so
-index K grows with that position whatever the file names or instance numbers say.
+Images are read with MONAI (``NibabelReader`` for NIfTI, ``NrrdReader`` for NRRD, ``ITKReader`` for DICOM series;
+:mod:`medsamix.data.imageio`), so every array is in MONAI's IJK voxel order and every affine maps voxel IJK to world
+RAS millimetres (MONAI converts the LPS of NRRD and DICOM to RAS). For a DICOM series, ITK sorts the slices by their
+position along the slice normal, so index K grows with that position whatever the file names or instance numbers say.
 
 Labels must lie on the image's voxel grid: the loader checks shape and affine (``np.allclose``, atol 1e-3) and never
 resamples. One exception is exact: a label whose affine equals the image's with some IJK axes reversed (a NIfTI
@@ -35,13 +35,12 @@ from pathlib import Path
 
 import numpy as np
 
+from medsamix.data.imageio import (MODALITIES, dicom_modality, first_dicom_file, guess_modality, is_image_file,
+                                   read_image, study_id_of)
 from medsamix.errors import StudyError
 
 log = logging.getLogger(__name__)
 
-FILE_SUFFIXES = (".nii.gz", ".nii", ".nrrd")
-DICOM_SUFFIX = ".dcm"
-MODALITIES = ("CT", "MR", "other")
 AFFINE_ATOL = 1e-3
 _INT16_MAX = int(np.iinfo(np.int16).max)
 
@@ -77,36 +76,6 @@ class Skipped:
     reason: str
 
 
-def study_id_of(path: Path) -> str:
-    """The study id of an image or label path: the name without a known extension (a folder keeps its name)."""
-    name = path.name
-    for suffix in FILE_SUFFIXES:
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name
-
-
-def _is_image_file(path: Path) -> bool:
-    return path.is_file() and path.name.lower().endswith(FILE_SUFFIXES)
-
-
-def _is_dicom_file(path: Path) -> bool:
-    """A ``.dcm`` file, or one with the DICOM Part 10 preamble ("DICM" at byte 128): series often have no suffix."""
-    if not path.is_file() or path.name.startswith("."):
-        return False
-    if path.name.lower().endswith(DICOM_SUFFIX):
-        return True
-    try:
-        with open(path, "rb") as f:
-            return f.read(132)[128:] == b"DICM"
-    except OSError:
-        return False
-
-
-def _first_dicom_file(folder: Path) -> Path | None:
-    return next((p for p in sorted(folder.iterdir()) if _is_dicom_file(p)), None)
-
-
 def find_studies(folder: str | Path, labels_subdir: str = "labels/final") -> list[tuple[Path, Path | None]]:
     """List the images of a datastore folder with their labels.
 
@@ -130,14 +99,14 @@ def find_studies(folder: str | Path, labels_subdir: str = "labels/final") -> lis
     for entry in folder.iterdir():
         if entry.name.startswith(".") or entry.name == skip_dir:
             continue
-        if _is_image_file(entry) or (entry.is_dir() and _first_dicom_file(entry)):
+        if is_image_file(entry) or (entry.is_dir() and first_dicom_file(entry)):
             images.append(entry)
 
     labels: dict[str, list[Path]] = {}
     label_dir = folder / labels_subdir
     if label_dir.is_dir():
         for entry in sorted(label_dir.iterdir()):
-            if not entry.name.startswith(".") and _is_image_file(entry):
+            if not entry.name.startswith(".") and is_image_file(entry):
                 labels.setdefault(study_id_of(entry), []).append(entry)
 
     pairs: list[tuple[Path, Path | None]] = []
@@ -146,37 +115,6 @@ def find_studies(folder: str | Path, labels_subdir: str = "labels/final") -> lis
         exact = [c for c in candidates if c.name == image.name]
         pairs.append((image, (exact or candidates or [None])[0]))
     return pairs
-
-
-def _read(path: Path, what: str) -> tuple[np.ndarray, np.ndarray]:
-    """Read an image file or DICOM folder with a MONAI reader: (array in IJK order, (4, 4) RAS affine).
-
-    The reader is called directly rather than through ``LoadImage``, which on failure retries every other reader and
-    reports all their tracebacks; this way the error names the file and the one relevant cause.
-    """
-    from monai.data import ITKReader, NibabelReader, NrrdReader
-
-    if path.is_dir():
-        reader = ITKReader()
-    elif path.name.lower().endswith(".nrrd"):
-        reader = NrrdReader()
-    else:
-        reader = NibabelReader()
-    try:
-        array, meta = reader.get_data(reader.read(str(path)))
-        array = np.asarray(array)
-        affine = np.asarray(meta["affine"], dtype=np.float64)
-    except KeyError as e:  # e.g. an NRRD header without "space directions": no voxel geometry
-        raise StudyError(f"{path}: cannot read {what}: the header lacks the field {e}") from e
-    except Exception as e:  # noqa: BLE001 - third-party readers raise anything on a broken file
-        raise StudyError(f"{path}: cannot read {what}: {type(e).__name__}: {e}") from e
-    if array.ndim == 4 and array.shape[-1] == 1:  # a trailing singleton channel/time dimension
-        array = array[..., 0]
-    if array.ndim != 3:
-        raise StudyError(f"{path}: expected a 3D {what}, got shape {tuple(array.shape)}")
-    if affine.shape != (4, 4):
-        raise StudyError(f"{path}: expected a (4, 4) affine for the {what}, got shape {affine.shape}")
-    return array, affine
 
 
 def _voxel_flip(shape: tuple[int, ...], axes: tuple[int, ...]) -> np.ndarray:
@@ -247,29 +185,6 @@ def _affine_mismatch(image_affine: np.ndarray, label_affine: np.ndarray) -> str:
     return text
 
 
-def _dicom_modality(folder: Path) -> str | None:
-    """The Modality tag of the first DICOM file of a series folder ("CT", "MR" or "other"), or None if it has none."""
-    import pydicom
-
-    first = _first_dicom_file(folder)
-    if first is None:
-        raise StudyError(f"{folder}: the folder holds no DICOM file")
-    try:
-        ds = pydicom.dcmread(first, stop_before_pixels=True, specific_tags=["Modality"])
-    except Exception as e:  # noqa: BLE001
-        raise StudyError(f"{folder}: cannot read the DICOM Modality tag: {type(e).__name__}: {e}") from e
-    value = str(ds.get("Modality", "")).strip().upper()
-    return None if not value else value if value in ("CT", "MR") else "other"
-
-
-def guess_modality(image: np.ndarray) -> str:
-    """Guess "CT", "MR" or "other" from intensities: CT if the 1st percentile <= -500 and max >= 300 (HU), else MR if
-    every value is >= 0, else "other"."""
-    if np.percentile(image, 1) <= -500 and image.max() >= 300:
-        return "CT"
-    return "MR" if image.min() >= 0 else "other"
-
-
 def _to_label_map(label: np.ndarray, path: Path) -> np.ndarray:
     """Check that a label array holds whole numbers in [0, 32767] and convert it to int16."""
     whole = np.isfinite(label) & (label == np.round(label))
@@ -310,8 +225,8 @@ def load_study(image_path: str | Path, label_path: str | Path | None, modality: 
         raise StudyError(f"{image_path}: no label in the labels folder for study {study_id_of(image_path)!r}")
     label_path = Path(label_path)
 
-    image, affine = _read(image_path, "image")
-    label, label_affine = _read(label_path, "label")
+    image, affine = read_image(image_path, "image")
+    label, label_affine = read_image(label_path, "label")
     same_shape = label.shape == image.shape
     if not (same_shape and np.allclose(label_affine, affine, atol=AFFINE_ATOL)):
         axes = _flipped_axes(affine, label_affine, image.shape) if same_shape else None
@@ -338,7 +253,7 @@ def load_study(image_path: str | Path, label_path: str | Path | None, modality: 
     if not np.all(np.isfinite(image)):
         raise StudyError(f"{image_path}: image contains NaN or infinite values")
 
-    found = _dicom_modality(image_path) if image_path.is_dir() else None
+    found = dicom_modality(image_path) if image_path.is_dir() else None
     return Study(
         study_id=study_id_of(image_path),
         image=image,

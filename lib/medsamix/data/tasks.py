@@ -1,5 +1,9 @@
 """Segmentation tasks (one label value each) and the calibration/test split.
 
+Task names come from a ``labels`` setting or a datastore's label-names file (:data:`LABELS_FILE`), both read by
+:func:`label_names` / :func:`datastore_label_names` (comma-separated names or JSON), for the app, its train task and
+the command line alike.
+
 The search tunes a merge on a calibration set and reports it on a disjoint test set. With several patients the split is
 by patient (``split_patients``), so that no patient's slices appear on both sides; with a single volume it is by slab
 (``split_slabs``): one or several contiguous runs of slices for calibration, the rest (less an optional guard gap
@@ -8,16 +12,32 @@ around each run) for test.
 
 from __future__ import annotations
 
+import json
+import logging
 import math
+import os
+import re
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from medsamix.data.imageio import study_id_of
+from medsamix.errors import MergeRunError
+
 if TYPE_CHECKING:
     from medsamix.data.studies import Study
+
+log = logging.getLogger(__name__)
+
+LABELS_FILE = ".medsamix-labels.json"
+"""A datastore's label names, ``{"name": value}`` JSON (hidden, so datastores ignore it); written with the sample
+studies (:mod:`medsamix.demo.sample_studies`)."""
+DEFAULT_LABELS = {1: "foreground"}
+"""Label names when neither a ``labels`` setting nor :data:`LABELS_FILE` gives any."""
 
 
 @dataclass(frozen=True)
@@ -54,6 +74,111 @@ def tasks_from_labels(
                 largest[v] = max(largest.get(v, 0), c)
     names = names or {}
     return [Task(names.get(v, f"label_{v}"), v) for v in sorted(largest) if largest[v] >= min_voxels]
+
+
+def parse_names(value: str | Sequence[str] | None) -> tuple[str, ...]:
+    """Names from a setting: a comma- (or newline-) separated string (names may contain spaces: "left kidney,
+    liver") or a list; surrounding spaces and repeats are dropped; empty -> ``()``."""
+    if value is None:
+        return ()
+    items = re.split(r"[,\n]", value) if isinstance(value, str) else [str(v) for v in value]
+    out: list[str] = []
+    for item in (i.strip() for i in items):
+        if item and item not in out:
+            out.append(item)
+    return tuple(out)
+
+
+def label_names(value: str | Mapping[str, Any] | Sequence[str] | None, source: str = "labels") -> dict[int, str]:
+    """Label value -> task name from a MONAI Label style ``labels`` setting.
+
+    Accepts ``{"liver": 1, ...}`` (MONAI Label's convention), ``{"1": "liver"}``, a list of names (values 1, 2, ...),
+    the JSON text of any of these, or comma-separated names (``"liver,spleen"``: values 1, 2); ``None`` / empty
+    gives ``{}``.
+
+    Args:
+        value: The setting.
+        source: What to call it in an error (the option, or the file it was read from).
+
+    Raises:
+        MergeRunError: text that starts like JSON (``{`` or ``[``) but is not valid JSON, or anything else,
+            naming ``source``.
+    """
+    if value is None or value == "":
+        return {}
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError as e:
+            if value.lstrip().startswith(("{", "[")):
+                raise MergeRunError(f"{source}: not valid JSON ({e})") from None
+            value = list(parse_names(value))
+    try:
+        if isinstance(value, Mapping):
+            out = {}
+            for k, v in value.items():
+                if isinstance(v, (int, float)) or (isinstance(v, str) and v.strip().isdigit()):
+                    out[int(v)] = str(k)  # {"liver": 1}
+                else:
+                    out[int(k)] = str(v)  # {"1": "liver"}
+            return {k: v for k, v in out.items() if k > 0}
+        if isinstance(value, Sequence) and not isinstance(value, str):
+            return {i + 1: str(v) for i, v in enumerate(value)}
+    except (TypeError, ValueError):
+        pass
+    raise MergeRunError(f"{source}: expected {{name: value}}, {{value: name}} or a list of names, got {value!r}")
+
+
+def datastore_label_names(setting: str | None, studies: str | os.PathLike[str]) -> dict[int, str]:
+    """The label names of a datastore, as the app, its train task and the command line name its labels.
+
+    ``setting`` (the app's ``labels``: comma-separated names or JSON, :func:`label_names`) when given; else
+    ``<studies>/`` :data:`LABELS_FILE` when it exists and is readable (an unreadable one is logged and skipped);
+    else :data:`DEFAULT_LABELS`.
+
+    Raises:
+        MergeRunError: a bad ``setting``, naming it.
+    """
+    if setting:
+        return label_names(setting)
+    f = Path(str(studies)) / LABELS_FILE
+    if f.is_file():
+        try:
+            names = read_label_names(f)
+        except MergeRunError as e:
+            log.warning("%s; using %s", e, DEFAULT_LABELS)
+            names = {}
+        if names:
+            return names
+    return dict(DEFAULT_LABELS)
+
+
+def read_label_names(path: str | os.PathLike[str]) -> dict[int, str]:
+    """Label names from a file: JSON or comma-separated names, as :func:`label_names` reads them.
+
+    Raises:
+        MergeRunError: the file cannot be read or holds no label names :func:`label_names` accepts, naming it.
+    """
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise MergeRunError(f"{path}: cannot read label names ({e})") from None
+    return label_names(text, str(path))
+
+
+def training_study_ids(training_studies: Mapping[str, Sequence[str]]) -> list[str]:
+    """Every study id a pool model was trained on, from a pool manifest's ``training_studies`` (data source ->
+    ids): these patients never enter a calibration or test split (:func:`without_studies`)."""
+    return [i for ids in training_studies.values() for i in ids]
+
+
+def without_studies(pairs: Sequence[tuple[Path, Path | None]],
+                    exclude: Iterable[str]) -> tuple[list[tuple[Path, Path | None]], int]:
+    """The (image, label) pairs whose study id (:func:`~medsamix.data.imageio.study_id_of`) is not in ``exclude``
+    (e.g. :func:`training_study_ids`), in their order, and how many were left out."""
+    excluded = set(exclude)
+    kept = [(i, lab) for i, lab in pairs if study_id_of(i) not in excluded]
+    return kept, len(pairs) - len(kept)
 
 
 def _calibration_size(n: int, calibration_fraction: float) -> int:

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from medsamix.errors import MergeRunError
-from medsamix.models.preprocess import intensity_range, to_255
+from medsamix.data.intensity import normalize
 from medsamix.data.slices import SliceSample, extract_slices
 from medsamix.data.studies import Skipped, Study, find_studies, load_study_pairs
 from medsamix.data.tasks import Task, contiguous_runs, split_patients, split_slabs, tasks_from_labels
@@ -56,7 +56,7 @@ class TaskSet:
 
 def normalized(study: Study) -> Study:
     """The study with its image mapped to 0-255 (CT window or percentiles)."""
-    return dataclasses.replace(study, image=to_255(study.image, *intensity_range(study.image, study.modality)))
+    return dataclasses.replace(study, image=normalize(study.image, study.modality))
 
 
 def slices_of(study: Study, tasks: Iterable[Task], indices: Iterable[int] | None = None, jitter: float = 0.0,

@@ -1,6 +1,6 @@
 """Images served for interactive segmentation: reading them (MONAI readers), their 0-255 form, header checks.
 
-Volumes are read exactly as :mod:`medsamix.data.studies` reads a datastore image (MONAI's ``NibabelReader``,
+Volumes are read exactly as :mod:`medsamix.data.studies` reads a datastore image (:mod:`medsamix.data.imageio`, MONAI's ``NibabelReader``,
 ``NrrdReader`` or ``ITKReader``): a ``(I, J, K)`` array in the file's voxel order, never re-oriented, and a
 ``(4, 4)`` affine from voxel IJK to world RAS millimetres. A label written by
 :func:`medsamix.data.labelfile.encode_label` uses that affine and that voxel order, so it overlays the image voxel for
@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 
 from medsamix.errors import StudyError
-from medsamix.models.preprocess import intensity_range, to_255
-from medsamix.data.studies import FILE_SUFFIXES, _dicom_modality, _read, guess_modality
+from medsamix.data.intensity import normalize
+from medsamix.data.imageio import FILE_SUFFIXES, dicom_modality, guess_modality, read_image
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,13 +69,13 @@ def load_volume(path: str | os.PathLike[str], modality: str | None = None) -> Vo
     if p.is_file() and not p.name.lower().endswith(FILE_SUFFIXES):
         raise StudyError(f"{p.name}: {NOT_3D_FORMAT}")
     key = volume_key(p)
-    image, affine = _read(p, "image")
+    image, affine = read_image(p, "image")
     image = image.astype(np.float32, copy=False)
     if not np.all(np.isfinite(image)):
         raise StudyError(f"{p}: image contains NaN or infinite values")
-    found = _dicom_modality(p) if p.is_dir() else None
+    found = dicom_modality(p) if p.is_dir() else None
     mod = found or modality or guess_modality(image)
-    return Volume(key, p, to_255(image, *intensity_range(image, mod)), affine, mod)
+    return Volume(key, p, normalize(image, mod), affine, mod)
 
 
 NOT_3D_FORMAT = ("not a 3D image format: interactive segmentation reads NIfTI (.nii, .nii.gz), NRRD (.nrrd) or a "

@@ -23,10 +23,10 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from medsamix.data.studies import find_studies
-from medsamix.data.tasks import split_patients
+from medsamix.data.imageio import study_id_of
+from medsamix.data.tasks import LABELS_FILE, split_patients
+from medsamix.demo.shared_data import hippocampus_patients
 
-LABELS_FILE = ".medsamix-labels.json"
 HIPPOCAMPUS_LABELS = {"anterior": 1, "posterior": 2}
 PHANTOM_LABELS = {"ellipsoid": 1, "blob": 2}
 
@@ -40,10 +40,8 @@ def hippocampus_test_ids(root: Path, exclude: Iterable[str], seed: int = 0,
         exclude: Pool-training patient ids (never returned).
         seed, calibration_fraction: As for the task set.
     """
-    excluded = set(exclude)
-    pairs = find_studies(root / "hippocampus" / "images", labels_subdir="../labels")
-    ids = [i.name.removesuffix(".nii.gz") for i, _ in pairs if i.name.removesuffix(".nii.gz") not in excluded]
-    _, test = split_patients(ids, calibration_fraction, seed)
+    pairs, _ = hippocampus_patients(root, exclude)
+    _, test = split_patients([study_id_of(i) for i, _ in pairs], calibration_fraction, seed)
     return test
 
 

@@ -28,24 +28,28 @@ from pathlib import Path
 import numpy as np
 
 from medsamix.data.slices import SliceSample, tight_box
+from medsamix.data.imageio import study_id_of
 from medsamix.data.studies import Study, find_studies, load_study
-from medsamix.data.tasks import Task, split_patients
+from medsamix.data.tasks import Task, split_patients, without_studies
 from medsamix.data.tasksets import TaskSet, normalized, slab_task_set, slices_of
 
 log = logging.getLogger(__name__)
+
+
+def hippocampus_patients(root: Path, exclude: Iterable[str] = ()) -> tuple[list[tuple[Path, Path | None]], int]:
+    """The MSD hippocampus (image, label) pairs (``root/hippocampus``) less the ``exclude`` patients (pool training),
+    sorted by id, and how many were excluded."""
+    return without_studies(find_studies(root / "hippocampus" / "images", labels_subdir="../labels"), exclude)
 
 
 def hippocampus(root: Path, exclude: Iterable[str] = (), seed: int = 0, max_patients: int | None = None,
                 calibration_fraction: float = 0.2) -> TaskSet:
     """Patient-split task set of the MSD hippocampus volumes (``root/hippocampus``)."""
     tasks = [Task("hippocampus_anterior", 1), Task("hippocampus_posterior", 2)]
-    excluded = set(exclude)
-    everything = find_studies(root / "hippocampus" / "images", labels_subdir="../labels")
-    pairs = [(i, l) for i, l in everything if i.name.removesuffix(".nii.gz") not in excluded]
-    n_excluded = len(everything) - len(pairs)
+    pairs, n_excluded = hippocampus_patients(root, exclude)
     if max_patients:
         pairs = pairs[:max_patients]
-    ids = [i.name.removesuffix(".nii.gz") for i, _ in pairs]
+    ids = [study_id_of(i) for i, _ in pairs]
     cal_ids, _ = split_patients(ids, calibration_fraction, seed)
     cal, test = [], []
     for image, label in pairs:

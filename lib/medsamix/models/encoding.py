@@ -20,6 +20,12 @@ from torch import Tensor, nn
 DEFAULT_ENCODE_MEMORY_BYTES = 4 * 2**30
 
 
+def default_device(requested: str | None = None) -> str:
+    """Where models run: ``requested`` ("cpu", "cuda", "cuda:1" ...) when given, else "cuda" when a GPU is
+    visible, else "cpu" (the default of the app, its train task and the scripts)."""
+    return requested or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def slice_activation_bytes(encoder: nn.Module, bytes_per_value: int = 4) -> int:
     """Estimated peak activation bytes of one slice through ``encoder`` (an ``ImageEncoderViT``)."""
     img = int(getattr(encoder, "img_size", 1024))

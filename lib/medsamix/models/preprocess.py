@@ -8,9 +8,9 @@ Two input conventions exist in the SAM family and a model must be evaluated with
 * ``"medsam"`` (MedSAM): resize to ``img_size x img_size`` (aspect ratio not kept), scale to [0, 1], no mean/std.
   Boxes are scaled per axis.
 
-Before either, a slice is mapped to the 0-255 range as in MedSAM's data preparation: CT by a window
-(level/width in HU, default abdomen 40/400), other modalities by clipping to the 0.5-99.5 percentiles of the
-volume's non-zero voxels. Coordinates: slices are ``(H, W)`` arrays; boxes are XYXY with x = column, y = row.
+Before either, a slice is mapped to the 0-255 range as in MedSAM's data preparation (:mod:`medsamix.data.intensity`,
+whose names are re-exported here): CT by a window (level/width in HU, default abdomen 40/400), other modalities by
+clipping to the 0.5-99.5 percentiles of the volume's non-zero voxels. Coordinates: slices are ``(H, W)`` arrays; boxes are XYXY with x = column, y = row.
 """
 
 from __future__ import annotations
@@ -24,27 +24,11 @@ import torch.nn.functional as F
 from segment_anything.utils.transforms import ResizeLongestSide
 from torch import Tensor
 
+from medsamix.data.intensity import CT_WINDOW, PERCENTILES, intensity_range, to_255  # noqa: F401 - re-exported
+
 STYLES = ("sam", "medsam")
 SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
 SAM_PIXEL_STD = (58.395, 57.12, 57.375)
-CT_WINDOW = (40.0, 400.0)  # level, width (HU)
-PERCENTILES = (0.5, 99.5)
-
-
-def intensity_range(volume: np.ndarray, modality: str, window: tuple[float, float] = CT_WINDOW,
-                    percentiles: tuple[float, float] = PERCENTILES) -> tuple[float, float]:
-    """Intensity interval mapped to 0-255 for a whole volume: the CT window, else non-zero percentiles."""
-    if modality == "CT":
-        level, width = window
-        return level - width / 2, level + width / 2
-    values = volume[volume > volume.min()] if np.any(volume > volume.min()) else volume
-    lo, hi = np.percentile(values, percentiles)
-    return float(lo), float(max(hi, lo + 1e-6))
-
-
-def to_255(image: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    """Clip ``image`` to [lo, hi] and scale to float32 0-255 (any shape)."""
-    return ((np.clip(image, lo, hi) - lo) * (255.0 / (hi - lo))).astype(np.float32)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,63 +1,23 @@
 """The options of a merge run as a user gives them (a MONAI Label train request, the command line), parsed and
-checked in one place: :class:`MergeOptions` (every option, strings accepted), :func:`parse_tasks` (task names) and
-:func:`label_names` (label value -> task name)."""
+checked in one place: :class:`MergeOptions` (every option, strings accepted) and :func:`parse_tasks` (task names).
+Label names (value -> task name) are read by :func:`medsamix.data.tasks.label_names`, re-exported here."""
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from medsamix.data.tasks import label_names, parse_names
 from medsamix.errors import MergeRunError
 from medsamix.merging.groups import GRANULARITIES
 from medsamix.models.preprocess import STYLES
 from medsamix.search.search import SearchSettings
 
-def parse_tasks(value: str | Sequence[str] | None) -> tuple[str, ...]:
-    """Task names from an option: a comma-separated string (names may contain spaces: "left kidney, liver") or a
-    list; surrounding spaces and repeats are dropped; empty -> ``()`` (= every task)."""
-    if value is None:
-        return ()
-    items = re.split(r"[,\n]", value) if isinstance(value, str) else [str(v) for v in value]
-    out: list[str] = []
-    for item in (i.strip() for i in items):
-        if item and item not in out:
-            out.append(item)
-    return tuple(out)
+__all__ = ["MergeOptions", "label_names", "parse_min_gain", "parse_tasks"]
 
-
-def label_names(value: str | Mapping[str, Any] | Sequence[str] | None) -> dict[int, str]:
-    """Label value -> task name from a MONAI Label style ``labels`` setting.
-
-    Accepts ``{"liver": 1, ...}`` (MONAI Label's convention), ``{"1": "liver"}``, a list of names (values 1, 2, ...)
-    or the JSON text of any of these; ``None`` / empty gives ``{}``.
-
-    Raises:
-        MergeRunError: anything else.
-    """
-    if value is None or value == "":
-        return {}
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except ValueError:
-            value = [v for v in parse_tasks(value)]
-    try:
-        if isinstance(value, Mapping):
-            out = {}
-            for k, v in value.items():
-                if isinstance(v, (int, float)) or (isinstance(v, str) and v.strip().isdigit()):
-                    out[int(v)] = str(k)  # {"liver": 1}
-                else:
-                    out[int(k)] = str(v)  # {"1": "liver"}
-            return {k: v for k, v in out.items() if k > 0}
-        if isinstance(value, Sequence):
-            return {i + 1: str(v) for i, v in enumerate(value)}
-    except (TypeError, ValueError):
-        pass
-    raise MergeRunError(f"labels: expected {{name: value}}, {{value: name}} or a list of names, got {value!r}")
+parse_tasks = parse_names
+"""Task names from an option (:func:`medsamix.data.tasks.parse_names`)."""
 
 
 MAX_OPTION_INT = 2**31 - 1  # integer options (trials, seed, ...) beyond this are refused
@@ -85,6 +45,22 @@ def _as_bool(name: str, value: Any) -> bool:
     if isinstance(value, str) and value.strip().lower() in ("true", "yes", "1", "on", "false", "no", "0", "off", ""):
         return value.strip().lower() in ("true", "yes", "1", "on")
     raise MergeRunError(f"{name}: expected true or false, got {value!r}")
+
+
+def parse_min_gain(value: Any, name: str = "min_gain") -> float:
+    """The promotion margin (:func:`medsamix.runs.promotion.decide_promotion`): a Dice difference in [-1, 1];
+    ``None`` / empty -> 0.
+
+    Raises:
+        MergeRunError: not a number or out of range, naming the option ``name``.
+    """
+    try:
+        min_gain = float(value or 0.0)
+    except (TypeError, ValueError):
+        raise MergeRunError(f"{name}: expected a number, got {value!r}") from None
+    if not -1.0 <= min_gain <= 1.0:
+        raise MergeRunError(f"{name}: must lie in [-1, 1] (a Dice difference), got {min_gain}")
+    return min_gain
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,12 +127,7 @@ class MergeOptions:
         if style is not None and style not in STYLES:
             raise MergeRunError(f"preprocessing: must be one of {list(STYLES)} (or empty to search "
                                 f"it), got {style!r}")
-        try:
-            min_gain = float(merged.get("min_gain") or 0.0)
-        except (TypeError, ValueError):
-            raise MergeRunError(f"min_gain: expected a number, got {merged.get('min_gain')!r}") from None
-        if not -1.0 <= min_gain <= 1.0:
-            raise MergeRunError(f"min_gain: must lie in [-1, 1] (a Dice difference), got {min_gain}")
+        min_gain = parse_min_gain(merged.get("min_gain"))
         return cls(tasks, trials, granularity, _as_bool("separate", merged.get("separate", False)),
                    min_budget or None, seed, _as_bool("restart", merged.get("restart", False)), style, min_gain,
                    _as_bool("robust", merged.get("robust", False)))

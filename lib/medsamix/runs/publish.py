@@ -15,6 +15,10 @@ when ``version`` changes.
 A publish killed midway leaves its temporary folder (or ``.current.json.tmp-*``) behind and changes nothing that is
 served; :func:`clean_incomplete` removes such leftovers (at server start, and at the start of every publish).
 Publishes into one folder take turns on its lock, so a cleanup never removes the files of a publish in progress.
+
+A finished merge run is published with :func:`publish_outcome`, the one step the app's ``merge`` train task and
+``scripts/merge_search.py --publish`` both call: refused (:class:`NotPromotedError`) unless the run passed the
+no-regression guard, and not repeated when the run is already the served model (:func:`publish_run`).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from torch import Tensor
 
@@ -36,6 +40,10 @@ from medsamix.models.checkpoint import save_sam_checkpoint, sha256_file
 from medsamix.errors import MedSAMixError
 from medsamix.merging.recipe import Recipe
 from medsamix.runs.lock import RunLock, RunLockedError
+
+if TYPE_CHECKING:  # run.py and plan.py import the search (SMAC); the serving side needs only current()
+    from medsamix.runs.plan import RunPlan
+    from medsamix.runs.run import MergeOutcome
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +58,10 @@ PUBLISH_WAIT = 600.0
 
 class PublishError(MedSAMixError):
     """A published model folder is unreadable or inconsistent."""
+
+
+class NotPromotedError(MedSAMixError):
+    """A run's merged model did not pass the no-regression guard (:mod:`medsamix.runs.promotion`): not published."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,6 +125,55 @@ def publish(folder: str | os.PathLike[str], recipe: Recipe, state_dict: Mapping[
         atomic_write_text(folder / CURRENT, json.dumps(entry, indent=2, default=str))  # temp: TMP_POINTER*
         fsync_path(folder)
     return _entry(folder, entry)
+
+
+def publish_run(folder: str | os.PathLike[str], run: str, recipe: Recipe, state_dict: Mapping[str, Tensor],
+                info: Mapping[str, Any] | None = None, wait: float = PUBLISH_WAIT) -> Published:
+    """:func:`publish` the merged model of the run named ``run``, unless it already is the model ``folder`` serves.
+
+    "Already published" means: ``current.json`` names the same run (``info["run"]``) and its ``recipe.yaml`` has
+    the same text as ``recipe`` (the same selected configuration and scores), so a finished run asked for again
+    publishes nothing new. A damaged ``current.json`` is replaced by the new version (with a warning).
+
+    Args:
+        folder: The served model folder.
+        run: The run's name (:func:`medsamix.runs.plan.run_name`); stored as ``info["run"]``.
+        recipe, state_dict, info, wait: As for :func:`publish`.
+
+    Returns:
+        The served entry: the new version, or the current one when the run was already published.
+    """
+    try:
+        now = current(folder)
+    except PublishError as e:  # a damaged pointer: the new version replaces it
+        log.warning("%s; publishing a new version", e)
+        now = None
+    if now is not None and now.info.get("run") == run and now.recipe.read_text() == recipe.dump():
+        log.info("run %s is already published as version %s", run, now.version)
+        return now
+    return publish(folder, recipe, state_dict, {"run": run, **{k: v for k, v in (info or {}).items() if k != "run"}},
+                   wait)
+
+
+def publish_outcome(folder: str | os.PathLike[str], plan: "RunPlan", outcome: "MergeOutcome",
+                    wait: float = PUBLISH_WAIT) -> Published:
+    """Publish a finished merge run's model into the served folder ``folder``, as the app's train task does.
+
+    ``current.json``'s ``info`` holds the run's name, variant, tasks and trials, its calibration and test Dice and
+    the best single pool model with its calibration Dice (the no-regression guard's reference).
+
+    Raises:
+        NotPromotedError: the run did not pass the no-regression guard (the reason is in the message); nothing
+            is written.
+        RunLockedError: another publish into ``folder`` did not finish within ``wait`` seconds.
+    """
+    promotion = outcome.promotion
+    if not promotion.promote:
+        raise NotPromotedError(f"not published to {folder} (run {plan.name}): {promotion.reason}")
+    info = {"variant": plan.variant, "tasks": list(plan.settings.tasks), "trials": plan.settings.trials,
+            "calibration_dice": outcome.calibration_dice, "test_dice": outcome.test_dice,
+            "best_single": promotion.best_single, "best_single_dice": promotion.best_single_dice}
+    return publish_run(folder, plan.name, outcome.recipe, outcome.state_dict, info, wait)
 
 
 def clean_incomplete(folder: str | os.PathLike[str]) -> list[Path]:

@@ -5,7 +5,7 @@ and a model version string. Image embeddings are cached per ``(image key, slice 
 cache bounded in bytes, so a repeated prompt on an already embedded slice costs only the prompt encoder and the mask
 decoder. Swapping the model (a new published merge) changes the version, so stale embeddings are never used.
 
-Coordinates (see :mod:`medsamix.serving.prompts`): volumes are ``(I, J, K)`` 0-255 float32 arrays (``preprocess.to_255``);
+Coordinates (see :mod:`medsamix.serving.prompts`): volumes are ``(I, J, K)`` 0-255 float32 arrays (``data.intensity.normalize``);
 slice ``k`` is ``volume[:, :, k]`` with shape ``(H, W) = (I, J)``; boxes are XYXY and points XY with x = J, y = I.
 
 3D propagation: after the seed slice, each next slice outward (k+1, k+2, ... then k-1, k-2, ...) is prompted with

@@ -43,15 +43,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 from fastapi import HTTPException
 from medsamix.errors import MedSAMixError
+from medsamix.data.tasks import datastore_label_names
 from medsamix.data.tasksets import ONE_STUDY_SPLIT, task_set_from_pairs
-from medsamix.runs.options import MergeOptions, label_names
+from medsamix.models.encoding import default_device
+from medsamix.runs.options import MergeOptions
 from medsamix.runs.plan import RunPlan, plan_run
 from medsamix.runs.progress import ACTIVE, ProgressFile, RunMonitor, RunStatus, effective_status
 from medsamix.runs.run import MergeOutcome, run_merge
-from medsamix.runs.publish import PublishError, current, publish
+from medsamix.runs.publish import publish_outcome
 from medsamix.runs.lock import RunLock, RunLockedError, discard_run, process_started
 from medsamix.models.pool import ModelPool
 from medsamix.serving.service import load_served_pool
@@ -59,8 +60,6 @@ from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.train import TrainTask
 
 logger = logging.getLogger(__name__)
-
-LABELS_FILE = ".medsamix-labels.json"  # label names of the sample studies (scripts/make_sample_studies.py)
 
 
 class MergeTrain(TrainTask):
@@ -88,7 +87,7 @@ class MergeTrain(TrainTask):
         self.runs_dir = Path(model_dir) / "runs" if model_dir else self.published_dir.parent / "runs"
         self.progress = ProgressFile(self.runs_dir / "status.json")
         self.report = self.conf.get("merge_report", "true").strip().lower() not in ("false", "0", "no", "off")
-        self.device = self.conf.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = default_device(self.conf.get("device"))
         self._defaults: dict[str, Any] = {"task": "", "trials": int(self.conf.get("merge_trials", 30)),
                                           "granularity": 2, "separate": False, "min_budget": 0, "seed": 0,
                                           "restart": False, "preprocessing": "", "min_gain": 0.0,
@@ -146,7 +145,7 @@ class MergeTrain(TrainTask):
         try:
             options = MergeOptions.from_mapping(request, self._defaults)
             self.progress.update(total_epochs=options.trials)
-            names = self._label_names()
+            names = datastore_label_names(self.conf.get("labels"), self.studies)  # as the app names its labels
             plan = self._plan(options, names, datastore)
             outcome, version = self._run(plan, options, start)
             return self._finish(plan, outcome, version, start)
@@ -159,16 +158,6 @@ class MergeTrain(TrainTask):
                                  total_time=_elapsed(start))
             logger.exception("merge training failed")
             raise
-
-    def _label_names(self) -> dict[int, str]:
-        """Label value -> task name, as the app names its labels: ``--conf labels`` (comma-separated or JSON), else
-        ``<studies>/.medsamix-labels.json`` ({name: value}), else value 1 is "foreground" (the app's default)."""
-        if self.conf.get("labels"):
-            return label_names(self.conf["labels"])
-        f = Path(str(self.studies)) / LABELS_FILE
-        if f.is_file():
-            return label_names(f.read_text())
-        return {1: "foreground"}
 
     def _plan(self, options: MergeOptions, names: dict[int, str], datastore: Datastore) -> RunPlan:
         labelled = sorted(datastore.get_labeled_images())
@@ -220,8 +209,8 @@ class MergeTrain(TrainTask):
                                  best_metric=outcome.promotion.merged_dice,
                                  message="publishing" + (", then scoring references for the report" if self.report
                                                          else ""))
-            if outcome.promotion.promote:
-                published[0] = self._publish(plan, outcome)
+            if outcome.promotion.promote:  # the library's publish step (also scripts/merge_search.py --publish)
+                published[0] = publish_outcome(self.published_dir, plan, outcome).version
 
         outcome = run_merge(self._served, plan.calibration, plan.test, plan.settings, plan.out_dir, plan.split,
                             on_trial=monitor.on_trial, report=self.report,
@@ -252,22 +241,6 @@ class MergeTrain(TrainTask):
                              extra_full_budget_scores=result["extra_full_budget_scores"],
                              calibration_dice=outcome.calibration_dice, test_dice=outcome.test_dice)
         return result
-
-    def _publish(self, plan: RunPlan, outcome: MergeOutcome) -> str:
-        """Publish the merged model; a run that is already the served model is not published twice."""
-        try:
-            now = current(self.published_dir)
-        except PublishError as e:  # a damaged pointer: the new version replaces it
-            logger.warning("%s; publishing a new version", e)
-            now = None
-        if now is not None and now.info.get("run") == plan.name and now.recipe.read_text() == outcome.recipe.dump():
-            logger.info("run %s is already published as version %s", plan.name, now.version)
-            return now.version
-        info = {"run": plan.name, "variant": plan.variant, "tasks": list(plan.settings.tasks),
-                "trials": plan.settings.trials, "calibration_dice": outcome.calibration_dice,
-                "test_dice": outcome.test_dice, "best_single": outcome.promotion.best_single,
-                "best_single_dice": outcome.promotion.best_single_dice}
-        return publish(self.published_dir, outcome.recipe, outcome.state_dict, info).version
 
 
 def _extra(plan: RunPlan, outcome: MergeOutcome) -> int:

@@ -1,0 +1,37 @@
+"""Intensity normalisation: a medical volume mapped to the 0-255 range the SAM-family models expect.
+
+As in MedSAM's data preparation: CT by a window (level/width in HU, default abdomen 40/400), other modalities by
+clipping to the 0.5-99.5 percentiles of the volume's non-zero voxels (voxels above its minimum), then scaling
+linearly to float32 0-255. The range is taken over the whole volume, so every slice of it is mapped alike. Every
+path into a model goes through here: served volumes (:mod:`medsamix.data.volumes`), task sets
+(:mod:`medsamix.data.tasksets`), the shared-data sets and the pool's training slices. A model's own input
+convention (SAM or MedSAM) is applied afterwards (:mod:`medsamix.models.preprocess`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+CT_WINDOW = (40.0, 400.0)  # level, width (HU)
+PERCENTILES = (0.5, 99.5)
+
+
+def intensity_range(volume: np.ndarray, modality: str, window: tuple[float, float] = CT_WINDOW,
+                    percentiles: tuple[float, float] = PERCENTILES) -> tuple[float, float]:
+    """Intensity interval mapped to 0-255 for a whole volume: the CT window, else non-zero percentiles."""
+    if modality == "CT":
+        level, width = window
+        return level - width / 2, level + width / 2
+    values = volume[volume > volume.min()] if np.any(volume > volume.min()) else volume
+    lo, hi = np.percentile(values, percentiles)
+    return float(lo), float(max(hi, lo + 1e-6))
+
+
+def to_255(image: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Clip ``image`` to [lo, hi] and scale to float32 0-255 (any shape)."""
+    return ((np.clip(image, lo, hi) - lo) * (255.0 / (hi - lo))).astype(np.float32)
+
+
+def normalize(volume: np.ndarray, modality: str) -> np.ndarray:
+    """``volume`` (any shape, e.g. ``(I, J, K)``) mapped to float32 0-255 by its :func:`intensity_range`."""
+    return to_255(volume, *intensity_range(volume, modality))
