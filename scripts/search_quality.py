@@ -41,7 +41,7 @@ from medsamix.models.pool import PoolManifest, manifest_styles  # noqa: E402
 from medsamix.runs.run import reference_scores, run_merge  # noqa: E402
 from medsamix.search.corruptions import CORRUPTED, robust_tasks, with_corrupted  # noqa: E402
 from medsamix.search.evaluate import Evaluator  # noqa: E402
-from medsamix.search.search import SearchSettings, score  # noqa: E402
+from medsamix.search.search import SearchSettings, ct_windows_for, score  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -158,7 +158,8 @@ def main() -> int:
         for task in tasks:
             cal, _ = select_tasks(ts, [task])
             mb = max(1, len(cal) // 27) if len(cal) >= args.mf_threshold else None
-            settings = SearchSettings(tasks=(task,), trials=args.trials, min_budget=mb, **common)
+            settings = SearchSettings(tasks=(task,), trials=args.trials, min_budget=mb, ct_windows=ct_windows_for(cal),
+                                      **common)
             t0 = time.time()
             out = run_merge(pool, cal, [], settings, work / f"{ts.name}-S-{task}", ts.split, report=False)
             found["medsamix_s"].update(scorer.config(out.result.best.config, [task]))
@@ -173,7 +174,7 @@ def main() -> int:
                 runs.append(("medsamix_m_robust", robust_tasks(tasks), with_corrupted(cal_all, args.seed),
                              args.trials_robust))
             for variant, objectives, cal, trials in runs:
-                settings = SearchSettings(tasks=objectives, trials=trials, **common)
+                settings = SearchSettings(tasks=objectives, trials=trials, ct_windows=ct_windows_for(cal), **common)
                 t0 = time.time()
                 folder = work / f"{ts.name}-{'M' if variant == 'medsamix_m' else 'M-robust'}"
                 out = run_merge(pool, cal, [], settings, folder, ts.split, report=False)

@@ -11,6 +11,11 @@ Two input conventions exist in the SAM family and a model must be evaluated with
 Before either, a slice is mapped to the 0-255 range as in MedSAM's data preparation: CT by a window
 (level/width in HU, default abdomen 40/400), other modalities by clipping to the 0.5-99.5 percentiles of the
 volume's non-zero voxels. Coordinates: slices are ``(H, W)`` arrays; boxes are XYXY with x = column, y = row.
+
+The CT window is part of a model's preprocessing (:attr:`Preprocessor.ct_window`, one of the standard windows in
+:data:`CT_WINDOWS`; the default :data:`DEFAULT_CT_WINDOW` is the window every slice is normalised with at load).
+It applies to CT only: a slice that carries its HU values (``SliceSample.hu``, ``Volume.hu``) is windowed again
+with :meth:`Preprocessor.window` when the model's window is not the default; MR and other modalities ignore it.
 """
 
 from __future__ import annotations
@@ -27,7 +32,14 @@ from torch import Tensor
 STYLES = ("sam", "medsam")
 SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
 SAM_PIXEL_STD = (58.395, 57.12, 57.375)
-CT_WINDOW = (40.0, 400.0)  # level, width (HU)
+CT_WINDOWS: dict[str, tuple[float, float]] = {  # name -> (level, width) in HU
+    "abdomen": (40.0, 400.0),  # MedSAM's data preparation; the usual soft-tissue window of abdominal CT
+    "soft_tissue": (50.0, 350.0),  # mediastinal / narrow soft-tissue window
+    "bone": (400.0, 1800.0),
+    "lung": (-600.0, 1500.0),
+}
+DEFAULT_CT_WINDOW = "abdomen"
+CT_WINDOW = CT_WINDOWS[DEFAULT_CT_WINDOW]  # level, width (HU) every CT slice is normalised with at load
 PERCENTILES = (0.5, 99.5)
 
 
@@ -42,6 +54,18 @@ def intensity_range(volume: np.ndarray, modality: str, window: tuple[float, floa
     return float(lo), float(max(hi, lo + 1e-6))
 
 
+def ct_range(window: str) -> tuple[float, float]:
+    """The HU interval ``(level - width / 2, level + width / 2)`` of a named window of :data:`CT_WINDOWS`.
+
+    Raises:
+        ValueError: an unknown window name.
+    """
+    if window not in CT_WINDOWS:
+        raise ValueError(f"CT window must be one of {list(CT_WINDOWS)}, got {window!r}")
+    level, width = CT_WINDOWS[window]
+    return level - width / 2, level + width / 2
+
+
 def to_255(image: np.ndarray, lo: float, hi: float) -> np.ndarray:
     """Clip ``image`` to [lo, hi] and scale to float32 0-255 (any shape)."""
     return ((np.clip(image, lo, hi) - lo) * (255.0 / (hi - lo))).astype(np.float32)
@@ -54,18 +78,33 @@ class Preprocessor:
     Attributes:
         style: "sam" or "medsam" (see the module docstring).
         img_size: Side of the model's square input (1024 for ViT-B SAM, 256 for the tiny pool).
+        ct_window: The CT window (a name of :data:`CT_WINDOWS`) the model's CT slices are mapped to 0-255 with.
     """
 
     style: str = "sam"
     img_size: int = 1024
+    ct_window: str = DEFAULT_CT_WINDOW
 
     def __post_init__(self) -> None:
         if self.style not in STYLES:
             raise ValueError(f"preprocessing style must be one of {STYLES}, got {self.style!r}")
+        if self.ct_window not in CT_WINDOWS:
+            raise ValueError(f"CT window must be one of {list(CT_WINDOWS)}, got {self.ct_window!r}")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], img_size: int) -> "Preprocessor":
-        return cls(style=str(d.get("style", "sam")), img_size=img_size)
+        """From a recipe's ``preprocessing`` section; a section without ``ct_window`` (recipes before it was
+        searched) gets the default window."""
+        return cls(style=str(d.get("style", "sam")), img_size=img_size,
+                   ct_window=str(d.get("ct_window") or DEFAULT_CT_WINDOW))
+
+    def window(self, image255: np.ndarray, hu: np.ndarray | None) -> np.ndarray:
+        """The 0-255 pixels this model sees: ``image255`` (normalised at load with the default window or the
+        percentiles), or the HU values ``hu`` of a CT image (same shape) under :attr:`ct_window` when that is not
+        the default. Any shape."""
+        if hu is None or self.ct_window == DEFAULT_CT_WINDOW:
+            return image255
+        return to_255(hu, *ct_range(self.ct_window))
 
     def resized_hw(self, hw: tuple[int, int]) -> tuple[int, int]:
         """Size of the slice inside the model input before padding."""

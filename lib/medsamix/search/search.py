@@ -44,7 +44,7 @@ from medsamix.merging.config import MergeConfig, uniform_merges
 from medsamix.errors import MedSAMixError
 from medsamix.search.evaluate import Evaluator
 from medsamix.merging.merger import MergeError, Merger
-from medsamix.models.preprocess import STYLES, Preprocessor
+from medsamix.models.preprocess import CT_WINDOWS, DEFAULT_CT_WINDOW, STYLES, Preprocessor
 from medsamix.search.space import Tie, build_space, component_tie, from_merge_config, to_merge_config
 
 log = logging.getLogger(__name__)
@@ -89,6 +89,9 @@ class SearchSettings:
             space reaches only through many coordinated moves. The initial design runs there; the per-group stage
             that follows starts from the coarse stage's best configurations (:data:`COARSE_TOP`), so SMAC's local
             search refines them group by group.
+        ct_windows: CT windows searched (the hyper-parameter ``prep:window``; :func:`ct_windows_for` gives every
+            window of :data:`~medsamix.models.preprocess.CT_WINDOWS` for CT calibration data); ``()``: not searched,
+            the default window.
         rounds: The objective: 0 = Dice of box prompts; k > 0 = the interactive protocol, the box then k
             correction clicks (:mod:`medsamix.search.interactive`), a slice's Dice averaged over the k + 1 rounds.
     """
@@ -106,10 +109,13 @@ class SearchSettings:
     eta: int = 3
     coarse_share: float = 1 / 3
     rounds: int = 0
+    ct_windows: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.rounds < 0:
             raise SearchError(f"rounds must be >= 0, got {self.rounds}")
+        if any(w not in CT_WINDOWS for w in self.ct_windows):
+            raise SearchError(f"CT windows must be among {list(CT_WINDOWS)}, got {list(self.ct_windows)}")
         bad = [s for s in (self.preprocessing, *(st for _, st in self.own_styles)) if s is not None and s not in STYLES]
         if bad:
             raise SearchError(f"preprocessing styles must be among {STYLES}, got {bad}")
@@ -136,6 +142,8 @@ class SearchSettings:
         d = dataclasses.asdict(self)
         if not self.rounds:  # box objective: the settings (and run keys) of searches before the interactive one
             del d["rounds"]
+        if not self.ct_windows:  # likewise searches without a CT window
+            del d["ct_windows"]
         return d
 
 
@@ -160,7 +168,14 @@ def initial_configs(merger: Merger, settings: SearchSettings) -> list[MergeConfi
                                     {"scale": 1.0, "weights": {b: float(a == b) for b in aliases[1:]}}, g, sep,
                                     settings.design_style(a))
                 for a in aliases[1:]]
-    return [c for c in configs if next(iter(c.groups.values())).method in settings.methods]
+    window = DEFAULT_CT_WINDOW if settings.ct_windows else None  # as SMAC returns them when the window is searched
+    return [c.with_ct_window(window) for c in configs if next(iter(c.groups.values())).method in settings.methods]
+
+
+def ct_windows_for(samples: Sequence[Any]) -> tuple[str, ...]:
+    """The CT windows a search over ``samples`` (slice samples) chooses among: every window of
+    :data:`~medsamix.models.preprocess.CT_WINDOWS` when some slice carries HU values (CT), else none."""
+    return tuple(CT_WINDOWS) if any(getattr(s, "hu", None) is not None for s in samples) else ()
 
 
 def coarse_trials(trials: int, share: float, n_initial: int) -> int:
@@ -204,14 +219,14 @@ class SearchResult:
 
 
 def preprocessor(config: MergeConfig, img_size: int) -> Preprocessor:
-    """The input convention of ``config``'s merged model (its :attr:`~MergeConfig.preprocessing` style).
+    """The input convention of ``config``'s merged model (its :attr:`~MergeConfig.preprocessing` style and CT window).
 
     Raises:
         ValueError: the configuration has no style.
     """
     if config.preprocessing is None:
         raise ValueError("the merge configuration has no preprocessing style")
-    return Preprocessor(config.preprocessing, img_size)
+    return Preprocessor(config.preprocessing, img_size, config.ct_window or DEFAULT_CT_WINDOW)
 
 
 def score(merger: Merger, evaluator: Evaluator, config: MergeConfig, tasks: Sequence[str],
@@ -407,7 +422,7 @@ class _Runner:
         merger, evaluator, settings = self.merger, self.evaluator, self.settings
         full = len(evaluator.samples)
         space = build_space(merger.groups, merger.aliases, settings.methods, seed=settings.seed, tie=tie,
-                            styles=settings.searched_styles)
+                            styles=settings.searched_styles, windows=settings.ct_windows)
         scenario = Scenario(
             space,
             name="medsamix" if name == "groups" else name,

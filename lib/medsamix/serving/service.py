@@ -268,12 +268,13 @@ class MergedModelSource:
         model = recipe.arch.build()
         model.load_state_dict(sd)
         style = recipe.style  # the style the search selected (or the run fixed): the merged model expects it
+        window = recipe.preprocessing.get("ct_window")  # the CT window a search on CT data selected
         scores = recipe.scores or {}
         score = next((f"{k}={v:.3f}" for k, v in scores.items() if isinstance(v, (int, float))), "")
         return ServedModel(
             self.name, model.eval(), recipe.preprocessor(), version,
             f"{self.name}: published merge {version} ({published_at}; {', '.join(recipe.aliases)}; {style} "
-            f"preprocessing{'; ' + score if score else ''})")
+            f"preprocessing{', CT window ' + window if window else ''}{'; ' + score if score else ''})")
 
     def get(self) -> ServedModel:
         """The model to serve now: reloads when the published version changed.
@@ -387,7 +388,7 @@ class InteractiveService:
         volume = self.volumes.get(image_path)
         with self._lock:
             segmenter, _ = self.segmenter()
-        return self.preencoder.schedule(segmenter, volume.key, volume.image255)
+        return self.preencoder.schedule(segmenter, *volume.pixels(segmenter.prep))
 
     def _float(self, request: Mapping[str, Any], key: str, default: float, lo: float, hi: float) -> float:
         raw = request.get(key, default)
@@ -418,10 +419,10 @@ class InteractiveService:
         load_ms = (time.perf_counter() - t0) * 1e3
         with self.preencoder.interactive() if self.preencoder is not None else nullcontext(), self._lock:
             segmenter, served = self.segmenter()
-            result = segmenter.segment(volume.key, volume.image255, prompt, iou_threshold, margin)
+            key, pixels = volume.pixels(segmenter.prep)  # the served model's CT window
+            result = segmenter.segment(key, pixels, prompt, iou_threshold, margin)
         if self.preencoder is not None:
-            self.preencoder.schedule(segmenter, volume.key, volume.image255,
-                                    prompt.seeds[0].index if prompt.seeds else None)
+            self.preencoder.schedule(segmenter, key, pixels, prompt.seeds[0].index if prompt.seeds else None)
         label = str(request.get("label") or "") or "foreground"
         lat = result.latency.to_dict()
         lat["load_ms"] = round(load_ms, 3)
