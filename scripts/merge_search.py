@@ -51,7 +51,7 @@ from medsamix.runs.run import MergeOutcome, run_merge  # noqa: E402
 from medsamix.models.pool import PoolManifest  # noqa: E402
 from medsamix.models.preprocess import STYLES  # noqa: E402
 from medsamix.search.corruptions import robust_tasks, with_corrupted  # noqa: E402
-from medsamix.search.search import SearchSettings  # noqa: E402
+from medsamix.search.search import SearchSettings, ct_windows_for  # noqa: E402
 from medsamix.demo.shared_data import shared_task_sets  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -131,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
                                   separate=args.separate, seed=args.seed, preprocessing=args.preprocessing,
                                   own_styles=tuple(manifest_styles(manifest).items()), naive=args.naive,
                                   min_budget=args.min_budget, eta=args.eta, coarse_share=args.coarse_share,
-                                  rounds=args.rounds if args.objective == "interactive" else 0)
+                                  rounds=args.rounds if args.objective == "interactive" else 0,
+                                  ct_windows=ct_windows_for(cal))  # CT data: the window is searched too
         if args.min_budget is not None and not 1 <= args.min_budget < len(cal):
             raise MedSAMixError(f"--min-budget must lie in [1, {len(cal)}): the tasks have {len(cal)} "
                                 "calibration slices")

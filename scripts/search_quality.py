@@ -6,9 +6,13 @@ For every task set of ``../shared/data`` whose tasks have at least 3 calibration
 
 * MedSAMix-S: one search per task (multi-fidelity Hyperband when the task has many calibration slices),
 * MedSAMix-M: one ParEGO search over all tasks of the set,
+* MedSAMix-M ``--robust``: the same over every task and its corrupted twin (:mod:`medsamix.search.corruptions`),
 
 and scores the selected merges, every single pool model (with its own preprocessing) and every uniform merge on the
-test split (box prompts, 2D Dice). Writes ``<out>.md`` and ``<out>.csv``.
+test split three ways: clean (box prompts, 2D Dice), corrupted (the seeded corruption suite, box prompts) and
+interactive (the box, then ``--rounds`` correction clicks; a slice's Dice averaged over the rounds,
+:mod:`medsamix.search.interactive`). Prints and writes the target checks of issue 13 to ``<out>.md`` and the
+figures to ``<out>.csv``.
 
     .venv/bin/python scripts/search_quality.py --out results/search_quality
 """
@@ -17,27 +21,75 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import logging
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))
 
+from medsamix.data.slices import SliceSample  # noqa: E402
 from medsamix.data.tasks import training_study_ids  # noqa: E402
-from medsamix.search.evaluate import Evaluator  # noqa: E402
 from medsamix.data.tasksets import select_tasks  # noqa: E402
-from medsamix.errors import MergeRunError  # noqa: E402
-from medsamix.models.pool import manifest_styles  # noqa: E402
-from medsamix.runs.run import reference_scores, run_merge  # noqa: E402
-from medsamix.merging.merger import Merger  # noqa: E402
-from medsamix.models.pool import PoolManifest  # noqa: E402
-from medsamix.search.search import SearchSettings  # noqa: E402
 from medsamix.demo.shared_data import shared_task_sets  # noqa: E402
+from medsamix.errors import MergeRunError  # noqa: E402
+from medsamix.merging.config import MergeConfig  # noqa: E402
+from medsamix.merging.merger import Merger  # noqa: E402
+from medsamix.models.pool import PoolManifest, manifest_styles  # noqa: E402
+from medsamix.runs.run import reference_scores, run_merge  # noqa: E402
+from medsamix.search.corruptions import CORRUPTED, robust_tasks, with_corrupted  # noqa: E402
+from medsamix.search.evaluate import Evaluator  # noqa: E402
+from medsamix.search.search import SearchSettings, ct_windows_for, score  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
+VARIANTS = ("medsamix_s", "medsamix_m", "medsamix_m_robust")
+LABELS = {"medsamix_s": "MedSAMix-S", "medsamix_m": "MedSAMix-M", "medsamix_m_robust": "MedSAMix-M robust"}
+KINDS = ("clean", "corrupted", "interactive")
+# Task sets whose data a pool model was fine-tuned on (sample-data/pool/MODEL_CARD.md, scripts/train_pool.py):
+# medicosam_tiny on 40 other patients of the MSD hippocampus set, medsam_tiny on a TotalSegmentator CT series
+# (example_ct_dicom: 32 TotalSegmentator organs, another acquisition of possibly the same patient as the test CT).
+FINE_TUNED_SETS = ("hippocampus", "totalseg_ct_full", "totalseg_ct")
+
+
+class TestScorer:
+    """Clean, corrupted and interactive test Dice of merge configurations on one task set's test slices.
+
+    One evaluator holds the clean slices and their corrupted twins (box prompts), another the clean slices under
+    the interactive protocol; both keep their image embeddings between configurations."""
+
+    def __init__(self, merger: Merger, test: Sequence[SliceSample], seed: int, rounds: int, start: str) -> None:
+        self.merger = merger
+        self.robust = Evaluator(with_corrupted(test, seed), cache_bytes=2**30)
+        self.interactive = Evaluator(list(test), cache_bytes=2**30, rounds=rounds, start=start)
+
+    def references(self, settings: SearchSettings) -> dict[str, dict[str, float]]:
+        """``{name: {task: clean, task@corrupted: corrupted, task@interactive: interactive}}`` of every single
+        model and uniform merge (``settings.tasks``: the clean tasks)."""
+        rob = reference_scores(self.merger, self.robust, _with_tasks(settings, robust_tasks(settings.tasks)))
+        act = reference_scores(self.merger, self.interactive, settings)
+        return {n: {**rob[n], **{f"{t}@interactive": v for t, v in act[n].items()}} for n in rob}
+
+    def config(self, config: MergeConfig, tasks: Sequence[str]) -> dict[str, float]:
+        """The same three scores of one configuration on the slices of ``tasks`` only."""
+        rob = score(self.merger, self.robust, config, robust_tasks(tasks), _indices(self.robust, robust_tasks(tasks)))
+        act = score(self.merger, self.interactive, config, tasks, _indices(self.interactive, tasks))
+        return {**rob, **{f"{t}@interactive": v for t, v in act.items()}}
+
+
+def _indices(ev: Evaluator, tasks: Sequence[str]) -> list[int]:
+    return [i for i, s in enumerate(ev.samples) if s.task.name in set(tasks)]
+
+
+def _with_tasks(settings: SearchSettings, tasks: Sequence[str]) -> SearchSettings:
+    return dataclasses.replace(settings, tasks=tuple(tasks))
+
+
+def _key(task: str, kind: str) -> str:
+    return task if kind == "clean" else f"{task}{CORRUPTED}" if kind == "corrupted" else f"{task}@interactive"
 
 
 def main() -> int:
@@ -47,6 +99,10 @@ def main() -> int:
     ap.add_argument("--sets", nargs="+", default=["hippocampus", "totalseg_ct_full", "totalseg_mr"])
     ap.add_argument("--trials", type=int, default=120, help="per MedSAMix-S search")
     ap.add_argument("--trials-multi", type=int, default=120, help="per MedSAMix-M search")
+    ap.add_argument("--trials-robust", type=int, default=None,
+                    help="per MedSAMix-M --robust search (default: --trials-multi; 0: no robust search)")
+    ap.add_argument("--rounds", type=int, default=3, help="correction rounds of the interactive test Dice")
+    ap.add_argument("--start", choices=["box", "point"], default="box", help="first prompt of the interactive Dice")
     ap.add_argument("--mf-threshold", type=int, default=100,
                     help="MedSAMix-S uses multi-fidelity when a task has at least this many calibration slices")
     ap.add_argument("--max-patients", type=int, default=None, help="hippocampus patients used (before the split)")
@@ -56,9 +112,13 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--preprocessing", choices=["sam", "medsam"], default=None,
                     help="fix the merged models' preprocessing style (default: searched)")
+    ap.add_argument("--fine-tuned-sets", nargs="*", default=list(FINE_TUNED_SETS),
+                    help="task sets whose dataset a pool model was fine-tuned on (left out of the 80%% target)")
     ap.add_argument("--work", type=Path, default=None, help="search folders (default: a temporary folder)")
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "search_quality")
     args = ap.parse_args()
+    if args.trials_robust is None:
+        args.trials_robust = args.trials_multi
     logging.basicConfig(level=logging.WARNING)
     if not args.shared_root.is_dir():
         print(f"error: {args.shared_root} not found: this benchmark needs the shared real-image data", file=sys.stderr)
@@ -71,6 +131,8 @@ def main() -> int:
     work = args.work or Path(tempfile.mkdtemp(prefix="medsamix-quality-"))
     rows: list[dict] = []
     splits: list[str] = []
+    singles = list(pool.aliases)
+    uniforms: list[str] = []
     for ts in shared_task_sets(args.shared_root, exclude, args.seed, args.sets, args.max_patients):
         tasks = []
         for t in ts.tasks:
@@ -84,93 +146,167 @@ def main() -> int:
         splits.append(f"- **{ts.name}**: {ts.split}")
         cal_all, test_all = select_tasks(ts, tasks)
         own = tuple(styles.items())
-        settings0 = SearchSettings(tasks=tuple(tasks), granularity=args.granularity, preprocessing=args.preprocessing,
-                                   own_styles=own)
+        common = dict(granularity=args.granularity, seed=args.seed, preprocessing=args.preprocessing, own_styles=own,
+                      coarse_share=args.coarse_share)
         merger = Merger(pool, args.granularity, False)
-        baselines = reference_scores(merger, Evaluator(test_all), settings0)
-        singles = list(pool.aliases)
+        scorer = TestScorer(merger, test_all, args.seed, args.rounds, args.start)
+        t0 = time.time()
+        baselines = scorer.references(SearchSettings(tasks=tuple(tasks), **common))
         uniforms = [n for n in baselines if n not in singles]
-        s_test: dict[str, float] = {}
+        print(f"{ts.name}: references scored in {time.time() - t0:.0f} s", flush=True)
+        found: dict[str, dict[str, float]] = {v: {} for v in VARIANTS}
         s_cal: dict[str, float] = {}
         for task in tasks:
-            cal, test = select_tasks(ts, [task])
+            cal, _ = select_tasks(ts, [task])
             mb = max(1, len(cal) // 27) if len(cal) >= args.mf_threshold else None
-            settings = SearchSettings(tasks=(task,), trials=args.trials, granularity=args.granularity,
-                                      seed=args.seed, preprocessing=args.preprocessing, own_styles=own,
-                                      min_budget=mb,
-                                      coarse_share=args.coarse_share)
+            settings = SearchSettings(tasks=(task,), trials=args.trials, min_budget=mb, ct_windows=ct_windows_for(cal),
+                                      **common)
             t0 = time.time()
-            out = run_merge(pool, cal, test, settings, work / f"{ts.name}-S-{task}", ts.split, report=False)
-            s_test[task], s_cal[task] = out.test_dice[task], out.calibration_dice[task]
-            print(f"{ts.name}/{task}: S test {s_test[task]:.4f} (cal {s_cal[task]:.4f}, {len(cal)} cal slices"
-                  f"{f', min budget {mb}' if mb else ''}) in {time.time() - t0:.0f} s; best single "
+            out = run_merge(pool, cal, [], settings, work / f"{ts.name}-S-{task}", ts.split, report=False)
+            found["medsamix_s"].update(scorer.config(out.result.best.config, [task]))
+            s_cal[task] = out.calibration_dice[task]
+            print(f"{ts.name}/{task}: S test {found['medsamix_s'][task]:.4f} (cal {s_cal[task]:.4f}, {len(cal)} cal "
+                  f"slices{f', min budget {mb}' if mb else ''}) in {time.time() - t0:.0f} s; best single "
                   f"{max(baselines[a][task] for a in singles):.4f}, best uniform "
                   f"{max(baselines[u][task] for u in uniforms):.4f}", flush=True)
-        m_test: dict[str, float] = {}
         if len(tasks) > 1:
-            settings = SearchSettings(tasks=tuple(tasks), trials=args.trials_multi, granularity=args.granularity,
-                                      seed=args.seed, preprocessing=args.preprocessing, own_styles=own,
-                                      coarse_share=args.coarse_share)
-            t0 = time.time()
-            out = run_merge(pool, cal_all, test_all, settings, work / f"{ts.name}-M", ts.split, report=False)
-            m_test = dict(out.test_dice)
-            print(f"{ts.name}: M test mean {sum(m_test.values()) / len(m_test):.4f} in {time.time() - t0:.0f} s",
-                  flush=True)
+            runs = [("medsamix_m", tuple(tasks), cal_all, args.trials_multi)]
+            if args.trials_robust:
+                runs.append(("medsamix_m_robust", robust_tasks(tasks), with_corrupted(cal_all, args.seed),
+                             args.trials_robust))
+            for variant, objectives, cal, trials in runs:
+                settings = SearchSettings(tasks=objectives, trials=trials, ct_windows=ct_windows_for(cal), **common)
+                t0 = time.time()
+                folder = work / f"{ts.name}-{'M' if variant == 'medsamix_m' else 'M-robust'}"
+                out = run_merge(pool, cal, [], settings, folder, ts.split, report=False)
+                found[variant] = scorer.config(out.result.best.config, tasks)
+                print(f"{ts.name}: {LABELS[variant]} test mean {_mean(found[variant], tasks):.4f} (corrupted "
+                      f"{_mean(found[variant], tasks, 'corrupted'):.4f}) in {time.time() - t0:.0f} s", flush=True)
         for task in tasks:
-            best_single = max(singles, key=lambda a: baselines[a][task])
-            best_uniform = max(uniforms, key=lambda u: baselines[u][task])
-            rows.append({
-                "set": ts.name, "task": task, **{n: baselines[n][task] for n in baselines},
-                "best_single": best_single, "best_uniform": best_uniform,
-                "medsamix_s": s_test[task], "medsamix_s_cal": s_cal[task], "medsamix_m": m_test.get(task, float("nan")),
-            })
-    minutes = (time.time() - t_start) / 60
-    write(args, rows, singles, uniforms, splits, minutes)
+            row: dict = {"set": ts.name, "task": task, "fine_tuned_set": ts.name in args.fine_tuned_sets,
+                         "best_single": max(singles, key=lambda a: baselines[a][task]),
+                         "best_uniform": max(uniforms, key=lambda u: baselines[u][task])}
+            for kind in KINDS:
+                suffix = "" if kind == "clean" else f"_{kind}"
+                for n in singles + uniforms:
+                    row[f"{n}{suffix}"] = baselines[n][_key(task, kind)]
+                for v in VARIANTS:
+                    row[f"{v}{suffix}"] = found[v].get(_key(task, kind), float("nan"))
+            row["medsamix_s_cal"] = s_cal[task]
+            rows.append(row)
+        minutes = (time.time() - t_start) / 60
+        write(args, rows, singles, uniforms, splits, minutes)  # after every set: a stopped run keeps what it has
     return 0
+
+
+def _mean(scores: dict[str, float], tasks: Sequence[str], kind: str = "clean") -> float:
+    return sum(scores[_key(t, kind)] for t in tasks) / len(tasks)
+
+
+def _col(name: str, kind: str) -> str:
+    return name if kind == "clean" else f"{name}_{kind}"
+
+
+def targets(rows: list[dict], singles: list[str], fine_tuned: Sequence[str]) -> list[str]:
+    """The issue-13 target checks, one markdown bullet (or table) each, on the rows' test Dice."""
+    out: list[str] = []
+    below = [r for r in rows if r["medsamix_s"] < r[r["best_single"]] - 0.01]
+    out.append(f"- **S never below the best single model by more than 0.01 (clean Dice)**: "
+               f"{'met' if not below else 'missed'} ({len(rows) - len(below)} of {len(rows)} tasks within 0.01)"
+               + ("" if not below else "; below on " + ", ".join(
+                   f"{r['set']}/{r['task']} ({r['medsamix_s']:.3f} vs {r['best_single']} {r[r['best_single']]:.3f})"
+                   for r in below)) + ".")
+    unseen = [r for r in rows if not r["fine_tuned_set"]]
+    wins = [r for r in unseen if _beats(r)]
+    share = len(wins) / len(unseen) if unseen else float("nan")
+    out.append(f"- **S beats the best single model and the best uniform merge on >= 80% of the tasks whose dataset no "
+               f"pool model was fine-tuned on** (sets {', '.join(sorted({r['set'] for r in unseen})) or 'none'}; "
+               f"fine-tuned on: {', '.join(fine_tuned)}): "
+               f"{'met' if unseen and share >= 0.8 else 'missed'}, {len(wins)} of {len(unseen)} ({100 * share:.0f}%)"
+               f"; on all tasks {sum(map(_beats, rows))} of {len(rows)}.")
+    for kind, variant, what in (("clean", "medsamix_m", "M beats every single model on the task average in every set"),
+                                ("corrupted", "medsamix_m_robust",
+                                 "robust M's corrupted Dice beats every single model's (task average per set) while "
+                                 "its clean Dice stays within 0.01 of clean-only M")):
+        lines, ok = [], True
+        for s in dict.fromkeys(r["set"] for r in rows):
+            rs = [r for r in rows if r["set"] == s]
+            if len(rs) < 2 or any(r[variant] != r[variant] for r in rs):  # one task or no search (NaN)
+                continue
+            means = {n: _avg(rs, _col(n, kind)) for n in singles}
+            m = _avg(rs, _col(variant, kind))
+            good = all(m > v for v in means.values())
+            if variant == "medsamix_m_robust":
+                clean, clean_m = _avg(rs, "medsamix_m_robust"), _avg(rs, "medsamix_m")
+                good = good and clean >= clean_m - 0.01
+                lines.append(f"  - {s}: corrupted {m:.3f} vs singles "
+                             + ", ".join(f"{n} {v:.3f}" for n, v in means.items())
+                             + f"; clean {clean:.3f} vs clean-only M {clean_m:.3f}: {'yes' if good else 'no'}")
+            else:
+                lines.append(f"  - {s}: {m:.3f} vs " + ", ".join(f"{n} {v:.3f}" for n, v in means.items())
+                             + f": {'yes' if good else 'no'}")
+            ok = ok and good
+        out.append(f"- **{what}**: " + ("met" if ok and lines else "missed" if lines else "not run") + ".")
+        out += lines
+    return out
+
+
+def _avg(rows: list[dict], col: str) -> float:
+    return sum(r[col] for r in rows) / len(rows)
+
+
+def _beats(r: dict) -> bool:
+    return r["medsamix_s"] > r[r["best_single"]] and r["medsamix_s"] > r[r["best_uniform"]]
 
 
 def write(args: argparse.Namespace, rows: list[dict], singles: list[str], uniforms: list[str], splits: list[str],
           minutes: float) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    names = singles + uniforms
     with open(args.out.with_suffix(".csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    beats = [r for r in rows if r["medsamix_s"] > r[r["best_single"]] and r["medsamix_s"] > r[r["best_uniform"]]]
     lines = [
-        "# MedSAMix on the shared real data (test splits, box prompts, 2D Dice)", "",
+        "# MedSAMix on the shared real data (test splits, 2D Dice: clean, corrupted, interactive)", "",
         f"Command: `.venv/bin/python scripts/search_quality.py {' '.join(sys.argv[1:])}`  ",
         f"Run time: {minutes:.1f} min on this machine (2 cores). Pool: the embedded tiny pool. Trials: "
         f"{args.trials} per MedSAMix-S search (Hyperband multi-fidelity when a task has >= {args.mf_threshold} "
-        f"calibration slices), {args.trials_multi} per MedSAMix-M search (ParEGO); granularity {args.granularity}; "
-        f"seed {args.seed}. Single models use their own preprocessing; uniform merges the base model's; the "
-        f"searched merges {'use ' + args.preprocessing if args.preprocessing else 'search it (prep:style)'}.", "",
+        f"calibration slices), {args.trials_multi} per MedSAMix-M search (ParEGO), {args.trials_robust} per "
+        f"MedSAMix-M --robust search (every task and its corrupted twin as objectives); granularity "
+        f"{args.granularity}; seed {args.seed}. Single models use their own preprocessing; uniform merges the base "
+        f"model's; the searched merges "
+        f"{'use ' + args.preprocessing if args.preprocessing else 'search it (prep:style)'}.", "",
+        f"Clean: box prompts on the test slices. Corrupted: box prompts on the same slices under the seeded corruption "
+        f"suite (one of noise, blur, motion, bias field, low contrast at two severities per slice; "
+        f"`medsamix.search.corruptions`). Interactive: the {args.start}, then {args.rounds} correction clicks at the "
+        f"centre of the largest error region with the previous logits fed back, a slice's Dice averaged over the "
+        f"{args.rounds + 1} rounds (`medsamix.search.interactive`). The best uniform merge is the best on clean Dice "
+        f"per task (named in the last column); its corrupted and interactive Dice are that merge's.", "",
         "Splits (calibration for the search, test for this table; pool-training patients excluded):", "", *splits, "",
-        "| set | task | " + " | ".join(names) + " | MedSAMix-S | MedSAMix-M | S beats best single and best uniform |",
-        "|---" * (len(names) + 5) + "|",
     ]
-    for r in rows:
-        top = max([r[n] for n in names] + [r["medsamix_s"], r["medsamix_m"]])
-        cell = lambda v: f"**{v:.3f}**" if abs(v - top) < 1e-12 else f"{v:.3f}"  # noqa: E731
-        lines.append(f"| {r['set']} | {r['task']} | " + " | ".join(cell(r[n]) for n in names)
-                     + f" | {cell(r['medsamix_s'])} | {cell(r['medsamix_m'])} | "
-                     + ("yes" if r in beats else "no") + " |")
-    lines += ["", f"MedSAMix-S beats both the best single model and the best uniform merge on {len(beats)} of "
-              f"{len(rows)} tasks ({100 * len(beats) / len(rows):.0f}%).", ""]
-    lines += ["Task averages per set (MedSAMix-M against every single model):", "",
-              "| set | " + " | ".join(singles) + " | MedSAMix-M | M beats every single model |",
-              "|---" * (len(singles) + 3) + "|"]
+    names = singles + ["best uniform"] + [LABELS[v] for v in VARIANTS]
+    for kind in KINDS:
+        lines += [f"**{kind.capitalize()} Dice**", "",
+                  "| set | task | " + " | ".join(names) + " | best uniform merge |", "|---" * (len(names) + 3) + "|"]
+        for r in rows:
+            vals = [r[_col(n, kind)] for n in singles] + [r[_col(r["best_uniform"], kind)]] + [
+                r[_col(v, kind)] for v in VARIANTS]
+            top = max(v for v in vals if v == v)
+            cell = lambda v: "-" if v != v else f"**{v:.3f}**" if abs(v - top) < 1e-12 else f"{v:.3f}"  # noqa: E731
+            lines.append(f"| {r['set']} | {r['task']} | " + " | ".join(cell(v) for v in vals)
+                         + f" | {r['best_uniform']} |")
+        lines.append("")
+    lines += ["Task averages per set:", "", "| set | Dice | " + " | ".join(names[:len(singles)] + names[-3:]) + " |",
+              "|---" * (len(singles) + 5) + "|"]
     for s in dict.fromkeys(r["set"] for r in rows):
         rs = [r for r in rows if r["set"] == s]
-        if len(rs) < 2:
-            continue
-        means = {n: sum(r[n] for r in rs) / len(rs) for n in singles}
-        m = sum(r["medsamix_m"] for r in rs) / len(rs)
-        lines.append(f"| {s} | " + " | ".join(f"{means[n]:.3f}" for n in singles)
-                     + f" | {m:.3f} | {'yes' if all(m > v for v in means.values()) else 'no'} |")
+        for kind in KINDS:
+            lines.append(f"| {s} | {kind} | " + " | ".join(
+                f"{_avg(rs, _col(n, kind)):.3f}" for n in singles + list(VARIANTS)) + " |")
+    check = targets(rows, singles, args.fine_tuned_sets)
+    lines += ["", "## Issue-13 targets (computed by the script)", "", *check, ""]
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    print("\n".join(lines), flush=True)
 
 
 if __name__ == "__main__":

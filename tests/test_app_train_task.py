@@ -66,7 +66,7 @@ def _task(studies_root: Path, model_dir: Path, models_spec: str, **conf: str):
 def test_config_lists_the_options_clients_show():
     t = merge.MergeTrain(str(APP), "/nowhere", "", "/nowhere/model/merged", {})
     assert set(t.config()) == {"task", "trials", "granularity", "separate", "min_budget", "seed", "restart",
-                               "preprocessing", "min_gain", "robust"}
+                               "preprocessing", "min_gain", "robust", "objective", "rounds"}
     # before any run: an idle entry that OHIF's panel shows as 0 of the default trials (not "100 %")
     assert t.stats() == {"status": "idle", "epoch": 0, "total_epochs": 30, "best_metric": 0.0,
                          "total_time": "0:00:00", "message": "no merge run yet"}
@@ -145,7 +145,23 @@ def test_one_labelled_study_runs_on_a_slab_split_stated_in_the_status(models_spe
     assert recipe.scores["split"] == res["split"] and recipe.style == "medsam"
 
 
+def test_the_interactive_objective_scores_correction_rounds(studies, models_spec, tmp_path):
+    root, ds = studies
+    task = _task(root, tmp_path / "model", models_spec)
+    box = task({"model": "merge", "task": "ellipsoid", "trials": 10}, ds)
+    res = task({"model": "merge", "task": "ellipsoid", "trials": "10", "objective": "interactive", "rounds": "2"}, ds)
+    assert res["run"] != box["run"] and task.stats()["status"] == "done"  # another search: another run folder
+    stamp = json.loads((Path(res["out_dir"]) / "search_settings.json").read_text())
+    assert stamp["settings"]["rounds"] == 2 and "rounds" not in json.loads(
+        (Path(box["out_dir"]) / "search_settings.json").read_text())["settings"]
+    # the selected merge scored with the box and 2 correction clicks differs from its box-only Dice
+    assert res["calibration_dice"]["ellipsoid"] != pytest.approx(box["calibration_dice"]["ellipsoid"], abs=1e-9)
+
+
 @pytest.mark.parametrize("labelled, request_, needle", [
+    (4, {"objective": "clicks"}, "objective: must be one of ['box', 'interactive']"),
+    (4, {"objective": "interactive", "rounds": 0}, "rounds: must lie in [1, 20]"),
+    (4, {"objective": "interactive", "rounds": "three"}, "rounds: expected an integer"),
     (4, {"task": "liver"}, "unknown task(s) ['liver']; this data has ['ellipsoid', 'label_2']"),
     (4, {"trials": 3}, "trials must be at least 10"),
     (4, {"granularity": 7}, "granularity: must be 1, 2, 3 or 4"),

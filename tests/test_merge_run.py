@@ -88,6 +88,10 @@ def test_options_accept_strings_and_fill_defaults():
     assert MergeOptions.from_mapping({"labels": ["a", "b", "a"]}).tasks == ("a", "b")
     assert MergeOptions.from_mapping({"min_budget": 4, "min_gain": "0.01"}).min_budget == 4
     assert MergeOptions.from_mapping({"robust": "true"}).robust and not MergeOptions.from_mapping({}).robust
+    inter = MergeOptions.from_mapping({"objective": "Interactive", "rounds": "2"})
+    assert (inter.objective, inter.rounds, inter.settings(("a",), STYLES).rounds) == ("interactive", 2, 2)
+    box = MergeOptions.from_mapping({"objective": "", "rounds": 5})  # rounds only count for the interactive objective
+    assert box.objective == "box" and box.settings(("a",), STYLES).rounds == 0
     s = MergeOptions.from_mapping({"preprocessing": "medsam"}).settings(("a",), STYLES)
     assert s.preprocessing == "medsam" and s.own_styles == tuple(STYLES.items())  # fixed: no search over it
     searched = MergeOptions.from_mapping({"preprocessing": ""}).settings(("a",), STYLES)
@@ -105,6 +109,10 @@ def test_options_accept_strings_and_fill_defaults():
     ({"preprocessing": "ct"}, "preprocessing: must be one of"),
     ({"min_gain": "x"}, "min_gain: expected a number"),
     ({"robust": "sometimes"}, "robust: expected true or false"),
+    ({"objective": "points"}, "objective: must be one of"),
+    ({"rounds": 0}, "rounds: must lie in"),
+    ({"rounds": 21}, "rounds: must lie in"),
+    ({"rounds": True}, "rounds: expected an integer"),
 ])
 def test_bad_options_name_the_option(values, needle):
     with pytest.raises(MergeRunError, match=needle):

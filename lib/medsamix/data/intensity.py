@@ -12,7 +12,14 @@ from __future__ import annotations
 
 import numpy as np
 
-CT_WINDOW = (40.0, 400.0)  # level, width (HU)
+CT_WINDOWS: dict[str, tuple[float, float]] = {  # name -> (level, width) in HU
+    "abdomen": (40.0, 400.0),  # MedSAM's data preparation; the usual soft-tissue window of abdominal CT
+    "soft_tissue": (50.0, 350.0),  # mediastinal / narrow soft-tissue window
+    "bone": (400.0, 1800.0),
+    "lung": (-600.0, 1500.0),
+}
+DEFAULT_CT_WINDOW = "abdomen"
+CT_WINDOW = CT_WINDOWS[DEFAULT_CT_WINDOW]  # level, width (HU) every CT slice is normalised with at load
 PERCENTILES = (0.5, 99.5)
 
 
@@ -25,6 +32,18 @@ def intensity_range(volume: np.ndarray, modality: str, window: tuple[float, floa
     values = volume[volume > volume.min()] if np.any(volume > volume.min()) else volume
     lo, hi = np.percentile(values, percentiles)
     return float(lo), float(max(hi, lo + 1e-6))
+
+
+def ct_range(window: str) -> tuple[float, float]:
+    """The HU interval ``(level - width / 2, level + width / 2)`` of a named window of :data:`CT_WINDOWS`.
+
+    Raises:
+        ValueError: an unknown window name.
+    """
+    if window not in CT_WINDOWS:
+        raise ValueError(f"CT window must be one of {list(CT_WINDOWS)}, got {window!r}")
+    level, width = CT_WINDOWS[window]
+    return level - width / 2, level + width / 2
 
 
 def to_255(image: np.ndarray, lo: float, hi: float) -> np.ndarray:

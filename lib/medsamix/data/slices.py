@@ -36,6 +36,9 @@ class SliceSample:
         image: (H, W) float32 slice, ``study.image.take(index, axis)``.
         mask: (H, W) bool, ``study.label.take(index, axis) == task.value``; never empty.
         box: (4,) float32 XYXY box in pixel coordinates (x = column, y = row, max inclusive), tight or jittered.
+        hu: (H, W) float32 HU values of a CT slice before windowing (``study.hu``), so a model with another CT
+            window sees the slice under its window (:meth:`~medsamix.models.preprocess.Preprocessor.window`);
+            ``None`` for other modalities and corrupted copies.
     """
 
     study_id: str
@@ -45,6 +48,7 @@ class SliceSample:
     image: np.ndarray
     mask: np.ndarray
     box: np.ndarray
+    hu: np.ndarray | None = None
 
 
 def tight_box(mask: np.ndarray) -> np.ndarray:
@@ -135,5 +139,6 @@ def extract_slices(
         if jitter > 0:
             box = jitter_box(box, mask.shape, jitter, _rng(seed, study.study_id, task.value, index))
         image = np.ascontiguousarray(study.image.take(index, axis), dtype=np.float32)
-        samples.append(SliceSample(study.study_id, task, axis, index, image, mask, box))
+        hu = None if study.hu is None else np.ascontiguousarray(study.hu.take(index, axis), dtype=np.float32)
+        samples.append(SliceSample(study.study_id, task, axis, index, image, mask, box, hu))
     return samples

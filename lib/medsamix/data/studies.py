@@ -57,6 +57,8 @@ class Study:
         modality: "CT", "MR" or "other" (see ``load_study``).
         image_path: The image file or DICOM series folder.
         label_path: The label file.
+        hu: A CT's HU values when ``image`` was mapped to 0-255 (``medsamix.data.tasksets.normalized``); ``None``
+            otherwise.
     """
 
     study_id: str
@@ -66,6 +68,7 @@ class Study:
     modality: str
     image_path: Path
     label_path: Path
+    hu: np.ndarray | None = None
 
 
 @dataclass

@@ -55,8 +55,10 @@ class TaskSet:
 
 
 def normalized(study: Study) -> Study:
-    """The study with its image mapped to 0-255 (CT window or percentiles)."""
-    return dataclasses.replace(study, image=normalize(study.image, study.modality))
+    """The study with its image mapped to 0-255 (the default CT window or percentiles); a CT keeps its HU values
+    in ``hu`` (its slices carry them, so a searched CT window can be applied)."""
+    return dataclasses.replace(study, image=normalize(study.image, study.modality),
+                               hu=study.image if study.modality == "CT" else None)
 
 
 def slices_of(study: Study, tasks: Iterable[Task], indices: Iterable[int] | None = None, jitter: float = 0.0,

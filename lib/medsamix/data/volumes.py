@@ -21,6 +21,7 @@ import numpy as np
 from medsamix.errors import StudyError
 from medsamix.data.intensity import normalize
 from medsamix.data.imageio import FILE_SUFFIXES, dicom_modality, guess_modality, read_image
+from medsamix.models.preprocess import Preprocessor
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +34,8 @@ class Volume:
         image255: ``(I, J, K)`` float32 intensities mapped to 0-255 (CT window 40/400 HU, else percentiles).
         affine: ``(4, 4)`` float64 voxel IJK -> world RAS (mm).
         modality: "CT", "MR" or "other".
+        hu: ``(I, J, K)`` float32 HU values of a CT (``None`` otherwise), for a model served with another CT window
+            (:meth:`pixels`).
     """
 
     key: str
@@ -40,6 +43,18 @@ class Volume:
     image255: np.ndarray
     affine: np.ndarray
     modality: str
+    hu: np.ndarray | None = None
+
+    def pixels(self, prep: Preprocessor) -> tuple[str, np.ndarray]:
+        """The 0-255 volume a model with preprocessing ``prep`` sees (its CT window applied to a CT's HU values)
+        and the key of that content (:attr:`key`, suffixed with a window other than the default)."""
+        image = prep.window(self.image255, self.hu)
+        return (self.key if image is self.image255 else f"{self.key}|{prep.ct_window}"), image
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held: the 0-255 volume and a CT's HU values."""
+        return self.image255.nbytes + (0 if self.hu is None else self.hu.nbytes)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -75,7 +90,7 @@ def load_volume(path: str | os.PathLike[str], modality: str | None = None) -> Vo
         raise StudyError(f"{p}: image contains NaN or infinite values")
     found = dicom_modality(p) if p.is_dir() else None
     mod = found or modality or guess_modality(image)
-    return Volume(key, p, normalize(image, mod), affine, mod)
+    return Volume(key, p, normalize(image, mod), affine, mod, image if mod == "CT" else None)
 
 
 NOT_3D_FORMAT = ("not a 3D image format: interactive segmentation reads NIfTI (.nii, .nii.gz), NRRD (.nrrd) or a "
@@ -233,6 +248,6 @@ class VolumeCache:
         v = load_volume(p, modality)
         with self._lock:
             self._items[v.key] = v
-            while len(self._items) > 1 and sum(x.image255.nbytes for x in self._items.values()) > self.max_bytes:
+            while len(self._items) > 1 and sum(x.nbytes for x in self._items.values()) > self.max_bytes:
                 self._items.popitem(last=False)
         return v

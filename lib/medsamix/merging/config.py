@@ -13,7 +13,7 @@ from typing import Any
 from medsamix.errors import ConfigError
 from medsamix.merging.groups import GRANULARITIES, Group
 from medsamix.merging.methods import REGISTRY, get_method
-from medsamix.models.preprocess import STYLES
+from medsamix.models.preprocess import CT_WINDOWS, STYLES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,16 +42,21 @@ class MergeConfig:
             when the configuration fixes it: every configuration of a search does (the style is one of its
             dimensions, an encoder pass depends on it). ``None``: not part of this configuration (a recipe keeps
             it in its own ``preprocessing`` section; :attr:`medsamix.merging.recipe.Recipe.config` puts it back).
+        ct_window: The CT window of the merged model (a name of :data:`~medsamix.models.preprocess.CT_WINDOWS`)
+            when a search chose it (on CT data); ``None``: the default window. Kept like ``preprocessing``.
     """
 
     granularity: int
     separate: bool
     groups: dict[str, GroupSetting]
     preprocessing: str | None = None
+    ct_window: str | None = None
 
     def __post_init__(self) -> None:
         if self.preprocessing is not None and self.preprocessing not in STYLES:
             raise ConfigError(f"preprocessing: must be one of {STYLES}, got {self.preprocessing!r}")
+        if self.ct_window is not None and self.ct_window not in CT_WINDOWS:
+            raise ConfigError(f"ct_window: must be one of {list(CT_WINDOWS)}, got {self.ct_window!r}")
 
     @classmethod
     def uniform(cls, groups: Sequence[Group], method: str, params: Mapping[str, Any], granularity: int = 1,
@@ -62,6 +67,10 @@ class MergeConfig:
     def with_preprocessing(self, style: str | None) -> "MergeConfig":
         """The same merge with another preprocessing style (``None``: none)."""
         return dataclasses.replace(self, preprocessing=style)
+
+    def with_ct_window(self, window: str | None) -> "MergeConfig":
+        """The same merge with another CT window (``None``: none, i.e. the default)."""
+        return dataclasses.replace(self, ct_window=window)
 
     @classmethod
     def random(cls, groups: Sequence[Group], aliases: Sequence[str], rng: Random, granularity: int = 1,
@@ -113,6 +122,8 @@ class MergeConfig:
         head: list[Any] = [self.granularity, self.separate]
         if self.preprocessing is not None:  # configurations without a style keep their fingerprint
             head.append({"preprocessing": self.preprocessing})
+        if self.ct_window is not None:  # likewise without a window
+            head.append({"ct_window": self.ct_window})
         payload = json.dumps(head + [[n, self.groups[n].canonical()] for n in names])
         return hashlib.sha1(payload.encode()).hexdigest()[:16]
 
@@ -121,6 +132,8 @@ class MergeConfig:
         out: dict[str, Any] = {"granularity": self.granularity, "separate": self.separate}
         if self.preprocessing is not None:
             out["preprocessing"] = self.preprocessing
+        if self.ct_window is not None:
+            out["ct_window"] = self.ct_window
         out["groups"] = {n: s.to_dict() for n, s in self.groups.items()}
         return out
 
@@ -148,7 +161,10 @@ class MergeConfig:
             style = d.get("preprocessing")
             if style is not None and style not in STYLES:
                 raise ConfigError(f"{pre}preprocessing: must be one of {STYLES}, got {style!r}")
-            return cls(int(granularity), bool(d.get("separate", False)), settings, style)
+            window = d.get("ct_window")
+            if window is not None and window not in CT_WINDOWS:
+                raise ConfigError(f"{pre}ct_window: must be one of {list(CT_WINDOWS)}, got {window!r}")
+            return cls(int(granularity), bool(d.get("separate", False)), settings, style, window)
         except KeyError as e:
             raise ConfigError(f"{pre}missing field {e.args[0]!r}") from None
 

@@ -4,7 +4,9 @@ A recipe names the pool (aliases with the sha256 of each checkpoint), the archit
 method and hyper-parameters, the preprocessing the merged model expects, and room for scores. The preprocessing
 style lives in ``preprocessing.style`` only (for a searched merge: the style the search selected, a dimension of its
 configuration); :attr:`Recipe.config` is the merge configuration with it, :meth:`Recipe.preprocessor` the input
-convention to serve the merged model with. It is what leaves a
+convention to serve the merged model with. The CT window a search chose on CT data (``preprocessing.ct_window``, a
+name of :data:`~medsamix.models.preprocess.CT_WINDOWS`) is kept the same way; a recipe without it (older recipes,
+searches on other modalities) is served with the default window. It is what leaves a
 hospital after a search; together with the same checkpoints it reproduces the merged weights exactly.
 
 Example::
@@ -14,7 +16,7 @@ Example::
     base: {alias: sam, sha256: 9f...}
     models:
       - {alias: medsam, sha256: 41...}
-    preprocessing: {style: medsam}
+    preprocessing: {style: medsam, ct_window: bone}
     merge:
       granularity: 2
       separate: false
@@ -40,7 +42,7 @@ from medsamix.atomic import atomic_write_text
 from medsamix.errors import ConfigError
 from medsamix.merging.groups import group_parameters
 from medsamix.models.pool import ALIAS_RE
-from medsamix.models.preprocess import STYLES, Preprocessor
+from medsamix.models.preprocess import CT_WINDOWS, STYLES, Preprocessor
 
 FORMAT_VERSION = 1
 
@@ -72,6 +74,13 @@ class Recipe:
                 raise ConfigError(f"merge.preprocessing {style!r} differs from preprocessing.style "
                                   f"{self.preprocessing.get('style')!r}")
             self.merge = self.merge.with_preprocessing(None)
+        window = self.merge.ct_window
+        if window is not None:  # likewise the searched CT window
+            if self.preprocessing.get("ct_window", window) != window:
+                raise ConfigError(f"merge.ct_window {window!r} differs from preprocessing.ct_window "
+                                  f"{self.preprocessing.get('ct_window')!r}")
+            self.preprocessing = {**self.preprocessing, "ct_window": window}
+            self.merge = self.merge.with_ct_window(None)
 
     @property
     def aliases(self) -> list[str]:
@@ -85,7 +94,7 @@ class Recipe:
     @property
     def config(self) -> MergeConfig:
         """The merge configuration with the recipe's preprocessing style (as a search scored it)."""
-        return self.merge.with_preprocessing(self.style)
+        return self.merge.with_preprocessing(self.style).with_ct_window(self.preprocessing.get("ct_window"))
 
     def preprocessor(self) -> Preprocessor:
         """The input convention the merged model is served with (its style at the architecture's input size)."""
@@ -113,6 +122,9 @@ class Recipe:
         style = self.preprocessing.get("style")
         if style not in STYLES:
             raise ConfigError(f"{where}: preprocessing.style must be one of {STYLES}, got {style!r}")
+        window = self.preprocessing.get("ct_window")
+        if window is not None and window not in CT_WINDOWS:
+            raise ConfigError(f"{where}: preprocessing.ct_window must be one of {list(CT_WINDOWS)}, got {window!r}")
         groups = group_parameters(reference_param_names(self.arch), self.merge.granularity, self.merge.separate)
         try:
             self.merge.validate(groups, aliases)
@@ -171,9 +183,10 @@ class Recipe:
         scores = d.get("scores") or {}
         if not isinstance(scores, Mapping):
             raise ConfigError(f"{where}: scores: expected a mapping")
-        if merge.preprocessing is not None:
-            raise ConfigError(f"{where}: merge.preprocessing: the style belongs in the recipe's preprocessing "
-                              "section")
+        for field, value in (("preprocessing", merge.preprocessing), ("ct_window", merge.ct_window)):
+            if value is not None:
+                raise ConfigError(f"{where}: merge.{field}: the {'style' if field == 'preprocessing' else field} "
+                                  "belongs in the recipe's preprocessing section")
         recipe = cls(arch, base, models, merge, dict(preprocessing), dict(scores), str(d.get("notes") or ""))
         recipe.validate(where)
         return recipe

@@ -10,7 +10,13 @@ Two input conventions exist in the SAM family and a model must be evaluated with
 
 Before either, a slice is mapped to the 0-255 range as in MedSAM's data preparation (:mod:`medsamix.data.intensity`,
 whose names are re-exported here): CT by a window (level/width in HU, default abdomen 40/400), other modalities by
-clipping to the 0.5-99.5 percentiles of the volume's non-zero voxels. Coordinates: slices are ``(H, W)`` arrays; boxes are XYXY with x = column, y = row.
+clipping to the 0.5-99.5 percentiles of the volume's non-zero voxels. Coordinates: slices are ``(H, W)`` arrays;
+boxes are XYXY with x = column, y = row.
+
+The CT window is part of a model's preprocessing (:attr:`Preprocessor.ct_window`, one of the standard windows in
+:data:`CT_WINDOWS`; the default :data:`DEFAULT_CT_WINDOW` is the window every slice is normalised with at load).
+It applies to CT only: a slice that carries its HU values (``SliceSample.hu``, ``Volume.hu``) is windowed again
+with :meth:`Preprocessor.window` when the model's window is not the default; MR and other modalities ignore it.
 """
 
 from __future__ import annotations
@@ -24,7 +30,8 @@ import torch.nn.functional as F
 from segment_anything.utils.transforms import ResizeLongestSide
 from torch import Tensor
 
-from medsamix.data.intensity import CT_WINDOW, PERCENTILES, intensity_range, to_255  # noqa: F401 - re-exported
+from medsamix.data.intensity import (  # noqa: F401 - re-exported
+    CT_WINDOW, CT_WINDOWS, DEFAULT_CT_WINDOW, PERCENTILES, ct_range, intensity_range, to_255)
 
 STYLES = ("sam", "medsam")
 SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
@@ -38,18 +45,33 @@ class Preprocessor:
     Attributes:
         style: "sam" or "medsam" (see the module docstring).
         img_size: Side of the model's square input (1024 for ViT-B SAM, 256 for the tiny pool).
+        ct_window: The CT window (a name of :data:`CT_WINDOWS`) the model's CT slices are mapped to 0-255 with.
     """
 
     style: str = "sam"
     img_size: int = 1024
+    ct_window: str = DEFAULT_CT_WINDOW
 
     def __post_init__(self) -> None:
         if self.style not in STYLES:
             raise ValueError(f"preprocessing style must be one of {STYLES}, got {self.style!r}")
+        if self.ct_window not in CT_WINDOWS:
+            raise ValueError(f"CT window must be one of {list(CT_WINDOWS)}, got {self.ct_window!r}")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], img_size: int) -> "Preprocessor":
-        return cls(style=str(d.get("style", "sam")), img_size=img_size)
+        """From a recipe's ``preprocessing`` section; a section without ``ct_window`` (recipes before it was
+        searched) gets the default window."""
+        return cls(style=str(d.get("style", "sam")), img_size=img_size,
+                   ct_window=str(d.get("ct_window") or DEFAULT_CT_WINDOW))
+
+    def window(self, image255: np.ndarray, hu: np.ndarray | None) -> np.ndarray:
+        """The 0-255 pixels this model sees: ``image255`` (normalised at load with the default window or the
+        percentiles), or the HU values ``hu`` of a CT image (same shape) under :attr:`ct_window` when that is not
+        the default. Any shape."""
+        if hu is None or self.ct_window == DEFAULT_CT_WINDOW:
+            return image255
+        return to_255(hu, *ct_range(self.ct_window))
 
     def resized_hw(self, hw: tuple[int, int]) -> tuple[int, int]:
         """Size of the slice inside the model input before padding."""

@@ -21,6 +21,8 @@ parse_tasks = parse_names
 
 
 MAX_OPTION_INT = 2**31 - 1  # integer options (trials, seed, ...) beyond this are refused
+OBJECTIVES = ("box", "interactive")
+MAX_ROUNDS = 20  # correction rounds of the interactive objective (each one a decoder pass per slice and trial)
 
 
 def _as_int(name: str, value: Any) -> int:
@@ -82,6 +84,9 @@ class MergeOptions:
         robust: Add the corrupted twin ``<task>@corrupted`` of every task as an objective (calibration and test
             slices under :mod:`medsamix.search.corruptions`' seeded suite), so ParEGO trades clean against
             corrupted Dice.
+        objective: What a trial is scored on: "box" (Dice of box prompts) or "interactive" (the box, then
+            ``rounds`` correction clicks, a slice's Dice averaged over the rounds; :mod:`medsamix.search.interactive`).
+        rounds: Correction rounds of the interactive objective (1-:data:`MAX_ROUNDS`); ignored for "box".
     """
 
     tasks: tuple[str, ...] = ()
@@ -94,6 +99,13 @@ class MergeOptions:
     preprocessing: str | None = None
     min_gain: float = 0.0
     robust: bool = False
+    objective: str = "box"
+    rounds: int = 3
+
+    @property
+    def search_rounds(self) -> int:
+        """The search settings' ``rounds``: 0 for the box objective, else :attr:`rounds`."""
+        return self.rounds if self.objective == "interactive" else 0
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any], defaults: Mapping[str, Any] | None = None) -> "MergeOptions":
@@ -128,13 +140,21 @@ class MergeOptions:
             raise MergeRunError(f"preprocessing: must be one of {list(STYLES)} (or empty to search "
                                 f"it), got {style!r}")
         min_gain = parse_min_gain(merged.get("min_gain"))
+        objective = str(merged.get("objective") or "box").strip().lower()
+        if objective not in OBJECTIVES:
+            raise MergeRunError(f"objective: must be one of {list(OBJECTIVES)}, got "
+                                f"{str(merged.get('objective'))[:40]!r}")
+        rounds = _as_int("rounds", merged.get("rounds", cls.rounds))
+        if not 1 <= rounds <= MAX_ROUNDS:
+            raise MergeRunError(f"rounds: must lie in [1, {MAX_ROUNDS}] correction rounds, got {rounds}")
         return cls(tasks, trials, granularity, _as_bool("separate", merged.get("separate", False)),
                    min_budget or None, seed, _as_bool("restart", merged.get("restart", False)), style, min_gain,
-                   _as_bool("robust", merged.get("robust", False)))
+                   _as_bool("robust", merged.get("robust", False)), objective, rounds)
 
     def settings(self, tasks: Sequence[str], styles: Mapping[str, str]) -> SearchSettings:
         """The search settings for ``tasks``; ``styles``: alias -> own preprocessing style of each pool model
         (:func:`manifest_styles`). The merged model's style is searched unless the options fix one."""
         return SearchSettings(tasks=tuple(tasks), trials=self.trials, granularity=self.granularity,
                               separate=self.separate, seed=self.seed, preprocessing=self.preprocessing,
-                              own_styles=tuple((a, str(s)) for a, s in styles.items()), min_budget=self.min_budget)
+                              own_styles=tuple((a, str(s)) for a, s in styles.items()), min_budget=self.min_budget,
+                              rounds=self.search_rounds)

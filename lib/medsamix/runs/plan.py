@@ -19,7 +19,7 @@ from medsamix.errors import MergeRunError
 from medsamix.models.pool import ModelPool
 from medsamix.runs.options import MergeOptions
 from medsamix.search.corruptions import robust_tasks, with_corrupted
-from medsamix.search.settings import SearchSettings, settings_key
+from medsamix.search.settings import SearchSettings, ct_windows_for, settings_key
 
 def search_context(pool: ModelPool, calibration: Sequence[SliceSample], split: str) -> dict[str, Any]:
     """Facts besides the settings that must match for a search to resume: the pool, the calibration studies."""
@@ -90,6 +90,7 @@ def plan_run(task_set: TaskSet, options: MergeOptions, pool: ModelPool, runs_dir
                                 "calibration slices")
     if options.robust:
         cal, test, tasks = with_corrupted(cal, options.seed), with_corrupted(test, options.seed), robust_tasks(tasks)
-    settings = options.settings(tasks, {a: styles[a] for a in pool.aliases if a in styles})
+    settings = dataclasses.replace(options.settings(tasks, {a: styles[a] for a in pool.aliases if a in styles}),
+                                   ct_windows=ct_windows_for(cal))  # CT data: the window is searched too
     name = run_name(settings, search_context(pool, cal, task_set.split))
     return RunPlan(name, Path(runs_dir) / name, settings, cal, test, task_set.split, available)

@@ -128,8 +128,9 @@ def _run_merge(pool: ModelPool, calibration: Sequence[SliceSample], test: Sequen
     promotion = decide_promotion(result.best.dice, singles, min_gain)
     recipe = Recipe(
         arch=pool.arch, base=ModelRef(pool.base.alias, pool.base.sha256),
-        models=[ModelRef(m.alias, m.sha256) for m in pool.models], merge=best.with_preprocessing(None),
-        preprocessing={"style": best.preprocessing},
+        models=[ModelRef(m.alias, m.sha256) for m in pool.models],
+        merge=best.with_preprocessing(None).with_ct_window(None),
+        preprocessing={"style": best.preprocessing, **({"ct_window": best.ct_window} if best.ct_window else {})},
         scores={"calibration_dice": dict(result.best.dice), "test_dice": test_dice, "trials": len(result.trials),
                 "split": split, "single_models_calibration_dice": promotion.singles,
                 "promotion": promotion.reason},

@@ -127,6 +127,8 @@ def corrupt_samples(samples: Sequence[SliceSample], seed: int = 0,
     its rank in a ``seed``-fixed shuffle of the distinct slices, so with at least as many slices as conditions every
     condition is used and the counts differ by at most one. Samples sharing a slice get the same corrupted image;
     masks and boxes are unchanged (corruptions are photometric or, for motion, ghosting around the same anatomy).
+    The corruption acts on the 0-255 slice, so a corrupted CT slice has no HU values (``hu`` is ``None``) and is seen
+    in the default CT window by every model, whatever its :attr:`~medsamix.models.preprocess.Preprocessor.ct_window`.
 
     Returns:
         New samples in the input order; ``study_id`` unchanged.
@@ -137,7 +139,7 @@ def corrupt_samples(samples: Sequence[SliceSample], seed: int = 0,
         key = _key(s)
         if key not in images:
             images[key] = corrupt(s.image, name, severity, seed, key)
-        out.append(dataclasses.replace(s, image=images[key]))
+        out.append(dataclasses.replace(s, image=images[key], hu=None))
     return out
 
 

@@ -92,17 +92,24 @@ class Evaluator:
         keys: dict[tuple[str, int, int], int] = {}
         self.image_of: list[int] = []  # sample -> unique image index
         self.images: list[np.ndarray] = []
+        self.hu: list[np.ndarray | None] = []  # HU values of CT images (a model's CT window is applied to them)
         for s in self.samples:
             k = (s.study_id, s.axis, s.index)
             if k not in keys:
                 keys[k] = len(self.images)
                 self.images.append(s.image)
+                self.hu.append(s.hu)
             self.image_of.append(keys[k])
         self._cache: collections.OrderedDict[str, dict[int, Tensor]] = collections.OrderedDict()
 
     @property
     def num_images(self) -> int:
         return len(self.images)
+
+    @property
+    def has_ct(self) -> bool:
+        """Whether some slice carries HU values (a CT), so the model's CT window changes what it sees."""
+        return any(h is not None for h in self.hu)
 
     def subset(self, count: int, seed: int = 0) -> list[int]:
         """Indices of about ``count`` samples, stratified by task, for multi-fidelity evaluation.
@@ -125,7 +132,7 @@ class Evaluator:
                     needed: Sequence[int]) -> dict[int, Tensor]:
         cache: dict[int, Tensor] = {}
         if key is not None:
-            full_key = f"{key}|{prep.style}|{prep.img_size}"
+            full_key = f"{key}|{prep.style}|{prep.img_size}|{prep.ct_window}"
             cache = self._cache.setdefault(full_key, {})
             self._cache.move_to_end(full_key)
         missing = [i for i in needed if i not in cache]
@@ -137,7 +144,7 @@ class Evaluator:
         for idx in by_shape.values():
             for start in range(0, len(idx), batch):
                 chunk = idx[start:start + batch]
-                x = prep.images(np.stack([self.images[i] for i in chunk]))  # (N, 3, S, S) model inputs
+                x = prep.images(np.stack([prep.window(self.images[i], self.hu[i]) for i in chunk]))  # (N, 3, S, S) model inputs
                 emb = encode_batches(model.image_encoder, x, batch, self.device)  # (N, C, S/16, S/16)
                 self.encoder_passes += len(chunk)
                 for i, e in zip(chunk, emb):

@@ -20,7 +20,7 @@ from typing import Any
 
 from medsamix.merging.config import MergeConfig
 from medsamix.merging.merger import MergeError, Merger
-from medsamix.models.preprocess import Preprocessor
+from medsamix.models.preprocess import DEFAULT_CT_WINDOW, Preprocessor
 from medsamix.search.evaluate import Evaluator
 from medsamix.search.settings import SearchSettings
 
@@ -31,14 +31,14 @@ Tell = Callable[[Any, MergeConfig, "int | None", dict[str, float], str], None]
 
 
 def preprocessor(config: MergeConfig, img_size: int) -> Preprocessor:
-    """The input convention of ``config``'s merged model (its :attr:`~MergeConfig.preprocessing` style).
+    """The input convention of ``config``'s merged model (its :attr:`~MergeConfig.preprocessing` style and CT window).
 
     Raises:
         ValueError: the configuration has no style.
     """
     if config.preprocessing is None:
         raise ValueError("the merge configuration has no preprocessing style")
-    return Preprocessor(config.preprocessing, img_size)
+    return Preprocessor(config.preprocessing, img_size, config.ct_window or DEFAULT_CT_WINDOW)
 
 
 def score(merger: Merger, evaluator: Evaluator, config: MergeConfig, tasks: Sequence[str],

@@ -181,7 +181,10 @@ def write_report(out_dir: str | Path, result: SearchResult, settings: SearchSett
     style = result.best.config.preprocessing
     how = "fixed by the settings" if settings.preprocessing else "searched (`prep:style`)"
     lines += ["## Selected configuration, group by group", "",
-              *([f"Preprocessing: {style} ({how})."] + [""] if style else []), method_map(result.best.config), ""]
+              *([f"Preprocessing: {style} ({how})."] + [""] if style else []),
+              *([f"CT window: {window} (searched, `prep:window`, among {', '.join(settings.ct_windows)})."] + [""]
+                if (window := result.best.config.ct_window) else []),
+              method_map(result.best.config), ""]
     path = out / "report.md"
     path.write_text("\n".join(lines))
     return path

@@ -53,6 +53,7 @@ from medsamix.search.settings import (
     SearchSettings,
     budget_problem,
     coarse_trials,
+    ct_windows_for,
     initial_configs,
     settings_key,
 )
@@ -63,7 +64,7 @@ log = logging.getLogger(__name__)
 _settings_key = settings_key  # the former private name (runs/plan.py)
 
 __all__ = ["COARSE_TOP", "SearchError", "SearchResult", "SearchSettings", "Trial", "budget_problem", "coarse_trials",
-           "initial_configs", "preprocessor", "run_search", "score", "settings_key"]
+           "ct_windows_for", "initial_configs", "preprocessor", "run_search", "score", "settings_key"]
 
 
 @dataclasses.dataclass
@@ -214,7 +215,7 @@ class _Runner:
         merger, evaluator, settings = self.merger, self.evaluator, self.settings
         full = len(evaluator.samples)
         space = build_space(merger.groups, merger.aliases, settings.methods, seed=settings.seed, tie=tie,
-                            styles=settings.searched_styles)
+                            styles=settings.searched_styles, windows=settings.ct_windows)
         scenario = Scenario(
             space,
             name="medsamix" if name == "groups" else name,

@@ -10,13 +10,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from collections.abc import Sequence
 from typing import Any
 
 from medsamix.errors import MedSAMixError
 from medsamix.merging.config import MergeConfig, uniform_merges
 from medsamix.merging.merger import Merger
 from medsamix.merging.methods import REGISTRY
-from medsamix.models.preprocess import STYLES
+from medsamix.models.preprocess import CT_WINDOWS, DEFAULT_CT_WINDOW, STYLES
 
 
 class SearchError(MedSAMixError):
@@ -58,6 +59,9 @@ class SearchSettings:
             space reaches only through many coordinated moves. The initial design runs there; the per-group stage
             that follows starts from the coarse stage's best configurations (:data:`COARSE_TOP`), so SMAC's local
             search refines them group by group.
+        ct_windows: CT windows searched (the hyper-parameter ``prep:window``; :func:`ct_windows_for` gives every
+            window of :data:`~medsamix.models.preprocess.CT_WINDOWS` for CT calibration data); ``()``: not searched,
+            the default window.
         rounds: The objective: 0 = Dice of box prompts; k > 0 = the interactive protocol, the box then k
             correction clicks (:mod:`medsamix.search.interactive`), a slice's Dice averaged over the k + 1 rounds.
     """
@@ -75,10 +79,13 @@ class SearchSettings:
     eta: int = 3
     coarse_share: float = 1 / 3
     rounds: int = 0
+    ct_windows: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.rounds < 0:
             raise SearchError(f"rounds must be >= 0, got {self.rounds}")
+        if any(w not in CT_WINDOWS for w in self.ct_windows):
+            raise SearchError(f"CT windows must be among {list(CT_WINDOWS)}, got {list(self.ct_windows)}")
         bad = [s for s in (self.preprocessing, *(st for _, st in self.own_styles)) if s is not None and s not in STYLES]
         if bad:
             raise SearchError(f"preprocessing styles must be among {STYLES}, got {bad}")
@@ -105,6 +112,8 @@ class SearchSettings:
         d = dataclasses.asdict(self)
         if not self.rounds:  # box objective: the settings (and run keys) of searches before the interactive one
             del d["rounds"]
+        if not self.ct_windows:  # likewise searches without a CT window
+            del d["ct_windows"]
         return d
 
 
@@ -130,7 +139,14 @@ def initial_configs(merger: Merger, settings: SearchSettings) -> list[MergeConfi
         singles = {a: m.single(a, aliases) for a in aliases} if m.single else {}
         configs += [MergeConfig.uniform(groups, m.name, p, g, sep, settings.design_style(a))
                     for a, p in singles.items() if p is not None]
-    return configs
+    window = DEFAULT_CT_WINDOW if settings.ct_windows else None  # as SMAC returns them when the window is searched
+    return [c.with_ct_window(window) for c in configs]
+
+
+def ct_windows_for(samples: Sequence[Any]) -> tuple[str, ...]:
+    """The CT windows a search over ``samples`` (slice samples) chooses among: every window of
+    :data:`~medsamix.models.preprocess.CT_WINDOWS` when some slice carries HU values (CT), else none."""
+    return tuple(CT_WINDOWS) if any(getattr(s, "hu", None) is not None for s in samples) else ()
 
 
 def coarse_trials(trials: int, share: float, n_initial: int) -> int:

@@ -9,7 +9,9 @@ range (:class:`~medsamix.merging.methods.ParamSpec`).
 
 The preprocessing style of the merged model is a dimension too when it is searched (``styles``): the categorical
 ``prep:style`` (:data:`PREP_STYLE`) over the styles; when the settings fix it, it is not in the space and
-:func:`to_merge_config` gives every configuration the fixed style.
+:func:`to_merge_config` gives every configuration the fixed style. Likewise the CT window (``windows``, on CT data):
+the categorical ``prep:window`` (:data:`PREP_WINDOW`) over names of :data:`~medsamix.models.preprocess.CT_WINDOWS`,
+default the window slices are normalised with at load; without it a configuration has no window (the default).
 
 A *tied* space (``tie``, see :func:`component_tie`) has one such set of hyper-parameters per unit of several
 groups (e.g. ``image_encoder``), shared by all of them: the coarse stage of a search, where one move changes a whole
@@ -27,11 +29,13 @@ from ConfigSpace import Categorical, Configuration, ConfigurationSpace, EqualsCo
 from medsamix.merging.config import GroupSetting, MergeConfig
 from medsamix.merging.groups import Group
 from medsamix.merging.methods import REGISTRY, get_method
-from medsamix.models.preprocess import STYLES
+from medsamix.models.preprocess import CT_WINDOWS, DEFAULT_CT_WINDOW, STYLES
 
 SEP = ":"
 PREP_STYLE = f"prep{SEP}style"
 """The searched preprocessing style (a categorical over :data:`~medsamix.models.preprocess.STYLES`)."""
+PREP_WINDOW = f"prep{SEP}window"
+"""The searched CT window (a categorical over names of :data:`~medsamix.models.preprocess.CT_WINDOWS`; CT only)."""
 
 Tie = Mapping[str, Sequence[str]]
 """Unit name -> names of the layer groups that share its setting (every group in exactly one unit)."""
@@ -65,10 +69,12 @@ def _param_names(group: str, method: str, param: str, kind: str, aliases: Sequen
 
 
 def build_space(groups: Sequence[Group], aliases: Sequence[str], methods: Sequence[str] | None = None,
-                seed: int = 0, tie: Tie | None = None, styles: Sequence[str] = ()) -> ConfigurationSpace:
+                seed: int = 0, tie: Tie | None = None, styles: Sequence[str] = (),
+                windows: Sequence[str] = ()) -> ConfigurationSpace:
     """The search space over ``groups`` for a pool with ``aliases`` (base first), restricted to ``methods``;
     with ``tie``, over its units (each shared by its groups); with two or more ``styles``, also over the
-    preprocessing style (:data:`PREP_STYLE`, default the first style)."""
+    preprocessing style (:data:`PREP_STYLE`, default the first style); with two or more ``windows`` (CT data), over
+    the CT window (:data:`PREP_WINDOW`, default :data:`~medsamix.models.preprocess.DEFAULT_CT_WINDOW` when listed)."""
     methods = sorted(methods or REGISTRY)
     for m in methods:
         get_method(m)
@@ -76,9 +82,15 @@ def build_space(groups: Sequence[Group], aliases: Sequence[str], methods: Sequen
     unknown = [s for s in distinct if s not in STYLES]
     if unknown:
         raise ValueError(f"unknown preprocessing style(s) {unknown}; known: {STYLES}")
+    wins = list(dict.fromkeys(windows))
+    bad = [w for w in wins if w not in CT_WINDOWS]
+    if bad:
+        raise ValueError(f"unknown CT window(s) {bad}; known: {list(CT_WINDOWS)}")
     cs = ConfigurationSpace(seed=seed)
     if len(distinct) > 1:
         cs.add(Categorical(PREP_STYLE, distinct))
+    if len(wins) > 1:
+        cs.add(Categorical(PREP_WINDOW, wins, default=DEFAULT_CT_WINDOW if DEFAULT_CT_WINDOW in wins else wins[0]))
     for name in dict.fromkeys(_units([g.name for g in groups], tie).values()):
         choice = Categorical(f"{name}{SEP}method", methods)
         cs.add(choice)
@@ -115,6 +127,7 @@ def to_merge_config(values: Configuration | dict[str, Any], groups: Sequence[Gro
     """
     d = {k: _plain(v) for k, v in dict(values).items()}
     style = d.get(PREP_STYLE, preprocessing)
+    window = d.get(PREP_WINDOW)
     settings = {}
     for group, unit in _units([g.name for g in groups], tie).items():
         method = d[f"{unit}{SEP}method"]
@@ -130,7 +143,7 @@ def to_merge_config(values: Configuration | dict[str, Any], groups: Sequence[Gro
             else:
                 params[p.name] = d[f"{unit}{SEP}{method}{SEP}{p.name}"]
         settings[group] = GroupSetting(method, params)
-    return MergeConfig(granularity, separate, settings, style)
+    return MergeConfig(granularity, separate, settings, style, window)
 
 
 def _plain(v: Any) -> Any:
@@ -167,6 +180,8 @@ def from_merge_config(cs: ConfigurationSpace, config: MergeConfig, aliases: Sequ
         if config.preprocessing is None:
             raise ValueError("the space searches the preprocessing style; the configuration has none")
         values[PREP_STYLE] = config.preprocessing
+    if PREP_WINDOW in cs:  # a configuration without a window has the default one
+        values[PREP_WINDOW] = config.ct_window or DEFAULT_CT_WINDOW
     for name, s in units.items():
         values[f"{name}{SEP}method"] = s.method
         for p in get_method(s.method).params:

@@ -109,7 +109,7 @@ class InteractiveService:
         volume = self.volumes.get(image_path)
         with self._lock:
             segmenter, _ = self.segmenter()
-        return self.preencoder.schedule(segmenter, volume.key, volume.image255)
+        return self.preencoder.schedule(segmenter, *volume.pixels(segmenter.prep))
 
     def _float(self, request: Mapping[str, Any], key: str, default: float, lo: float, hi: float) -> float:
         raw = request.get(key, default)
@@ -140,10 +140,10 @@ class InteractiveService:
         load_ms = (time.perf_counter() - t0) * 1e3
         with self.preencoder.interactive() if self.preencoder is not None else nullcontext(), self._lock:
             segmenter, served = self.segmenter()
-            result = segmenter.segment(volume.key, volume.image255, prompt, iou_threshold, margin)
+            key, pixels = volume.pixels(segmenter.prep)  # the served model's CT window
+            result = segmenter.segment(key, pixels, prompt, iou_threshold, margin)
         if self.preencoder is not None:
-            self.preencoder.schedule(segmenter, volume.key, volume.image255,
-                                    prompt.seeds[0].index if prompt.seeds else None)
+            self.preencoder.schedule(segmenter, key, pixels, prompt.seeds[0].index if prompt.seeds else None)
         label = str(request.get("label") or "") or "foreground"
         lat = result.latency.to_dict()
         lat["load_ms"] = round(load_ms, 3)

@@ -196,12 +196,13 @@ class MergedModelSource:
         model = recipe.arch.build()
         model.load_state_dict(sd)
         style = recipe.style  # the style the search selected (or the run fixed): the merged model expects it
+        window = recipe.preprocessing.get("ct_window")  # the CT window a search on CT data selected
         scores = recipe.scores or {}
         score = next((f"{k}={v:.3f}" for k, v in scores.items() if isinstance(v, (int, float))), "")
         return ServedModel(
             self.name, model.eval(), recipe.preprocessor(), version,
             f"{self.name}: published merge {version} ({published_at}; {', '.join(recipe.aliases)}; {style} "
-            f"preprocessing{'; ' + score if score else ''})")
+            f"preprocessing{', CT window ' + window if window else ''}{'; ' + score if score else ''})")
 
     def get(self) -> ServedModel:
         """The model to serve now: reloads when the published version changed.

@@ -17,7 +17,9 @@ encoder group), ``separate``, ``min_budget`` (multi-fidelity, one task; 0 = off)
 empty = searched as the hyper-parameter ``prep:style``, each pool model entering the initial design with its own
 style), ``min_gain`` (calibration Dice the merged model must gain over the best single pool model to be published;
 0 = not worse is enough), ``robust`` (add the corrupted Dice ``<task>@corrupted`` of every task as an objective,
-:mod:`medsamix.search.corruptions`; a single task becomes a two-objective ParEGO search).
+:mod:`medsamix.search.corruptions`; a single task becomes a two-objective ParEGO search), ``objective`` ("box":
+Dice of box prompts; "interactive": the box then ``rounds`` correction clicks in the largest error region, a slice's
+Dice averaged over the rounds, :mod:`medsamix.search.interactive`) and ``rounds`` (1-20; used by "interactive").
 
 Calibration / test: 20% of the labelled studies against the rest; with a single labelled study, slabs of its
 labelled slices (``medsamix.data.tasksets.one_study_task_set``), which the status's ``split`` and message say.
@@ -91,7 +93,7 @@ class MergeTrain(TrainTask):
         self._defaults: dict[str, Any] = {"task": "", "trials": int(self.conf.get("merge_trials", 30)),
                                           "granularity": 2, "separate": False, "min_budget": 0, "seed": 0,
                                           "restart": False, "preprocessing": "", "min_gain": 0.0,
-                                          "robust": False}
+                                          "robust": False, "objective": "box", "rounds": 3}
 
     def config(self) -> dict[str, Any]:
         """The options shown by Slicer / OHIF (and sent back with the train request)."""
