@@ -133,7 +133,8 @@ class MergeMethod:
         params: Hyper-parameters, with their valid ranges and the ranges a search explores (the ConfigSpace
             hyper-parameters of :func:`medsamix.search.space.build_space` are built from them).
         doc: One-paragraph description.
-        task_vectors: Whether ``fn`` reads ``src.deltas`` (task vectors); ``False`` for methods of the raw weights.
+        task_vectors: Whether ``fn`` reads task vectors (``src.task_vectors()`` or ``models - base`` in its
+            kernel); ``False`` for methods of the raw weights.
         uniform: The uniform baselines of this method: a callable of the pool aliases (base first) returning
             ``{baseline name: alias-keyed params}`` (:func:`medsamix.merging.config.uniform_merges`; scored in
             reports and part of every search's initial design).
