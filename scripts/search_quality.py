@@ -23,18 +23,16 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))
-
-from medsamix.data.tasks import training_study_ids  # noqa: E402
-from medsamix.search.evaluate import Evaluator  # noqa: E402
-from medsamix.data.tasksets import select_tasks  # noqa: E402
-from medsamix.errors import MergeRunError  # noqa: E402
-from medsamix.models.pool import manifest_styles  # noqa: E402
-from medsamix.runs.run import reference_scores, run_merge  # noqa: E402
-from medsamix.merging.merger import Merger  # noqa: E402
-from medsamix.models.pool import PoolManifest  # noqa: E402
-from medsamix.search.search import SearchSettings  # noqa: E402
-from medsamix.demo.shared_data import shared_task_sets  # noqa: E402
+from medsamix.data.tasks import training_study_ids
+from medsamix.search.evaluate import Evaluator
+from medsamix.data.tasksets import select_tasks
+from medsamix.errors import MergeRunError
+from medsamix.models.pool import manifest_styles
+from medsamix.runs.run import reference_scores, run_merge
+from medsamix.merging.merger import Merger
+from medsamix.models.pool import PoolManifest
+from medsamix.search.search import SearchSettings
+from medsamix.demo.shared_data import shared_task_sets
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
