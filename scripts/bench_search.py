@@ -60,7 +60,7 @@ def main() -> int:
     ts = shared_task_sets(args.shared_root, exclude, args.seed, ["hippocampus"], args.max_patients)[0]
     cal = [s for s in ts.calibration if s.task.name == args.task]
     test = [s for s in ts.test if s.task.name == args.task]
-    style = manifest.preprocessing[manifest.base]["style"]
+    style = manifest.styles[manifest.base]
     fraction = args.min_budget_fraction or 1 / args.eta ** 3
     min_budget = max(1, int(len(cal) * fraction))
     print(f"data: hippocampus {ts.split}; task {args.task}: {len(cal)} calibration / {len(test)} test slices")

@@ -50,7 +50,7 @@ def main() -> None:
     pool = manifest.load_pool()
     merger = Merger(pool)
     size = manifest.arch.img_size
-    merged_style = args.merged_preprocessing or manifest.preprocessing[manifest.base]["style"]
+    merged_style = args.merged_preprocessing or manifest.styles[manifest.base]
     exclude = training_study_ids(manifest.training_studies)
     sets = shared_task_sets(args.studies, exclude=exclude, seed=args.seed, names=args.sets.split(","),
                             max_patients=args.max_patients)
@@ -58,7 +58,7 @@ def main() -> None:
     models: dict[str, tuple[MergeConfig, Preprocessor]] = {}
     for alias in pool.aliases:
         cfg = MergeConfig.uniform(merger.groups, "pick", {"source": alias})
-        models[alias] = (cfg, Preprocessor(manifest.preprocessing[alias]["style"], size))
+        models[alias] = (cfg, Preprocessor(manifest.styles[alias], size))
     for name, cfg in uniform_merges(merger.groups, pool.aliases).items():
         models[name] = (cfg, Preprocessor(merged_style, size))
 

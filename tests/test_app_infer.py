@@ -413,7 +413,7 @@ def test_publishing_a_merge_is_served_without_restart(client, server):
     pool = load_served_pool(POOL)
     groups = group_parameters(reference_param_names(TINY256), 2, False)
     merge = MergeConfig.uniform(groups, "pick", {"source": "medicosam_tiny"}, 2, False)
-    refs = {m.alias: ModelRef(m.alias, m.sha256) for m in pool.pool.members}
+    refs = {m.alias: ModelRef(m.alias, m.sha256) for m in pool.members}
     recipe = Recipe(TINY256, refs["sam_tiny"], [refs["medsam_tiny"], refs["medicosam_tiny"]], merge,
                     {"style": "sam"}, {"test_dice": 0.5})
     roi = [30, 60, 10, 70, 15, 15]

@@ -168,3 +168,27 @@ def test_promoted_subsets_reuse_the_embeddings_of_lower_budgets(model):
     ev.evaluate(model, prep, key="enc-A", indices=large)
     assert ev.encoder_passes == len({ev.image_of[i] for i in large})  # only the new slices were encoded
     assert first < ev.encoder_passes
+
+
+def test_batched_encoding_equals_slice_by_slice(model):
+    """The default batch (``batch_size_for``: 1 on a CPU) and an explicit batch of 4 give the embeddings of the
+    encoder applied to each slice alone, and the same masks and Dice."""
+    from medsamix.models.encoding import batch_size_for
+
+    assert batch_size_for(model.image_encoder, "cpu") == 1
+    prep = Preprocessor("sam", TINY.img_size)
+    model.eval()
+    by_batch = {}
+    for batch in (None, 4):
+        ev = Evaluator(_samples(), batch_size=batch)
+        res = ev.evaluate(model, prep, key="enc")
+        assert ev.encoder_passes == ev.num_images == 6
+        by_batch[batch] = (res, ev.predict(model, prep, key="enc"), ev._cache[f"enc|sam|{TINY.img_size}"])
+    with torch.no_grad():
+        alone = [model.image_encoder(prep.images(img))[0] for img in Evaluator(_samples()).images]
+    for batch, (res, preds, emb) in by_batch.items():
+        for i, e in enumerate(alone):
+            torch.testing.assert_close(emb[i], e, rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(res.per_sample, by_batch[None][0].per_sample)
+        assert res.dice3d == by_batch[None][0].dice3d
+        assert all(np.array_equal(preds[i], by_batch[None][1][i]) for i in preds)

@@ -171,3 +171,48 @@ def test_direct_construction_checks_keys(tiny_pool_files):
     broken = dataclasses.replace(m, state_dict=sd)
     with pytest.raises(PoolError, match="keys differ from the base.*mask_decoder.iou_token.weight"):
         ModelPool(arch=TINY, base=pool.base, models=[broken])
+
+
+def test_each_member_carries_its_preprocessing_style(tiny_pool_files):
+    pool = _load(tiny_pool_files, arch=TINY, styles={"medsam": "medsam"})
+    assert pool.styles == {"sam": "sam", "medsam": "medsam", "medicosam": "sam"}
+    assert pool.member("medsam").style == "medsam"
+    assert pool.member("medsam").preprocessor(TINY.img_size).style == "medsam"
+    with pytest.raises(PoolError, match="no pool member 'nobody'"):
+        pool.member("nobody")
+    with pytest.raises(PoolError, match=r"not pool members"):
+        _load(tiny_pool_files, arch=TINY, styles={"nobody": "sam"})
+    with pytest.raises(PoolError, match="must be one of"):
+        _load(tiny_pool_files, arch=TINY, styles={"medsam": "ct"})
+
+
+def test_one_description_from_a_spec_or_a_manifest(tiny_pool_files, tmp_path):
+    """``alias=path,...`` with ``alias=style,...`` and a folder's ``pool.yaml`` give the same description, and the
+    loaded pool's members carry its styles."""
+    import shutil
+
+    import yaml
+
+    from medsamix.models.pool import PoolManifest
+
+    spec = ",".join(f"{a}={p}" for a, p in tiny_pool_files.items())
+    from_spec = PoolManifest.from_spec(spec, "medsam=medsam")
+    folder = tmp_path / "pool"
+    folder.mkdir()
+    members = []
+    for alias, path in tiny_pool_files.items():
+        shutil.copy(path, folder / f"{alias}.pth")
+        style = {"style": "medsam"} if alias == "medsam" else None
+        members.append({"alias": alias, "file": f"{alias}.pth", **({"preprocessing": style} if style else {})})
+    (folder / "pool.yaml").write_text(yaml.safe_dump({"architecture": "vit_b", "base": members[0],
+                                                     "models": members[1:]}))
+    from_yaml = PoolManifest.load(folder)
+    for manifest in (from_spec, from_yaml):
+        assert manifest.aliases == ["sam", "medsam", "medicosam"] and manifest.base == "sam"
+        assert manifest.styles == {"sam": "sam", "medsam": "medsam", "medicosam": "sam"}
+        assert manifest.preprocessing["medsam"] == {"style": "medsam"}
+    assert from_spec.load_pool().styles == from_spec.styles  # the tiny files: architecture inferred
+    (folder / "pool.yaml").write_text(yaml.safe_dump({"architecture": "vit_b", "base": members[0], "models": [
+        {**members[1], "preprocessing": {"style": "ct"}}]}))
+    with pytest.raises(PoolError, match=r"pool.yaml: preprocessing style of 'medsam' must be one of"):
+        PoolManifest.load(folder)

@@ -10,7 +10,7 @@ from medsamix.errors import CheckpointError, ConfigError, MedSAMixError, PoolErr
 from medsamix.search.evaluate import DiceResult, Evaluator
 from medsamix.merging.groups import Group, group_parameters
 from medsamix.merging.merger import MergeError, Merger
-from medsamix.merging.methods import REGISTRY, MergeMethod, Sources, get_method, register
+from medsamix.merging.methods import REGISTRY, MergeMethod, Sources, get_method, register, unregister
 from medsamix.models.pool import ModelPool, PoolManifest, PoolMember
 from medsamix.models.preprocess import Preprocessor
 from medsamix.merging.recipe import ModelRef, Recipe, check_checksums
@@ -22,6 +22,7 @@ __all__ = [
     "VIT_B", "ArchSpec", "infer_arch", "LoadReport", "load_sam_checkpoint", "save_sam_checkpoint", "sha256_file",
     "GroupSetting", "MergeConfig", "CheckpointError", "ConfigError", "MedSAMixError", "PoolError", "Group",
     "group_parameters", "MergeError", "Merger", "REGISTRY", "MergeMethod", "Sources", "get_method", "register",
+    "unregister",
     "ModelPool", "PoolMember", "ModelRef", "Recipe", "check_checksums", "TINY256", "StudyError", "DiceResult",
     "Evaluator", "PoolManifest", "Preprocessor", "SliceSample", "extract_slices", "tight_box", "Study",
     "load_studies", "load_study", "Task", "split_patients", "split_slabs",

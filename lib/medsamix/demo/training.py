@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from medsamix.search.evaluate import Evaluator
+from medsamix.models.forward import decode
 from medsamix.models.preprocess import Preprocessor
 from medsamix.data.slices import SliceSample, tight_box
 from medsamix.data.tasks import Task
@@ -125,10 +126,8 @@ def train_step(model: nn.Module, batch: Sequence[Sample], prep: Preprocessor, po
         box, coords, labels = _first_prompt(mask, prep, policy, rng)
         mask_input = None
         for round_ in range(1 + policy.corrections):
-            points = (coords, labels) if coords is not None else None
-            sparse, dense = model.prompt_encoder(points=points, boxes=box, masks=mask_input)
             multi = round_ == 0 and box is None and coords is not None and coords.shape[1] == 1
-            logits, iou_pred = model.mask_decoder(embeddings[i:i + 1], dense_pe, sparse, dense, multi)
+            logits, iou_pred = decode(model, embeddings[i:i + 1], box, coords, labels, mask_input, multi, dense_pe)
             losses = mask_loss(logits, target)
             best = int(torch.argmin(losses))
             total = total + losses[best] + F.mse_loss(iou_pred[0], _iou(logits.detach(), target))

@@ -163,12 +163,17 @@ def _plain(x: Any) -> Any:
 
 def uniform_merges(groups: Sequence[Group], aliases: Sequence[str], granularity: int = 1,
                    separate: bool = False, preprocessing: str | None = None) -> dict[str, MergeConfig]:
-    """The paper's uniform baselines, by name: linear with equal weights over all sources, SLERP t=0.5, task
-    arithmetic 0.5 and TIES keep 0.5 / scale 0.5, each applied to every group (with ``preprocessing``)."""
-    table: dict[str, tuple[str, dict[str, Any]]] = {
-        "linear": ("linear", {"weights": {a: 1.0 for a in aliases}}),
-        "slerp_0.5": ("slerp", {"t": 0.5}),
-        "task_arithmetic_0.5": ("task_arithmetic", {"scale": 0.5}),
-        "ties_0.5_0.5": ("ties", {"keep": 0.5, "scale": 0.5}),
-    }
-    return {n: MergeConfig.uniform(groups, m, p, granularity, separate, preprocessing) for n, (m, p) in table.items()}
+    """The uniform baselines of every registered method (:attr:`~medsamix.merging.methods.MergeMethod.uniform`),
+    by name in name order, each applied to every group (with ``preprocessing``): the paper's linear with equal
+    weights over all sources, SLERP t=0.5, task arithmetic 0.5 and TIES keep 0.5 / scale 0.5.
+
+    Raises:
+        ValueError: two methods register a baseline of the same name.
+    """
+    out: dict[str, MergeConfig] = {}
+    for method in REGISTRY.values():
+        for name, params in method.uniform_baselines(aliases).items():
+            if name in out:
+                raise ValueError(f"uniform baseline {name!r} registered by two methods")
+            out[name] = MergeConfig.uniform(groups, method.name, params, granularity, separate, preprocessing)
+    return dict(sorted(out.items()))

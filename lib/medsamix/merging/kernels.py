@@ -8,8 +8,9 @@ the plain version (with one warning) if the compiler is unavailable.
 Compilation is on by default; set ``MEDSAMIX_COMPILE=0`` (or call :func:`set_compile`) to run eagerly. The first
 call of each kernel compiles it (about 10-20 s on 2 CPU cores; cached on disk by PyTorch for later processes).
 
-Shapes: ``deltas`` and ``field`` are contiguous ``(K, n)`` (strided rows defeat vectorisation), ``base`` is
-``(n,)``, ``thresholds`` is ``(K, 1)``; every kernel writes its ``(n,)`` result into ``out`` (no allocation of the result: large
+Shapes: ``models`` and ``field`` are contiguous ``(K, n)`` (strided rows defeat vectorisation), ``base`` is
+``(n,)``, ``thresholds`` is ``(K, 1)``. Task vectors ``models[k] - base`` are computed inside the loop, element by
+element, and never stored; every kernel writes its ``(n,)`` result into ``out`` (no allocation of the result: large
 allocations cost page faults that would dominate a merge) and returns it.
 """
 
@@ -53,11 +54,11 @@ def _run(fn: Callable[..., Tensor], *args: Any) -> Tensor:
         return fn(*args)
 
 
-def _ties(deltas: Tensor, thresholds: Tensor, base: Tensor, scale: float, out: Tensor) -> Tensor:
+def _ties(models: Tensor, thresholds: Tensor, base: Tensor, scale: float, out: Tensor) -> Tensor:
     # The loop over the K models is unrolled at trace time, so the whole kernel is one element-wise loop.
     pos_sum = neg_sum = pos_cnt = neg_cnt = None
-    for k in range(deltas.shape[0]):
-        d = deltas[k]
+    for k in range(models.shape[0]):
+        d = models[k] - base
         t = torch.where(d.abs() >= thresholds[k], d, 0.0)
         p, q = t.clamp(min=0), t.clamp(max=0)
         pc, nc = (t > 0).to(d.dtype), (t < 0).to(d.dtype)
@@ -71,21 +72,21 @@ def _ties(deltas: Tensor, thresholds: Tensor, base: Tensor, scale: float, out: T
     return out.copy_(base + scale * merged)
 
 
-def ties_merge(deltas: Tensor, thresholds: Tensor, base: Tensor, scale: float, out: Tensor) -> Tensor:
-    """TIES: zero entries of ``deltas`` below their row's threshold, elect the sign of the sum, average the
+def ties_merge(models: Tensor, thresholds: Tensor, base: Tensor, scale: float, out: Tensor) -> Tensor:
+    """TIES on the task vectors ``models - base``: zero entries below their row's threshold, elect the sign of the sum, average the
     entries that agree with it (disjoint mean), write ``base + scale * mean``. Elements whose trimmed sum is 0
     keep the base value."""
-    return _run(_ties, deltas, thresholds, base, float(scale), out)
+    return _run(_ties, models, thresholds, base, float(scale), out)
 
 
-def _dare(deltas: Tensor, field: Tensor, drop: float, base: Tensor, scale: float, out: Tensor) -> Tensor:
-    kept = torch.where(field[0] >= drop, deltas[0], 0.0)
-    for k in range(1, deltas.shape[0]):  # unrolled at trace time: one element-wise loop
-        kept = kept + torch.where(field[k] >= drop, deltas[k], 0.0)
+def _dare(models: Tensor, field: Tensor, drop: float, base: Tensor, scale: float, out: Tensor) -> Tensor:
+    kept = torch.where(field[0] >= drop, models[0] - base, 0.0)
+    for k in range(1, models.shape[0]):  # unrolled at trace time: one element-wise loop
+        kept = kept + torch.where(field[k] >= drop, models[k] - base, 0.0)
     return out.copy_(base + (scale / (1.0 - drop)) * kept)
 
 
-def dare_merge(deltas: Tensor, field: Tensor, drop: float, base: Tensor, scale: float, out: Tensor) -> Tensor:
-    """DARE: keep the entries of ``deltas`` whose uniform ``field`` value is ``>= drop``, rescale by
+def dare_merge(models: Tensor, field: Tensor, drop: float, base: Tensor, scale: float, out: Tensor) -> Tensor:
+    """DARE: keep the entries of the task vectors ``models - base`` whose uniform ``field`` value is ``>= drop``, rescale by
     ``1 / (1 - drop)``, sum over models, return ``base + scale * sum``."""
-    return _run(_dare, deltas, field, float(drop), base, float(scale), out)
+    return _run(_dare, models, field, float(drop), base, float(scale), out)

@@ -1,12 +1,12 @@
 """Materialising merge configurations into one resident SAM model, in place.
 
-The :class:`Merger` lays every parameter out once, flattened, as base ``(n,)``, models ``(K, n)`` and task vectors
-``(K, n)``, and owns a single ``Sam`` module whose parameters are views of flat ``(n,)`` output tensors. Applying a configuration writes each merged tensor
+The :class:`Merger` lays every parameter out once, flattened, as base ``(n,)`` and models ``(K, n)`` (task vectors
+``models - base`` are computed per tensor during a merge, never stored), and owns a single ``Sam`` module whose parameters are views of flat ``(n,)`` output tensors. Applying a configuration writes each merged tensor
 straight into the module's parameter storage: no checkpoint is re-read, nothing is written to disk, no new module
 is built and no full-size temporary is allocated. Groups whose setting did not change since the last application
 are skipped, so a configuration that only touches the mask decoder costs only the decoder.
 
-Memory: ``(2K + 2) x`` the model size (sources, task vectors, the merged model) plus memoised per-method
+Memory: ``(K + 2) x`` the model size (sources and the merged model) plus memoised per-method
 quantities (TIES: sorted task-vector magnitudes, ``K x``; DARE: one random field per seed, ``K x``; SLERP: one
 centroid, ``1 x``), each allocated on first use. The pool's state dicts become views into the stacks (no copy).
 """
@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from medsamix.merging.config import MergeConfig
 from medsamix.errors import ConfigError
 from medsamix.merging.groups import Group, encoder_groups, group_parameters
-from medsamix.merging.methods import Sources, get_method
+from medsamix.merging.methods import REGISTRY, Sources, get_method
 from medsamix.models.pool import ModelPool
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ class Merger:
     """Keeps a pool resident and materialises configurations into one ``Sam`` module.
 
     Args:
-        pool: The model pool. Its state dicts are re-pointed into the merger's stacks.
+        pool: The model pool. Its state dicts are re-pointed into the merger's stacks (on a CPU: no copy stays).
         granularity: ViT blocks per encoder group (1-4).
         separate: Split encoder groups into attn / mlp / norm.
         device: Where buffers and the model live.
@@ -76,7 +76,7 @@ class Merger:
                             m.state_dict[n] = models[i].view(shape)
                     out = base.clone()
                     named[n].data = out.view(shape)
-                    tensors.append((Sources(base=base, models=models, deltas=models - base, key=n), out))
+                    tensors.append((Sources(base=base, models=models, key=n), out))
                 self._state[g.name] = _GroupState(g, tensors)
         base_sd = pool.base.state_dict
         for name, buf in self.model.named_buffers():
@@ -122,16 +122,25 @@ class Merger:
                 state.applied = key
         return self.model
 
-    def prepare(self, methods: Iterable[str] = ("ties", "slerp", "dare"), seed: int = 0) -> None:
-        """Compute the memoised per-method quantities for every group now rather than on first use."""
-        probe = {"ties": {"keep": 0.5, "scale": 1.0}, "slerp": {"t": 0.5},
-                 "dare": {"drop": 0.5, "scale": 1.0, "seed": seed}}
+    def prepare(self, methods: Iterable[str] | None = None, seed: int = 0) -> None:
+        """Compute the memoised per-method quantities for every group now rather than on first use.
+
+        Args:
+            methods: Method names (default: every registered method with a ``warmup``; the others are skipped).
+            seed: Replaces the ``seed`` of a warm-up (DARE's drop mask is memoised per seed).
+        """
+        names = list(REGISTRY) if methods is None else list(methods)
         with torch.no_grad():
-            for m in methods:
-                fn = get_method(m).fn
+            for name in names:
+                method = get_method(name)
+                if method.warmup is None:
+                    continue
+                probe = dict(method.warmup)
+                if "seed" in probe:
+                    probe["seed"] = seed
                 for state in self._state.values():
                     for src, _ in state.tensors:
-                        fn(src, probe[m], None)
+                        method.fn(src, probe, None)
 
     def state_dict(self) -> dict[str, Tensor]:
         """The merged model's state dict (the live parameters: clone before keeping)."""

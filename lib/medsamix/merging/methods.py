@@ -5,8 +5,8 @@ tensors and its hyper-parameters, applied to one parameter tensor at a time. Ten
 :class:`Sources` holding
 
 * ``base``   - shape ``(n,)``, the base model's (SAM's) tensor;
-* ``models`` - shape ``(K, n)``, the K fine-tuned models' tensors, in pool order;
-* ``deltas`` - task vectors ``models - base``, shape ``(K, n)``;
+* ``models`` - shape ``(K, n)``, the K fine-tuned models' tensors, in pool order (task vectors
+  ``models - base`` are computed where needed, not stored);
 
 and the method writes the merged ``(n,)`` vector into ``out`` when given (else into a new tensor) and returns it.
 
@@ -53,13 +53,14 @@ from medsamix.errors import ConfigError
 class Sources:
     """The inputs of a merge method for one parameter tensor, flattened.
 
-    All three tensors are contiguous and own their storage (not views): compiled kernels then see the same
-    tensor layout for every parameter and are compiled once.
+    Both tensors are contiguous and own their storage (not views): compiled kernels then see the same tensor layout
+    for every parameter and are compiled once. Task vectors ``models - base`` are not stored: the kernels compute
+    them element by element as they merge (:meth:`task_vectors` gives them for one tensor), so a merger holds the
+    sources once and not K more full copies.
 
     Attributes:
         base: Base model tensor, shape ``(n,)``.
         models: Fine-tuned model tensors, shape ``(K, n)``.
-        deltas: Task vectors ``models - base``, shape ``(K, n)``.
         key: Stable name (the parameter name) used to seed random methods.
         cache: Memo for quantities that depend only on the sources (sorted magnitudes, centroid, random fields);
             a merger keeps its ``Sources`` alive so these are computed once per pool.
@@ -67,7 +68,6 @@ class Sources:
 
     base: Tensor
     models: Tensor
-    deltas: Tensor
     key: str = ""
     cache: dict[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -76,11 +76,15 @@ class Sources:
         """Build sources from a base tensor of any shape and a list (or stack) of model tensors of that shape."""
         flat_base = base.detach().flatten().clone()
         stacked = torch.stack([m.detach().flatten() for m in models])
-        return cls(base=flat_base, models=stacked, deltas=stacked - flat_base, key=key)
+        return cls(base=flat_base, models=stacked, key=key)
 
     @property
     def num_models(self) -> int:
         return int(self.models.shape[0])
+
+    def task_vectors(self) -> Tensor:
+        """Task vectors ``models - base``, shape ``(K, n)``: a new tensor (a temporary of one parameter's size)."""
+        return self.models - self.base
 
     def memo(self, name: str, make: Callable[[], Any]) -> Any:
         if name not in self.cache:
@@ -112,16 +116,48 @@ class ParamSpec:
 
 
 MethodFn = Callable[[Sources, Mapping[str, Any], Tensor | None], Tensor]
+Params = Mapping[str, Any]
+UniformFn = Callable[[Sequence[str]], Mapping[str, Params]]
+"""Pool aliases (base first) -> named uniform baselines ``{name: alias-keyed params}``."""
+SingleFn = Callable[[str, Sequence[str]], "Params | None"]
+"""``(alias, aliases)`` -> alias-keyed params bit-identical to the single source ``alias`` (``None``: none)."""
 
 
 @dataclasses.dataclass(frozen=True)
 class MergeMethod:
-    """A registered merge method: its function and hyper-parameters."""
+    """A registered merge method: everything the merger, the search space and the initial design know of it.
+
+    Attributes:
+        name: The name recipes and search spaces use.
+        fn: ``fn(src, params, out=None) -> Tensor``, ``params`` in index form (:meth:`resolve`).
+        params: Hyper-parameters, with their valid ranges and the ranges a search explores (the ConfigSpace
+            hyper-parameters of :func:`medsamix.search.space.build_space` are built from them).
+        doc: One-paragraph description.
+        task_vectors: Whether ``fn`` reads ``src.deltas`` (task vectors); ``False`` for methods of the raw weights.
+        uniform: The uniform baselines of this method: a callable of the pool aliases (base first) returning
+            ``{baseline name: alias-keyed params}`` (:func:`medsamix.merging.config.uniform_merges`; scored in
+            reports and part of every search's initial design).
+        design: Further uniform settings (alias-keyed params) in every search's initial design.
+        single: ``(alias, aliases) -> params`` bit-identical to one source (``None`` for sources it cannot
+            express): each such point enters the initial design with that model's style.
+        warmup: Index-form params whose evaluation computes this method's memoised quantities
+            (:meth:`medsamix.merging.merger.Merger.prepare`; a ``seed`` entry is replaced by the caller's seed);
+            ``None`` when the method memoises nothing.
+    """
 
     name: str
     fn: MethodFn
     params: tuple[ParamSpec, ...]
     doc: str
+    task_vectors: bool = True
+    uniform: UniformFn | None = None
+    design: tuple[Params, ...] = ()
+    single: SingleFn | None = None
+    warmup: Params | None = None
+
+    def uniform_baselines(self, aliases: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """This method's uniform baselines for a pool with ``aliases``: name -> alias-keyed params."""
+        return {} if self.uniform is None else {n: dict(p) for n, p in self.uniform(aliases).items()}
 
     def resolve(self, params: Mapping[str, Any], aliases: Sequence[str], where: str = "") -> dict[str, Any]:
         """Validate alias-keyed ``params`` and return them in index form.
@@ -220,16 +256,31 @@ def _check_weights(value: Any, names: Sequence[str], field: str, key: str, valid
 REGISTRY: dict[str, MergeMethod] = {}
 
 
-def register(name: str, params: Sequence[ParamSpec] = ()) -> Callable[[MethodFn], MethodFn]:
-    """Decorator adding a merge method to :data:`REGISTRY`."""
+def register(name: str, params: Sequence[ParamSpec] = (), *, task_vectors: bool = True,
+             uniform: Mapping[str, Params] | UniformFn | None = None, design: Sequence[Params] = (),
+             single: SingleFn | None = None, warmup: Params | None = None) -> Callable[[MethodFn], MethodFn]:
+    """Decorator adding a merge method to :data:`REGISTRY`: one registration is all a new method needs (the
+    merger, the search space, the uniform baselines and the initial design read it). The keyword arguments are the
+    :class:`MergeMethod` attributes of the same names; ``uniform`` may also be a fixed mapping name -> params."""
 
     def deco(fn: MethodFn) -> MethodFn:
         if name in REGISTRY:
             raise ValueError(f"merge method {name!r} registered twice")
-        REGISTRY[name] = MergeMethod(name, fn, tuple(params), (fn.__doc__ or "").strip())
+        baselines = uniform if uniform is None or callable(uniform) else _fixed(uniform)
+        REGISTRY[name] = MergeMethod(name, fn, tuple(params), (fn.__doc__ or "").strip(), task_vectors, baselines,
+                                     tuple(design), single, warmup)
         return fn
 
     return deco
+
+
+def unregister(name: str) -> MergeMethod:
+    """Remove a method from :data:`REGISTRY` (a plug-in or a test undoing its registration) and return it."""
+    return REGISTRY.pop(name)
+
+
+def _fixed(table: Mapping[str, Params]) -> UniformFn:
+    return lambda aliases: table
 
 
 def get_method(name: str) -> MergeMethod:
@@ -256,7 +307,13 @@ def _combine(src: Sources, coefficients: Sequence[float], out: Tensor | None) ->
     return res.add_(src.base, alpha=coefficients[0])
 
 
-@register("linear", [ParamSpec("weights", "weights", doc="non-negative weight per source, normalised to sum 1")])
+def _one_hot(alias: str, names: Sequence[str]) -> dict[str, float]:
+    return {b: float(alias == b) for b in names}
+
+
+@register("linear", [ParamSpec("weights", "weights", doc="non-negative weight per source, normalised to sum 1")],
+          task_vectors=False, uniform=lambda aliases: {"linear": {"weights": {a: 1.0 for a in aliases}}},
+          single=lambda alias, aliases: {"weights": _one_hot(alias, aliases)})
 def linear(src: Sources, params: Mapping[str, Any], out: Tensor | None = None) -> Tensor:
     """Weighted average of base and models."""
     w = params["weights"]
@@ -268,7 +325,10 @@ def linear(src: Sources, params: Mapping[str, Any], out: Tensor | None = None) -
     _SCALE,
     ParamSpec("weights", "model_weights", 0.0, 3.0, search_low=0.0, search_high=1.0,
               doc="weight of each fine-tuned model's task vector (default 1 each)"),
-])
+], task_vectors=False,  # computed as a combination of the weights (theta_0 + sum_k c_k (theta_k - theta_0))
+    uniform={"task_arithmetic_0.5": {"scale": 0.5}},
+    single=lambda alias, aliases: (None if alias == aliases[0]
+                                   else {"scale": 1.0, "weights": _one_hot(alias, list(aliases)[1:])}))
 def task_arithmetic(src: Sources, params: Mapping[str, Any], out: Tensor | None = None) -> Tensor:
     """Base plus the scaled, weighted sum of task vectors (Ilharco et al., 2023)."""
     lam = params["scale"]
@@ -278,7 +338,7 @@ def task_arithmetic(src: Sources, params: Mapping[str, Any], out: Tensor | None 
     return _combine(src, [1.0 - lam * sum(w)] + [lam * x for x in w], out)
 
 
-@register("pick", [ParamSpec("source", "source", doc="the source whose values are taken verbatim")])
+@register("pick", [ParamSpec("source", "source", doc="the source whose values are taken verbatim")], task_vectors=False)
 def pick(src: Sources, params: Mapping[str, Any], out: Tensor | None = None) -> Tensor:
     """One source's values, unchanged."""
     i = params["source"]
@@ -287,7 +347,7 @@ def pick(src: Sources, params: Mapping[str, Any], out: Tensor | None = None) -> 
 
 def _sorted_magnitudes(src: Sources) -> Tensor:
     """``|tau_k|`` of each model sorted ascending, shape ``(K, n)``; memoised."""
-    return src.memo("sorted_abs", lambda: src.deltas.abs().sort(dim=1).values)
+    return src.memo("sorted_abs", lambda: src.task_vectors().abs_().sort(dim=1).values)
 
 
 def ties_trim_thresholds(src: Sources, keep: float) -> Tensor:
@@ -302,13 +362,15 @@ def ties_trim_thresholds(src: Sources, keep: float) -> Tensor:
     "ties",
     [ParamSpec("keep", "float", 0.0, 1.0, default=0.2, search_low=0.05, search_high=1.0,
                doc="fraction of each task vector kept by magnitude"), _SCALE],
+    uniform={"ties_0.5_0.5": {"keep": 0.5, "scale": 0.5}},
+    warmup={"keep": 0.5, "scale": 1.0},
 )
 def ties(src: Sources, params: Mapping[str, Any], out: Tensor | None = None) -> Tensor:
     """TIES-merging: trim, elect sign, disjoint mean (Yadav et al., 2023)."""
     res = _output(src, out)
     if params["keep"] <= 0:
         return res.copy_(src.base)
-    kernels.ties_merge(src.deltas, ties_trim_thresholds(src, params["keep"]), src.base, params["scale"], res)
+    kernels.ties_merge(src.models, ties_trim_thresholds(src, params["keep"]), src.base, params["scale"], res)
     return res
 
 
@@ -335,7 +397,8 @@ def _slerp_geometry(src: Sources) -> tuple[Tensor, float]:
     return src.memo("slerp", make)
 
 
-@register("slerp", [ParamSpec("t", "float", 0.0, 1.0, default=0.5, doc="0 = base, 1 = models' centroid")])
+@register("slerp", [ParamSpec("t", "float", 0.0, 1.0, default=0.5, doc="0 = base, 1 = models' centroid")],
+          task_vectors=False, uniform={"slerp_0.5": {"t": 0.5}}, warmup={"t": 0.5})
 def slerp(src: Sources, params: Mapping[str, Any], out: Tensor | None = None) -> Tensor:
     """Spherical linear interpolation from the base towards the models' spherical centroid."""
     t = params["t"]
@@ -354,8 +417,8 @@ def _dare_field(src: Sources, seed: int) -> Tensor:
     cached = src.cache.get("dare")
     if cached is None or cached[0] != seed:
         g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(src.key.encode()))
-        field = torch.rand(src.deltas.shape, generator=g, dtype=src.deltas.dtype)
-        src.cache["dare"] = cached = (seed, field.to(src.deltas.device))
+        field = torch.rand(src.models.shape, generator=g, dtype=src.models.dtype)
+        src.cache["dare"] = cached = (seed, field.to(src.models.device))
     return cached[1]
 
 
@@ -365,9 +428,11 @@ def _dare_field(src: Sources, seed: int) -> Tensor:
                doc="probability of dropping a task-vector entry"),
      _SCALE,
      ParamSpec("seed", "int", 0, 2**31 - 1, default=0, doc="seed of the drop mask")],
+    design=({"drop": 0.5, "scale": 0.5, "seed": 0},),
+    warmup={"drop": 0.5, "scale": 1.0, "seed": 0},
 )
 def dare(src: Sources, params: Mapping[str, Any], out: Tensor | None = None) -> Tensor:
     """DARE: random drop and rescale of task vectors, then task arithmetic (Yu et al., 2024)."""
     res = _output(src, out)
-    kernels.dare_merge(src.deltas, _dare_field(src, params["seed"]), params["drop"], src.base, params["scale"], res)
+    kernels.dare_merge(src.models, _dare_field(src, params["seed"]), params["drop"], src.base, params["scale"], res)
     return res

@@ -43,7 +43,6 @@ from medsamix.models.pool import ALIAS_RE
 from medsamix.models.preprocess import STYLES, Preprocessor
 
 FORMAT_VERSION = 1
-PREPROCESSING_STYLES = STYLES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,8 +111,8 @@ class Recipe:
         if not self.models:
             raise ConfigError(f"{where}: models: at least one fine-tuned model is required")
         style = self.preprocessing.get("style")
-        if style not in PREPROCESSING_STYLES:
-            raise ConfigError(f"{where}: preprocessing.style must be one of {PREPROCESSING_STYLES}, got {style!r}")
+        if style not in STYLES:
+            raise ConfigError(f"{where}: preprocessing.style must be one of {STYLES}, got {style!r}")
         groups = group_parameters(reference_param_names(self.arch), self.merge.granularity, self.merge.separate)
         try:
             self.merge.validate(groups, aliases)

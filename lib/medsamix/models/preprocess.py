@@ -63,8 +63,10 @@ class Preprocessor:
                             dtype=torch.float32)
         if x.dim() == 2:
             x = x[None]
-        hw = (int(x.shape[-2]), int(x.shape[-1]))
-        h, w = self.resized_hw(hw)
+        # "sam": ResizeLongestSide.apply_image_torch's interpolation (not the method itself: it takes the target size
+        # from the batch and channel dimensions of a BCHW tensor), then Sam.preprocess's normalisation and padding;
+        # both pinned to segment_anything by tests/test_preprocess_sam.py
+        h, w = self.resized_hw((int(x.shape[-2]), int(x.shape[-1])))
         x = F.interpolate(x[:, None], size=(h, w), mode="bilinear", align_corners=False, antialias=True)
         x = x.expand(-1, 3, -1, -1)
         if self.style == "medsam":
@@ -80,17 +82,19 @@ class Preprocessor:
 
     def boxes(self, boxes: Tensor | np.ndarray, hw: tuple[int, int]) -> Tensor:
         """XYXY boxes ``(N, 4)`` in slice pixels -> model-input coordinates ``(N, 4)`` float32."""
-        sx, sy = self._scale(hw)
-        b = torch.as_tensor(np.asarray(boxes, dtype=np.float32)).reshape(-1, 4)
-        return b * torch.tensor([sx, sy, sx, sy])
+        return self.points(torch.as_tensor(np.asarray(boxes, dtype=np.float32)).reshape(-1, 2, 2), hw).reshape(-1, 4)
 
     def points(self, coords: Tensor | np.ndarray, hw: tuple[int, int]) -> Tensor:
-        """XY points ``(..., 2)`` in slice pixels -> model-input coordinates."""
+        """XY points ``(..., 2)`` in slice pixels -> model-input coordinates (float32)."""
+        xy = torch.as_tensor(np.asarray(coords, dtype=np.float32))
+        if self.style == "sam":
+            return ResizeLongestSide(self.img_size).apply_coords_torch(xy, hw)
         sx, sy = self._scale(hw)
-        return torch.as_tensor(np.asarray(coords, dtype=np.float32)) * torch.tensor([sx, sy])
+        return xy * torch.tensor([sx, sy])
 
     def masks(self, low_res: Tensor, hw: tuple[int, int]) -> Tensor:
-        """Decoder logits ``(N, C, h, w)`` (h = w = img_size / 4) -> logits at slice size ``(N, C, H, W)``."""
+        """Decoder logits ``(N, C, h, w)`` (h = w = img_size / 4) -> logits at slice size ``(N, C, H, W)``; for the
+        "sam" style exactly ``Sam.postprocess_masks`` (pinned by tests/test_preprocess_sam.py)."""
         if self.style == "medsam":
             return F.interpolate(low_res, size=hw, mode="bilinear", align_corners=False)
         up = F.interpolate(low_res, size=(self.img_size, self.img_size), mode="bilinear", align_corners=False)

@@ -10,7 +10,8 @@ from typing import Any
 
 from medsamix.data.tasks import label_names, parse_names
 from medsamix.errors import MergeRunError
-from medsamix.merging.recipe import PREPROCESSING_STYLES
+from medsamix.merging.groups import GRANULARITIES
+from medsamix.models.preprocess import STYLES
 from medsamix.search.search import SearchSettings
 
 __all__ = ["MergeOptions", "label_names", "parse_min_gain", "parse_tasks"]
@@ -113,7 +114,7 @@ class MergeOptions:
         if trials < 1:
             raise MergeRunError(f"trials: must be >= 1, got {trials}")
         granularity = _as_int("granularity", merged.get("granularity", cls.granularity))
-        if granularity not in (1, 2, 3, 4):
+        if granularity not in GRANULARITIES:
             raise MergeRunError(f"granularity: must be 1, 2, 3 or 4 ViT blocks per group, got {granularity}")
         mb_raw = merged.get("min_budget")
         min_budget = None if mb_raw in (None, "", "none", "None") else _as_int("min_budget", mb_raw)
@@ -123,8 +124,8 @@ class MergeOptions:
         if seed < 0:
             raise MergeRunError(f"seed: must be >= 0, got {seed}")
         style = merged.get("preprocessing") or None
-        if style is not None and style not in PREPROCESSING_STYLES:
-            raise MergeRunError(f"preprocessing: must be one of {list(PREPROCESSING_STYLES)} (or empty to search "
+        if style is not None and style not in STYLES:
+            raise MergeRunError(f"preprocessing: must be one of {list(STYLES)} (or empty to search "
                                 f"it), got {style!r}")
         min_gain = parse_min_gain(merged.get("min_gain"))
         return cls(tasks, trials, granularity, _as_bool("separate", merged.get("separate", False)),

@@ -19,7 +19,7 @@ from medsamix.errors import MergeRunError
 from medsamix.models.pool import ModelPool
 from medsamix.runs.options import MergeOptions
 from medsamix.search.corruptions import robust_tasks, with_corrupted
-from medsamix.search.search import SearchSettings, _settings_key
+from medsamix.search.settings import SearchSettings, settings_key
 
 def search_context(pool: ModelPool, calibration: Sequence[SliceSample], split: str) -> dict[str, Any]:
     """Facts besides the settings that must match for a search to resume: the pool, the calibration studies."""
@@ -41,7 +41,7 @@ def run_name(settings: SearchSettings, context: Mapping[str, Any]) -> str:
         parts.append(f"prep_{settings.preprocessing}")
     if settings.min_budget is not None:
         parts.append(f"mb{settings.min_budget}")
-    return "-".join(parts) + "-" + _settings_key(settings, dict(context))[:10]
+    return "-".join(parts) + "-" + settings_key(settings, dict(context))[:10]
 
 
 @dataclasses.dataclass

@@ -24,6 +24,8 @@ import torch
 from monai.metrics import compute_dice
 from torch import Tensor, nn
 
+from medsamix.models.encoding import batch_size_for, encode_batches
+from medsamix.models.forward import predict_masks
 from medsamix.models.preprocess import Preprocessor
 from medsamix.data.slices import SliceSample
 from medsamix.search.interactive import STARTS, interactive_masks
@@ -60,7 +62,9 @@ class Evaluator:
 
     Args:
         samples: The slices (0-255 images, masks, boxes); typically a task's calibration or test split.
-        batch_size: Slices per image-encoder batch.
+        batch_size: Slices per image-encoder pass; ``None``: :func:`~medsamix.models.encoding.batch_size_for` the
+            model's encoder and ``device`` (1 on a CPU, where a batch costs as much as its slices one by one and
+            only adds activation memory; on CUDA as many as fit its activation-memory cap).
         cache_size: Most embedding sets kept (one set per image-encoder key); ``None``: bounded by bytes only.
         cache_bytes: Most bytes of cached embeddings; least recently used sets are dropped first (the set in use
             is never dropped). Multi-fidelity searches need room for every configuration awaiting promotion.
@@ -70,7 +74,7 @@ class Evaluator:
         start: Initial prompt of the interactive protocol, "box" or "point".
     """
 
-    def __init__(self, samples: Sequence[SliceSample], batch_size: int = 16, cache_size: int | None = None,
+    def __init__(self, samples: Sequence[SliceSample], batch_size: int | None = None, cache_size: int | None = None,
                  cache_bytes: int = 2 * 2**30, device: str | torch.device = "cpu", rounds: int = 0,
                  start: str = "box") -> None:
         if not samples:
@@ -129,11 +133,12 @@ class Evaluator:
         for i in missing:
             by_shape[self.images[i].shape].append(i)
         out = dict(cache) if key is not None else {}
+        batch = self.batch_size or batch_size_for(model.image_encoder, self.device)
         for idx in by_shape.values():
-            for start in range(0, len(idx), self.batch_size):
-                chunk = idx[start:start + self.batch_size]
-                x = prep.images(np.stack([self.images[i] for i in chunk])).to(self.device)
-                emb = model.image_encoder(x)
+            for start in range(0, len(idx), batch):
+                chunk = idx[start:start + batch]
+                x = prep.images(np.stack([self.images[i] for i in chunk]))  # (N, 3, S, S) model inputs
+                emb = encode_batches(model.image_encoder, x, batch, self.device)  # (N, C, S/16, S/16)
                 self.encoder_passes += len(chunk)
                 for i, e in zip(chunk, emb):
                     out[i] = e
@@ -175,11 +180,8 @@ class Evaluator:
         dense_pe = model.prompt_encoder.get_dense_pe()
         preds: dict[int, np.ndarray] = {}
         for img, sample_ids in by_image.items():
-            hw = self.images[img].shape
-            boxes = prep.boxes(np.stack([self.samples[i].box for i in sample_ids]), hw).to(self.device)
-            sparse, dense = model.prompt_encoder(points=None, boxes=boxes, masks=None)
-            low, _ = model.mask_decoder(emb[img][None], dense_pe, sparse, dense, False)
-            masks = (prep.masks(low, hw)[:, 0] > 0).cpu().numpy()
+            boxes = np.stack([self.samples[i].box for i in sample_ids])
+            masks = predict_masks(model, prep, emb[img], self.images[img].shape, boxes=boxes, dense_pe=dense_pe)
             for i, m in zip(sample_ids, masks):
                 preds[i] = m
         return preds

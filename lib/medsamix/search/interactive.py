@@ -19,6 +19,7 @@ import torch
 from scipy import ndimage
 from torch import Tensor, nn
 
+from medsamix.models.forward import decode
 from medsamix.models.preprocess import Preprocessor
 
 STARTS = ("box", "point")
@@ -100,11 +101,8 @@ def interactive_masks(model: nn.Module, prep: Preprocessor, embedding: Tensor, g
                 continue
             points.append(click[0])
             labels.append(click[1])
-        pts = None
-        if points:
-            coords = prep.points(np.stack(points)[None], hw).to(device)
-            pts = (coords, torch.tensor([labels], dtype=torch.int, device=device))
-        sparse, dense = model.prompt_encoder(points=pts, boxes=boxes, masks=low)
-        low, _ = model.mask_decoder(embedding[None], dense_pe, sparse, dense, False)
+        coords = prep.points(np.stack(points)[None], hw).to(device) if points else None
+        label_t = torch.tensor([labels], dtype=torch.int, device=device) if points else None
+        low, _ = decode(model, embedding, boxes, coords, label_t, mask_input=low, dense_pe=dense_pe)
         out.append((prep.masks(low, hw)[0, 0] > 0).cpu().numpy())
     return out

@@ -23,12 +23,15 @@ The preprocessing style is part of every configuration (:attr:`MergeConfig.prepr
 hyper-parameter ``prep:style``) unless the settings fix it. Then each single model enters the initial design with its
 own style (:attr:`SearchSettings.own_styles`), exactly as it is served alone, so the search never ends below any
 single model as served alone either.
+
+This module is the SMAC driver; the settings and the initial design are in :mod:`medsamix.search.settings`, how
+trials run (here, on Dask workers, or the naive reference loop) in :mod:`medsamix.search.execution`. Both are
+re-exported here.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import math
@@ -40,137 +43,27 @@ from typing import Any
 
 from ConfigSpace import Configuration
 
-from medsamix.merging.config import MergeConfig, uniform_merges
-from medsamix.errors import MedSAMixError
+from medsamix.merging.config import MergeConfig
+from medsamix.merging.merger import Merger
 from medsamix.search.evaluate import Evaluator
-from medsamix.merging.merger import MergeError, Merger
-from medsamix.models.preprocess import STYLES, Preprocessor
+from medsamix.search.execution import LocalExecution, execution, preprocessor, run_trial, score
+from medsamix.search.settings import (
+    COARSE_TOP,
+    SearchError,
+    SearchSettings,
+    budget_problem,
+    coarse_trials,
+    initial_configs,
+    settings_key,
+)
 from medsamix.search.space import Tie, build_space, component_tie, from_merge_config, to_merge_config
 
 log = logging.getLogger(__name__)
 
+_settings_key = settings_key  # the former private name (runs/plan.py)
 
-class SearchError(MedSAMixError):
-    """A search cannot start (bad settings, incompatible output directory)."""
-
-
-COARSE_TOP = 3
-"""How many of the coarse stage's best configurations (full budget, distinct) seed the per-group stage."""
-
-
-@dataclasses.dataclass(frozen=True)
-class SearchSettings:
-    """What defines a search; an output directory only continues a search with equal settings.
-
-    Attributes:
-        tasks: Task names; one for MedSAMix-S, several for MedSAMix-M.
-        trials: Number of configurations to evaluate in total (initial design included).
-        granularity: ViT blocks per encoder group.
-        separate: Split encoder groups into attn / mlp / norm.
-        methods: Merge methods searched over.
-        seed: SMAC's seed.
-        preprocessing: Preprocessing style of the merged model ("sam" / "medsam"); ``None``: searched (the
-            hyper-parameter ``prep:style`` over :data:`~medsamix.models.preprocess.STYLES`).
-        own_styles: ``(alias, style)`` of each pool model: its own preprocessing, as it is served alone. With a
-            searched style each single model enters the initial design with it; the no-regression guard scores
-            each single model with it (:func:`medsamix.runs.promotion.single_model_scores`). A model not listed: the
-            fixed style, else "sam".
-        naive: Reproduce the reference loop for comparison: every trial reloads the checkpoints from disk, builds
-            a new merger and re-encodes every calibration slice (no embedding reuse).
-        min_budget: Multi-fidelity (single task only): the fewest calibration slices a trial is scored on;
-            SMAC's Hyperband raises promising configurations up to all slices. ``None`` = every trial on all
-            slices.
-        eta: Hyperband's factor between budgets (and the share of configurations promoted, 1/eta). With
-            ``min_budget`` <= slices / eta**3 Hyperband has four rungs.
-        coarse_share: Share of the trials spent first in a coarse stage (0 = none; see :func:`coarse_trials` for
-            the exact number): SMAC over a tied space with one method and hyper-parameters per model component
-            (image encoder, prompt encoder, mask decoder), where one move changes a whole component (a task vector
-            extrapolated everywhere, the encoder of one model with the decoder of another), which the per-group
-            space reaches only through many coordinated moves. The initial design runs there; the per-group stage
-            that follows starts from the coarse stage's best configurations (:data:`COARSE_TOP`), so SMAC's local
-            search refines them group by group.
-        rounds: The objective: 0 = Dice of box prompts; k > 0 = the interactive protocol, the box then k
-            correction clicks (:mod:`medsamix.search.interactive`), a slice's Dice averaged over the k + 1 rounds.
-    """
-
-    tasks: tuple[str, ...]
-    trials: int = 120
-    granularity: int = 2
-    separate: bool = False
-    methods: tuple[str, ...] = ("dare", "linear", "pick", "slerp", "task_arithmetic", "ties")
-    seed: int = 0
-    preprocessing: str | None = None
-    own_styles: tuple[tuple[str, str], ...] = ()
-    naive: bool = False
-    min_budget: int | None = None
-    eta: int = 3
-    coarse_share: float = 1 / 3
-    rounds: int = 0
-
-    def __post_init__(self) -> None:
-        if self.rounds < 0:
-            raise SearchError(f"rounds must be >= 0, got {self.rounds}")
-        bad = [s for s in (self.preprocessing, *(st for _, st in self.own_styles)) if s is not None and s not in STYLES]
-        if bad:
-            raise SearchError(f"preprocessing styles must be among {STYLES}, got {bad}")
-
-    @property
-    def multi(self) -> bool:
-        return len(self.tasks) > 1
-
-    @property
-    def searched_styles(self) -> tuple[str, ...]:
-        """The styles the search chooses among: every style when ``preprocessing`` is ``None``, else none."""
-        return STYLES if self.preprocessing is None else ()
-
-    def own_style(self, alias: str) -> str:
-        """The style ``alias`` is served with on its own: ``own_styles``, else the fixed style, else "sam"."""
-        return dict(self.own_styles).get(alias) or self.preprocessing or STYLES[0]
-
-    def design_style(self, alias: str) -> str:
-        """The style of single model ``alias`` in the initial design (the base model's: of the uniform merges too):
-        the fixed style, else its own."""
-        return self.preprocessing or self.own_style(alias)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        if not self.rounds:  # box objective: the settings (and run keys) of searches before the interactive one
-            del d["rounds"]
-        return d
-
-
-def initial_configs(merger: Merger, settings: SearchSettings) -> list[MergeConfig]:
-    """The uniform merges (with the base model's style) and every single pool model with its style
-    (:meth:`SearchSettings.design_style`: its own unless the settings fix one), as merge configurations.
-
-    A single model is a one-hot linear merge (weight 1 on it, 0 on the others; bit-identical to the model). As a
-    point of the continuous weight space it has continuous neighbours, so SMAC's local search around a strong single
-    model proposes small moves away from it rather than only jumps to other methods (as ``pick`` would). Each
-    fine-tuned model also enters as one-hot task arithmetic (scale 1, weight 1 on it, 0 on the others; also
-    bit-identical): its neighbours include moves past the model along its task vector (scale above 1), which
-    linear weights cannot express, and the addition of a little of another model's task vector."""
-    g, sep, groups, aliases = settings.granularity, settings.separate, merger.groups, merger.aliases
-    base_style = settings.design_style(aliases[0])
-    configs = list(uniform_merges(groups, aliases, g, sep, base_style).values())
-    configs.append(MergeConfig.uniform(groups, "dare", {"drop": 0.5, "scale": 0.5, "seed": 0}, g, sep, base_style))
-    configs += [MergeConfig.uniform(groups, "linear", {"weights": {b: float(a == b) for b in aliases}}, g, sep,
-                                    settings.design_style(a))
-                for a in aliases]
-    configs += [MergeConfig.uniform(groups, "task_arithmetic",
-                                    {"scale": 1.0, "weights": {b: float(a == b) for b in aliases[1:]}}, g, sep,
-                                    settings.design_style(a))
-                for a in aliases[1:]]
-    return [c for c in configs if next(iter(c.groups.values())).method in settings.methods]
-
-
-def coarse_trials(trials: int, share: float, n_initial: int) -> int:
-    """Trials of the coarse stage: ``round(share * trials)``, at least the initial design (``n_initial``, which
-    runs there) and leaving at least :data:`COARSE_TOP` to the per-group stage; 0 (no coarse stage) when ``share``
-    is 0 or the trials are too few for both."""
-    if share <= 0:
-        return 0
-    n = min(max(n_initial, round(share * trials)), trials - COARSE_TOP)
-    return n if n >= n_initial else 0
+__all__ = ["COARSE_TOP", "SearchError", "SearchResult", "SearchSettings", "Trial", "budget_problem", "coarse_trials",
+           "initial_configs", "preprocessor", "run_search", "score", "settings_key"]
 
 
 @dataclasses.dataclass
@@ -201,90 +94,6 @@ class SearchResult:
     encoder_passes: int
     aggregation: str | None = None  # SMAC's multi-objective algorithm (ParEGO for MedSAMix-M)
     seconds: float = 0.0  # wall time of this call (set-up, trials, selection); a resumed search counts its part only
-
-
-def preprocessor(config: MergeConfig, img_size: int) -> Preprocessor:
-    """The input convention of ``config``'s merged model (its :attr:`~MergeConfig.preprocessing` style).
-
-    Raises:
-        ValueError: the configuration has no style.
-    """
-    if config.preprocessing is None:
-        raise ValueError("the merge configuration has no preprocessing style")
-    return Preprocessor(config.preprocessing, img_size)
-
-
-def score(merger: Merger, evaluator: Evaluator, config: MergeConfig, tasks: Sequence[str],
-          indices: Sequence[int] | None = None, cache: bool = True) -> dict[str, float]:
-    """Dice per task of the merged model of ``config`` with the configuration's preprocessing style, on
-    ``evaluator``'s slices (``indices``: a subset); with ``cache``, image embeddings are reused for configurations
-    with the same image-encoder settings and style (keyed by the encoder fingerprint, which includes the style).
-
-    Raises:
-        ValueError: the configuration has no preprocessing style.
-    """
-    prep = preprocessor(config, merger.pool.arch.img_size)
-    merger.apply(config, check_finite=True)
-    key = merger.encoder_fingerprint(config) if cache else None
-    result = evaluator.evaluate(merger.model, prep, key=key, indices=indices)
-    return {t: result.dice2d.get(t, 0.0) for t in tasks}
-
-
-def _run_trial(merger: Merger, evaluator: Evaluator, settings: SearchSettings, config: MergeConfig,
-               budget: int | None) -> tuple[dict[str, float], str]:
-    """Score one configuration; a failure (NaN weights, out of memory, ...) becomes a "crashed: ..." status."""
-    indices = evaluator.subset(budget, settings.seed) if budget is not None else None
-    try:
-        if settings.naive:
-            return score(_reloaded(merger), evaluator, config, settings.tasks, indices, cache=False), "ok"
-        return score(merger, evaluator, config, settings.tasks, indices), "ok"
-    except (MergeError, RuntimeError, ValueError) as e:
-        return {}, f"crashed: {e}"
-
-
-@dataclasses.dataclass(frozen=True)
-class WorkerSetup:
-    """What a Dask worker needs to build its own merger once: pool files (base first), grouping, a cache key."""
-
-    members: tuple[tuple[str, str], ...]
-    arch: Any
-    granularity: int
-    separate: bool
-    key: str
-
-
-_WORKER_STATE: dict[str, tuple[Merger, Evaluator]] = {}
-
-
-def _dask_trial(setup: WorkerSetup, samples: list[Any], settings: SearchSettings, config: MergeConfig,
-                budget: int | None) -> tuple[dict[str, float], str, int]:
-    """Run one trial on a Dask worker; the pool is loaded once per worker process and search."""
-    from medsamix.models.pool import ModelPool
-
-    if setup.key not in _WORKER_STATE:
-        (base, *models) = setup.members
-        pool = ModelPool.load(base, list(models), arch=setup.arch)
-        _WORKER_STATE.clear()
-        _WORKER_STATE[setup.key] = (Merger(pool, setup.granularity, setup.separate), Evaluator(samples, rounds=settings.rounds))
-    merger, evaluator = _WORKER_STATE[setup.key]
-    before = evaluator.encoder_passes
-    dice, status = _run_trial(merger, evaluator, settings, config, budget)
-    return dice, status, evaluator.encoder_passes - before
-
-
-def _reloaded(merger: Merger) -> Merger:
-    """A new merger over the same checkpoint files, read again from disk (the naive reference loop)."""
-    from medsamix.models.pool import ModelPool
-
-    pool = merger.pool
-    fresh = ModelPool.load((pool.base.alias, pool.base.path), [(m.alias, m.path) for m in pool.models],
-                           arch=pool.arch, checksums=pool.checksums)
-    return Merger(fresh, merger.granularity, merger.separate, merger.device)
-
-
-def _settings_key(settings: SearchSettings, context: dict[str, Any]) -> str:
-    payload = json.dumps({"settings": settings.to_dict(), "context": context}, sort_keys=True, default=str)
-    return hashlib.sha256(payload.encode()).hexdigest()
 
 
 def run_search(
@@ -323,10 +132,9 @@ def run_search(
             raise SearchError(f"task {t!r} has no calibration slices; available: {sorted(available)}")
     full = len(evaluator.samples)
     if settings.min_budget is not None:
-        if settings.multi:
-            raise SearchError("multi-fidelity is supported for single-task searches only")
-        if not 1 <= settings.min_budget < full:
-            raise SearchError(f"min_budget must lie in [1, {full}) calibration slices, got {settings.min_budget}")
+        problem = budget_problem(settings.min_budget, len(settings.tasks), full)
+        if problem:
+            raise SearchError(problem)
         if settings.eta < 2:
             raise SearchError(f"eta must be at least 2, got {settings.eta}")
     design = initial_configs(merger, settings)
@@ -339,7 +147,7 @@ def run_search(
     n_coarse = coarse_trials(settings.trials, settings.coarse_share, n_initial)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    key = _settings_key(settings, context or {})
+    key = settings_key(settings, context or {})
     stamp = out_dir / "search_settings.json"
     overwrite = False
     if stamp.exists():
@@ -352,7 +160,8 @@ def run_search(
     stamp.write_text(json.dumps({"key": key, "settings": settings.to_dict(), "context": context or {}},
                                 indent=2, default=str))
 
-    runner = _Runner(merger, evaluator, settings, out_dir / "smac", overwrite, key, on_trial, client)
+    runner = _Runner(merger, evaluator, settings, out_dir / "smac", overwrite, on_trial,
+                     execution(merger, evaluator, settings, client, key))
     seeds = design
     if n_coarse:
         runner.stage("coarse", component_tie(merger.groups), n_coarse, design)
@@ -369,7 +178,7 @@ def run_search(
         if not ok and any(t.status == "ok" for t in trials):
             extra.append(max((t for t in trials if t.status == "ok"), key=lambda t: t.mean_dice).config)
         for config in extra:
-            dice, status = _run_trial(merger, evaluator, settings, config, None)
+            dice, status = run_trial(merger, evaluator, settings, config, None)
             if status == "ok":
                 trials.append(Trial(len(trials), config, dice, "ok", stage="rescored"))
                 ok.append(trials[-1])
@@ -377,22 +186,20 @@ def run_search(
         raise SearchError("every trial crashed")
     pareto = _pareto(ok) if settings.multi else [max(ok, key=lambda t: t.mean_dice)]
     best = max(pareto, key=lambda t: t.mean_dice)
-    return SearchResult(trials, pareto, best, evaluator.encoder_passes + runner.remote_passes, runner.aggregation,
-                        time.perf_counter() - started)
+    return SearchResult(trials, pareto, best, evaluator.encoder_passes + runner.executor.remote_passes,
+                        runner.aggregation, time.perf_counter() - started)
 
 
 class _Runner:
     """Runs the SMAC stages of one search and collects their trials (numbered across stages)."""
 
     def __init__(self, merger: Merger, evaluator: Evaluator, settings: SearchSettings, smac_dir: Path,
-                 overwrite: bool, key: str, on_trial: Callable[[Trial, int], None] | None, client: Any | None) -> None:
+                 overwrite: bool, on_trial: Callable[[Trial, int], None] | None, executor: LocalExecution) -> None:
         self.merger, self.evaluator, self.settings = merger, evaluator, settings
-        self.smac_dir, self.overwrite, self.key = smac_dir, overwrite, key
-        self.on_trial, self.client = on_trial, client
+        self.smac_dir, self.overwrite = smac_dir, overwrite
+        self.on_trial, self.executor = on_trial, executor
         self.trials: list[Trial] = []
-        self.remote_passes = 0
         self.aggregation: str | None = None
-        self._dask: tuple[WorkerSetup, Any, int] | None = None
 
     def stage(self, name: str, tie: Tie | None, n_trials: int, initial: Sequence[MergeConfig]) -> None:
         """Run (or resume) one SMAC search of ``n_trials`` over the space of ``tie`` (``None``: per group), its
@@ -458,45 +265,7 @@ class _Runner:
                                      settings.separate, tie, settings.preprocessing)
             return info, config, _budget(info.budget, full)
 
-        def done() -> int:
-            return len(self.trials) - first
-
-        if self.client is None:
-            while done() < n_trials:
-                info, config, budget = next_job()
-                record(info, config, budget, *_run_trial(merger, evaluator, settings, config, budget))
-            return
-        from distributed import wait
-
-        setup, samples, slots = self._dask_context()
-        running: dict[Any, tuple[Any, MergeConfig, int | None]] = {}
-        asked = done()
-        while done() < n_trials:
-            while len(running) < slots and asked < n_trials:
-                info, config, budget = next_job()
-                running[self.client.submit(_dask_trial, setup, samples, settings, config, budget, pure=False)] = (
-                    info, config, budget)
-                asked += 1
-            finished, _ = wait(list(running), return_when="FIRST_COMPLETED")
-            for fut in finished:
-                info, config, budget = running.pop(fut)
-                try:
-                    dice, status, passes = fut.result()
-                except Exception as e:  # noqa: BLE001 - a worker died or raised: the trial failed, the search goes on
-                    dice, status, passes = {}, f"crashed: worker error: {e}", 0
-                self.remote_passes += passes
-                record(info, config, budget, dice, status)
-
-    def _dask_context(self) -> tuple[WorkerSetup, Any, int]:
-        """What every Dask trial needs (the pool files, the calibration slices scattered once), and the number of
-        workers."""
-        if self._dask is None:
-            pool, settings = self.merger.pool, self.settings
-            setup = WorkerSetup(tuple((m.alias, str(m.path)) for m in pool.members), pool.arch,
-                                settings.granularity, settings.separate, self.key)
-            samples = self.client.scatter(self.evaluator.samples, broadcast=True)
-            self._dask = (setup, samples, max(1, len(self.client.scheduler_info()["workers"])))
-        return self._dask
+        self.executor.run(next_job, record, n_trials - (len(self.trials) - first))
 
 
 def _best_distinct(trials: Sequence[Trial], k: int) -> list[MergeConfig]:

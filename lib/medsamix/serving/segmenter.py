@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from medsamix.models.encoding import DEFAULT_ENCODE_MEMORY_BYTES, batch_size_for, encode_batches
+from medsamix.models.forward import predict_masks
 from medsamix.models.preprocess import Preprocessor
 from medsamix.serving.prompts import SlicePrompt, VolumePrompt
 from medsamix.data.slices import tight_box
@@ -43,7 +44,8 @@ class Latency:
 
     Attributes:
         encoder_ms: Image preprocessing + image encoder, summed over the slices that were not cached.
-        decoder_ms: Prompt encoder + mask decoder, summed over the segmented slices.
+        decoder_ms: Prompt encoder + mask decoder (and the masks' upsampling to the slice), summed over the
+            segmented slices.
         total_ms: The whole :meth:`Segmenter.segment` call.
         cache_hits: Slices whose embedding came from the cache.
         cache_misses: Slices pushed through the image encoder.
@@ -275,19 +277,13 @@ class Segmenter:
             emb = self._embedding(image_key, volume, prompt.index, lat, ahead)
             hw = (int(volume.shape[0]), int(volume.shape[1]))
             t0 = time.perf_counter()
-            boxes = None if prompt.box is None else self.prep.boxes(prompt.box[None], hw).to(self.device)
-            points = None
-            if len(prompt.labels):
-                coords = self.prep.points(prompt.points, hw)[None].to(self.device)
-                points = (coords, torch.as_tensor(prompt.labels, dtype=torch.int64)[None].to(self.device))
-            multimask = prompt.box is None and len(prompt.labels) == 1
-            sparse, dense = self.model.prompt_encoder(points=points, boxes=boxes, masks=None)
-            low, iou = self.model.mask_decoder(emb[None], self.model.prompt_encoder.get_dense_pe(), sparse, dense,
-                                               multimask)
-            self._sync()
+            has_points = len(prompt.labels) > 0
+            mask = predict_masks(self.model, self.prep, emb, hw, None if prompt.box is None else prompt.box[None],
+                                 prompt.points[None] if has_points else None,
+                                 prompt.labels[None] if has_points else None,
+                                 multimask=prompt.box is None and len(prompt.labels) == 1)[0]
             lat.decoder_ms += (time.perf_counter() - t0) * 1e3
-            best = int(iou[0].argmax()) if multimask else 0
-            return (self.prep.masks(low[:, best:best + 1], hw)[0, 0] > 0).cpu().numpy()
+            return mask
 
     def segment(self, image_key: str, volume: np.ndarray, prompt: VolumePrompt,
                 iou_threshold: float = DEFAULT_IOU_THRESHOLD, margin: float = DEFAULT_MARGIN) -> Segmentation:

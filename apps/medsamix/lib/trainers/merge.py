@@ -54,7 +54,8 @@ from medsamix.runs.progress import ACTIVE, ProgressFile, RunMonitor, RunStatus, 
 from medsamix.runs.run import MergeOutcome, run_merge
 from medsamix.runs.publish import publish_outcome
 from medsamix.runs.lock import RunLock, RunLockedError, discard_run, process_started
-from medsamix.serving.service import ServedPool, load_served_pool
+from medsamix.models.pool import ModelPool
+from medsamix.serving.service import load_served_pool
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.train import TrainTask
 
@@ -79,7 +80,7 @@ class MergeTrain(TrainTask):
         self.app_dir = Path(app_dir)
         self.studies = studies
         self.pool_dir = Path(pool_dir) if pool_dir else None
-        self._served: ServedPool | None = None
+        self._served: ModelPool | None = None
         self.published_dir = Path(published_dir)
         self.conf = dict(conf or {})
         model_dir = self.conf.get("model_dir")
@@ -171,7 +172,7 @@ class MergeTrain(TrainTask):
         task_set, skipped = task_set_from_pairs(Path(str(self.studies)).name or "datastore", pairs, names,
                                                 options.seed, sub_blocks=True)
         self._served = load_served_pool(self.pool_dir, self.conf.get("models"), self.conf.get("preprocessing"))
-        plan = plan_run(task_set, options, self._served.pool, self.runs_dir, self._served.styles)
+        plan = plan_run(task_set, options, self._served, self.runs_dir, self._served.styles)
         notes = []
         if unlabelled:
             notes.append(f"{_count(len(unlabelled), 'study', 'studies')} without a final label not used")
@@ -211,7 +212,7 @@ class MergeTrain(TrainTask):
             if outcome.promotion.promote:  # the library's publish step (also scripts/merge_search.py --publish)
                 published[0] = publish_outcome(self.published_dir, plan, outcome).version
 
-        outcome = run_merge(self._served.pool, plan.calibration, plan.test, plan.settings, plan.out_dir, plan.split,
+        outcome = run_merge(self._served, plan.calibration, plan.test, plan.settings, plan.out_dir, plan.split,
                             on_trial=monitor.on_trial, report=self.report,
                             min_gain=options.min_gain, device=self.device, on_ready=ready)
         return outcome, published[0]
