@@ -22,15 +22,13 @@ import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "lib"))
-
-from medsamix.data.slices import tight_box  # noqa: E402
-from medsamix.demo.sample_studies import phantom_volume  # noqa: E402
-from medsamix.models.encoding import default_device  # noqa: E402
-from medsamix.models.preprocess import Preprocessor  # noqa: E402
-from medsamix.serving.prompts import SlicePrompt  # noqa: E402
-from medsamix.serving.segmenter import Segmenter  # noqa: E402
-from medsamix.serving.service import load_served_pool, member_model  # noqa: E402
+from medsamix.data.slices import tight_box
+from medsamix.demo.sample_studies import phantom_volume
+from medsamix.models.encoding import default_device
+from medsamix.models.preprocess import Preprocessor
+from medsamix.serving.prompts import SlicePrompt
+from medsamix.serving.segmenter import Segmenter
+from medsamix.serving.service import load_served_pool, member_model
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:

@@ -43,14 +43,12 @@ import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "lib"))
-
-from medsamix.models.preprocess import Preprocessor  # noqa: E402
-from medsamix.serving.preencode import PreEncoder  # noqa: E402
-from medsamix.serving.prompts import parse_prompt  # noqa: E402
-from medsamix.demo.sample_studies import phantom_volume  # noqa: E402
-from medsamix.serving.segmenter import Segmenter  # noqa: E402
-from medsamix.serving.service import load_served_pool, member_model  # noqa: E402
+from medsamix.models.preprocess import Preprocessor
+from medsamix.serving.preencode import PreEncoder
+from medsamix.serving.prompts import parse_prompt
+from medsamix.demo.sample_studies import phantom_volume
+from medsamix.serving.segmenter import Segmenter
+from medsamix.serving.service import load_served_pool, member_model
 
 
 def _boxes(rng: np.random.Generator, shape: tuple[int, int, int], k: int, n: int) -> list[list[int]]:

@@ -49,9 +49,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "lib"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+ROOT = Path(__file__).resolve().parents[1]  # the child cases import bench_merge from this folder (sys.path[0])
 
 CASES = ("baseline", "tiny_search", "merger_vitb_materialised", "merger_vitb", "vitb_search", "server_vitb")
 MB = 2**20

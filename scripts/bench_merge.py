@@ -19,16 +19,13 @@ from __future__ import annotations
 import argparse
 import random
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))
-
-from medsamix import VIT_B, MergeConfig, Merger, ModelPool, REGISTRY  # noqa: E402
+from medsamix import VIT_B, MergeConfig, Merger, ModelPool, REGISTRY
 
 
 def make_checkpoints(folder: Path, num_models: int, noise: float) -> dict[str, Path]:

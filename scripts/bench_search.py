@@ -27,14 +27,12 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))
-
-from medsamix.data.tasks import training_study_ids  # noqa: E402
-from medsamix.search.evaluate import Evaluator  # noqa: E402
-from medsamix.merging.merger import Merger  # noqa: E402
-from medsamix.models.pool import PoolManifest  # noqa: E402
-from medsamix.search.search import SearchSettings, run_search, score  # noqa: E402
-from medsamix.demo.shared_data import shared_task_sets  # noqa: E402
+from medsamix.data.tasks import training_study_ids
+from medsamix.search.evaluate import Evaluator
+from medsamix.merging.merger import Merger
+from medsamix.models.pool import PoolManifest
+from medsamix.search.search import SearchSettings, run_search, score
+from medsamix.demo.shared_data import shared_task_sets
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"

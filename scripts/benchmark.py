@@ -23,15 +23,13 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))
-
-from medsamix.data.tasks import training_study_ids  # noqa: E402
-from medsamix.merging.config import MergeConfig, uniform_merges  # noqa: E402
-from medsamix.search.evaluate import Evaluator  # noqa: E402
-from medsamix.merging.merger import Merger  # noqa: E402
-from medsamix.models.pool import PoolManifest  # noqa: E402
-from medsamix.models.preprocess import Preprocessor  # noqa: E402
-from medsamix.demo.shared_data import shared_task_sets  # noqa: E402
+from medsamix.data.tasks import training_study_ids
+from medsamix.merging.config import MergeConfig, uniform_merges
+from medsamix.search.evaluate import Evaluator
+from medsamix.merging.merger import Merger
+from medsamix.models.pool import PoolManifest
+from medsamix.models.preprocess import Preprocessor
+from medsamix.demo.shared_data import shared_task_sets
 
 
 def main() -> None:

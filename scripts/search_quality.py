@@ -29,20 +29,18 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))
-
-from medsamix.data.slices import SliceSample  # noqa: E402
-from medsamix.data.tasks import training_study_ids  # noqa: E402
-from medsamix.data.tasksets import select_tasks  # noqa: E402
-from medsamix.demo.shared_data import shared_task_sets  # noqa: E402
-from medsamix.errors import MergeRunError  # noqa: E402
-from medsamix.merging.config import MergeConfig  # noqa: E402
-from medsamix.merging.merger import Merger  # noqa: E402
-from medsamix.models.pool import PoolManifest, manifest_styles  # noqa: E402
-from medsamix.runs.run import reference_scores, run_merge  # noqa: E402
-from medsamix.search.corruptions import CORRUPTED, robust_tasks, with_corrupted  # noqa: E402
-from medsamix.search.evaluate import Evaluator  # noqa: E402
-from medsamix.search.search import SearchSettings, ct_windows_for, score  # noqa: E402
+from medsamix.data.slices import SliceSample
+from medsamix.data.tasks import training_study_ids
+from medsamix.data.tasksets import select_tasks
+from medsamix.demo.shared_data import shared_task_sets
+from medsamix.errors import MergeRunError
+from medsamix.merging.config import MergeConfig
+from medsamix.merging.merger import Merger
+from medsamix.models.pool import PoolManifest, manifest_styles
+from medsamix.runs.run import reference_scores, run_merge
+from medsamix.search.corruptions import CORRUPTED, robust_tasks, with_corrupted
+from medsamix.search.evaluate import Evaluator
+from medsamix.search.search import SearchSettings, ct_windows_for, score
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
