@@ -36,7 +36,7 @@ from medsamix.demo.shared_data import shared_task_sets
 from medsamix.errors import MergeRunError
 from medsamix.merging.config import MergeConfig
 from medsamix.merging.merger import Merger
-from medsamix.models.pool import PoolManifest, manifest_styles
+from medsamix.models.pool import PoolManifest
 from medsamix.runs.run import reference_scores, run_merge
 from medsamix.search.corruptions import CORRUPTED, robust_tasks, with_corrupted
 from medsamix.search.evaluate import Evaluator
@@ -124,7 +124,7 @@ def main() -> int:
     t_start = time.time()
     manifest = PoolManifest.load(args.pool)
     pool = manifest.load_pool()
-    styles = manifest_styles(manifest)
+    styles = dict(manifest.styles)
     exclude = training_study_ids(manifest.training_studies)
     work = args.work or Path(tempfile.mkdtemp(prefix="medsamix-quality-"))
     rows: list[dict] = []

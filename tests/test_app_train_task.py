@@ -164,7 +164,7 @@ def test_the_interactive_objective_scores_correction_rounds(studies, models_spec
     (4, {"objective": "interactive", "rounds": "three"}, "rounds: expected an integer"),
     (4, {"task": "liver"}, "unknown task(s) ['liver']; this data has ['ellipsoid', 'label_2']"),
     (4, {"trials": 3}, "trials must be at least 10"),
-    (4, {"granularity": 7}, "granularity: must be 1, 2, 3 or 4"),
+    (4, {"granularity": 7}, "granularity: must be one of [1, 2, 3, 4]"),
     (4, {"task": "ellipsoid,label_2", "min_budget": 3}, "one task only"),
     (0, {}, "no labelled studies: none of the 5 images in the datastore has a final label"),
 ])

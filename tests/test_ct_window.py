@@ -15,7 +15,6 @@ from medsamix.data.tasksets import normalized, slices_of
 from medsamix.data.volumes import load_volume
 from medsamix.errors import ConfigError
 from medsamix.merging.config import MergeConfig
-from medsamix.models.pool import manifest_styles
 from medsamix.models.preprocess import CT_WINDOWS, DEFAULT_CT_WINDOW, Preprocessor, ct_range, to_255
 from medsamix.runs.run import run_merge
 from medsamix.search.corruptions import corrupt_samples
@@ -57,7 +56,7 @@ def test_windows_map_hu_and_the_default_keeps_the_loaded_slice():
     assert bone[0, 2] == pytest.approx(255 * 1400 / 1800) and default[0, 2] == 255  # the bone is no longer clipped
     assert Preprocessor("sam", 256, "bone").window(default, None) is default  # MR / corrupted slices: no HU
     assert Preprocessor.from_dict({"style": "medsam"}, 256).ct_window == DEFAULT_CT_WINDOW  # old recipes
-    with pytest.raises(ValueError, match="CT window must be one of"):
+    with pytest.raises(ValueError, match="CT window: must be one of"):
         Preprocessor("sam", 256, "brain")
 
 
@@ -83,7 +82,7 @@ def test_the_space_searches_the_window_only_when_asked(manifest):
     assert back.ct_window == "lung" and back.fingerprint() != config.fingerprint()
     plain = initial_configs(merger, SearchSettings(tasks=("t",)))[0]
     assert plain.ct_window is None and "ct_window" not in plain.to_dict()
-    with pytest.raises(ValueError, match="unknown CT window"):
+    with pytest.raises(ValueError, match="CT window: must be one of"):
         build_space(merger.groups, merger.aliases, windows=("abdomen", "brain"))
 
 
@@ -102,7 +101,7 @@ def test_the_evaluator_applies_the_models_window(manifest, ct_samples):
 
 def test_a_search_on_ct_records_the_window_in_the_recipe(manifest, ct_samples, tmp_path):
     pool = manifest.load_pool()
-    settings = SearchSettings(tasks=(TASK.name,), trials=12, own_styles=tuple(manifest_styles(manifest).items()),
+    settings = SearchSettings(tasks=(TASK.name,), trials=12, own_styles=tuple(manifest.styles.items()),
                               ct_windows=ct_windows_for(ct_samples))
     assert "ct_windows" in settings.to_dict() and "ct_windows" not in SearchSettings(tasks=("t",)).to_dict()
     cal, test = ct_samples[:3], ct_samples[3:]
@@ -131,7 +130,7 @@ def test_recipes_without_a_window_load_and_bad_windows_are_refused(manifest, tmp
     assert Recipe.from_dict(d).preprocessor() == Preprocessor("sam", pool.arch.img_size, "bone")
     old = {**d, "preprocessing": {"style": "sam"}}
     assert Recipe.from_dict(old).preprocessor().ct_window == DEFAULT_CT_WINDOW
-    with pytest.raises(ConfigError, match="preprocessing.ct_window must be one of"):
+    with pytest.raises(ConfigError, match="preprocessing.ct_window: must be one of"):
         Recipe.from_dict({**d, "preprocessing": {"style": "sam", "ct_window": "brain"}}, "r.yaml")
     with pytest.raises(ConfigError, match="merge.ct_window: the ct_window belongs in the recipe's preprocessing"):
         Recipe.from_dict({**d, "merge": {**d["merge"], "ct_window": "bone"}}, "r.yaml")
@@ -147,5 +146,11 @@ def test_a_served_ct_volume_is_windowed_for_the_model(tmp_path):
     assert key == vol.key and pixels is vol.image255
     key, pixels = vol.pixels(Preprocessor("sam", 256, "bone"))
     assert key == f"{vol.key}|bone" and pixels.max() < 255 and pixels.shape == vol.image255.shape
+    plain = vol.image255.nbytes + vol.hu.nbytes
+    assert vol.nbytes == plain + pixels.nbytes  # the windowed copy is kept and counted (a volume cache's bytes)
+    assert vol.pixels(Preprocessor("medsam", 256, "bone"))[1] is pixels  # the next prompt does not re-window
+    lung = vol.pixels(Preprocessor("sam", 256, "lung"))[1]
+    assert lung is not pixels and not np.array_equal(lung, pixels) and vol.nbytes == plain + lung.nbytes  # one kept
+    assert np.array_equal(vol.pixels(Preprocessor("sam", 256, "bone"))[1], pixels)
     mr = load_volume(tmp_path / "ct.nii.gz", modality="MR")
     assert mr.hu is None and mr.pixels(Preprocessor("sam", 256, "bone"))[1] is mr.image255

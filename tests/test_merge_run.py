@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 from pathlib import Path
@@ -73,7 +74,7 @@ def pool(tmp_path_factory) -> ModelPool:
         files[alias] = d / f"{alias}.pth"
         torch.save(random_state(TINY, i), files[alias])
     return ModelPool.load(("sam", files["sam"]), [("medsam", files["medsam"]), ("medicosam", files["medicosam"])],
-                          arch=TINY)
+                          arch=TINY, styles=STYLES)
 
 
 # ------------------------------------------------------------------------------------------------ options
@@ -102,7 +103,7 @@ def test_options_accept_strings_and_fill_defaults():
     ({"trials": "many"}, "trials: expected an integer"),
     ({"trials": 0}, "trials: must be >= 1"),
     ({"trials": 2.5}, "trials: expected an integer"),
-    ({"granularity": 5}, "granularity: must be 1, 2, 3 or 4"),
+    ({"granularity": 5}, "granularity: must be one of \\[1, 2, 3, 4\\]"),
     ({"min_budget": -1}, "min_budget: must be >= 0"),
     ({"seed": -3}, "seed: must be >= 0"),
     ({"restart": "maybe"}, "restart: expected true or false"),
@@ -180,30 +181,31 @@ def test_select_tasks_refuses_unknown_tasks_and_too_few_slices(task_set):
 
 def test_plan_names_runs_stably_and_checks_multi_fidelity(task_set, pool, tmp_path):
     ts, _ = task_set
-    a = plan_run(ts, MergeOptions(("ellipsoid",), trials=10), pool, tmp_path, STYLES)
-    b = plan_run(ts, MergeOptions(("ellipsoid",), trials=10, restart=True), pool, tmp_path, STYLES)
-    c = plan_run(ts, MergeOptions(("ellipsoid",), trials=11), pool, tmp_path, STYLES)
+    a = plan_run(ts, MergeOptions(("ellipsoid",), trials=10), pool, tmp_path)
+    b = plan_run(ts, MergeOptions(("ellipsoid",), trials=10, restart=True), pool, tmp_path)
+    c = plan_run(ts, MergeOptions(("ellipsoid",), trials=11), pool, tmp_path)
     assert a.name == b.name and a.name.startswith("ellipsoid-t10-g2-seed0-") and c.name != a.name
     assert a.settings.preprocessing is None and dict(a.settings.own_styles) == STYLES  # the style is searched
     assert not a.one_study and ts.split.startswith("patients")
     # a fixed style, or other own styles of the pool models, is another search space: another run
-    fixed = plan_run(ts, MergeOptions(("ellipsoid",), trials=10, preprocessing="medsam"), pool, tmp_path, STYLES)
+    fixed = plan_run(ts, MergeOptions(("ellipsoid",), trials=10, preprocessing="medsam"), pool, tmp_path)
     assert fixed.name.startswith("ellipsoid-t10-g2-seed0-prep_medsam-") and fixed.settings.preprocessing == "medsam"
-    own = plan_run(ts, MergeOptions(("ellipsoid",), trials=10), pool, tmp_path, {**STYLES, "medicosam": "medsam"})
+    medsam_styled = dataclasses.replace(pool, models=[dataclasses.replace(m, style="medsam") for m in pool.models])
+    own = plan_run(ts, MergeOptions(("ellipsoid",), trials=10), medsam_styled, tmp_path)
     assert own.name != a.name and own.name.startswith("ellipsoid-t10-g2-seed0-")
     assert a.out_dir == tmp_path / a.name and a.variant == "MedSAMix-S"
-    every = plan_run(ts, MergeOptions(), pool, tmp_path, STYLES)
+    every = plan_run(ts, MergeOptions(), pool, tmp_path)
     assert every.settings.tasks == ("ellipsoid", "label_2") and every.variant == "MedSAMix-M"
     with pytest.raises(MergeRunError, match="one task only"):
-        plan_run(ts, MergeOptions(min_budget=2), pool, tmp_path, STYLES)
+        plan_run(ts, MergeOptions(min_budget=2), pool, tmp_path)
     with pytest.raises(MergeRunError, match=r"min_budget must lie in \[1, "):
-        plan_run(ts, MergeOptions(("ellipsoid",), min_budget=999), pool, tmp_path, STYLES)
-    robust = plan_run(ts, MergeOptions(("ellipsoid",), trials=10, robust=True), pool, tmp_path, STYLES)
+        plan_run(ts, MergeOptions(("ellipsoid",), min_budget=999), pool, tmp_path)
+    robust = plan_run(ts, MergeOptions(("ellipsoid",), trials=10, robust=True), pool, tmp_path)
     assert robust.settings.tasks == ("ellipsoid", "ellipsoid@corrupted") and robust.variant == "MedSAMix-M"
     assert robust.name != a.name and len(robust.calibration) == 2 * len(a.calibration)
     assert len(robust.test) == 2 * len(a.test)
     with pytest.raises(MergeRunError, match="one objective only"):
-        plan_run(ts, MergeOptions(("ellipsoid",), min_budget=2, robust=True), pool, tmp_path, STYLES)
+        plan_run(ts, MergeOptions(("ellipsoid",), min_budget=2, robust=True), pool, tmp_path)
     s = SearchSettings(tasks=("a/b",), trials=5)
     assert "/" not in run_name(s, {}) and run_name(s, {}) == run_name(s, {}) != run_name(s, {"pool": 1})
 
@@ -278,7 +280,7 @@ def test_monitor_reports_resumed_trials_and_best_full_budget_dice(tmp_path, pool
 
 def test_run_writes_outputs_and_resumes_after_a_kill_without_losing_trials(task_set, pool, tmp_path):
     ts, _ = task_set
-    plan = plan_run(ts, MergeOptions(("ellipsoid",), trials=10), pool, tmp_path, STYLES)
+    plan = plan_run(ts, MergeOptions(("ellipsoid",), trials=10), pool, tmp_path)
     seen: list[int] = []
 
     class Killed(Exception):

@@ -214,5 +214,5 @@ def test_one_description_from_a_spec_or_a_manifest(tiny_pool_files, tmp_path):
     assert from_spec.load_pool().styles == from_spec.styles  # the tiny files: architecture inferred
     (folder / "pool.yaml").write_text(yaml.safe_dump({"architecture": "vit_b", "base": members[0], "models": [
         {**members[1], "preprocessing": {"style": "ct"}}]}))
-    with pytest.raises(PoolError, match=r"pool.yaml: preprocessing style of 'medsam' must be one of"):
+    with pytest.raises(PoolError, match=r"pool.yaml: preprocessing style of 'medsam': must be one of"):
         PoolManifest.load(folder)

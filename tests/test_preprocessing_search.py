@@ -17,7 +17,6 @@ from medsamix import Merger, PoolManifest, Recipe
 from medsamix.merging.apply import merge_from_recipe
 from medsamix.search.evaluate import Evaluator
 from medsamix.data.tasksets import select_tasks, task_set_from_pairs
-from medsamix.models.pool import manifest_styles
 from medsamix.runs.run import run_merge
 from medsamix.runs.publish import publish
 from medsamix.search.search import SearchSettings, initial_configs, score
@@ -44,7 +43,7 @@ def slices(tmp_path_factory):
 
 def _settings(manifest: PoolManifest, preprocessing: str | None = None) -> SearchSettings:
     return SearchSettings(tasks=(TASK,), trials=10, preprocessing=preprocessing,
-                          own_styles=tuple(manifest_styles(manifest).items()))
+                          own_styles=tuple(manifest.styles.items()))
 
 
 def _alone(served, alias: str, samples) -> float:

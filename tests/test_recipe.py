@@ -143,7 +143,7 @@ def test_cli_missing_alias(tiny_pool_files, tmp_path):
     (lambda d: d["merge"].__setitem__("granularity", 7), r"granularity: must be one of"),
     (lambda d: d["base"].__setitem__("sha256", "abc"), r"base.sha256: not a hex sha256"),
     (lambda d: d.pop("models"), r"models: expected a list"),
-    (lambda d: d.__setitem__("preprocessing", {"style": "ct"}), r"preprocessing.style must be one of"),
+    (lambda d: d.__setitem__("preprocessing", {"style": "ct"}), r"preprocessing.style: must be one of"),
     (lambda d: d["merge"].__setitem__("preprocessing", "medsam"), r"merge.preprocessing: the style belongs in"),
     (lambda d: d.__setitem__("architecture", "vit_q"), r"architecture: unknown architecture 'vit_q'"),
     (lambda d: d.__setitem__("medsamix_recipe", 9), r"format version"),

@@ -29,7 +29,6 @@ from pathlib import Path
 sys.path.insert(0, {lib!r})
 from medsamix.errors import MedSAMixError
 from medsamix.data.tasksets import datastore_task_set
-from medsamix.models.pool import manifest_styles
 from medsamix.runs.options import MergeOptions
 from medsamix.runs.plan import plan_run
 from medsamix.runs.progress import ProgressFile, RunMonitor
@@ -40,7 +39,7 @@ studies, pool_dir, runs, trials = sys.argv[1:]
 manifest = PoolManifest.load(pool_dir)
 pool = manifest.load_pool()
 plan = plan_run(datastore_task_set(studies, {{1: "ellipsoid"}}), MergeOptions(("ellipsoid",), trials=int(trials)),
-                pool, runs, manifest_styles(manifest))
+                pool, runs)
 monitor = RunMonitor(ProgressFile(Path(runs) / "status.json"), plan.out_dir, plan.settings.trials)
 try:
     out = run_merge(pool, plan.calibration, plan.test, plan.settings, plan.out_dir, plan.split,

@@ -6,6 +6,9 @@ pass it on verbatim to the user.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Any
+
 
 class MedSAMixError(ValueError):
     """Base class of all user-facing errors of the library."""
@@ -29,3 +32,13 @@ class StudyError(MedSAMixError):
 
 class MergeRunError(MedSAMixError):
     """A merge run cannot start: no or too few labelled studies, unknown task, too few slices, bad option."""
+
+
+def check_choice(value: object, choices: Iterable[Any], what: str, error: type[MedSAMixError] = MedSAMixError) -> Any:
+    """``value`` if it is one of ``choices``; otherwise raise ``error`` with the message
+    ``"<what>: must be one of [...], got <value>"``. The owners of each set of choices (preprocessing styles, CT
+    windows, granularities) wrap this once, so every layer that checks a value says the same thing."""
+    allowed = list(choices)
+    if value not in allowed:
+        raise error(f"{what}: must be one of {allowed}, got {value!r}")
+    return value

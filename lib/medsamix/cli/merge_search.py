@@ -41,7 +41,6 @@ from medsamix.cli import SHARED_DATA
 from medsamix.errors import MedSAMixError
 from medsamix.data.tasks import read_label_names, training_study_ids
 from medsamix.data.tasksets import datastore_task_set, select_tasks
-from medsamix.models.pool import manifest_styles
 from medsamix.runs.options import parse_min_gain
 from medsamix.runs.plan import RunPlan, run_name, search_context
 from medsamix.runs.publish import NotPromotedError, publish_outcome
@@ -49,7 +48,7 @@ from medsamix.runs.run import MergeOutcome, run_merge
 from medsamix.models.pool import PoolManifest
 from medsamix.models.preprocess import STYLES
 from medsamix.search.corruptions import robust_tasks, with_corrupted
-from medsamix.search.search import SearchSettings, ct_windows_for
+from medsamix.search.search import SearchSettings, budget_problem, ct_windows_for
 from medsamix.demo.shared_data import shared_task_sets
 
 
@@ -118,21 +117,18 @@ def main(argv: list[str] | None = None) -> int:
         tasks = tuple(args.task)
         if args.objective == "interactive" and args.rounds < 1:
             raise MedSAMixError(f"--rounds must be >= 1 for --objective interactive, got {args.rounds}")
+        problem = budget_problem(args.min_budget, len(tasks), len(cal), robust=args.robust)
+        if problem:
+            raise MedSAMixError(f"--min-budget: {problem}")
         if args.robust:
-            if args.min_budget is not None:
-                raise MedSAMixError("--min-budget (multi-fidelity) works with one objective only; --robust adds "
-                                    "the corrupted Dice as a second one")
             cal, test, tasks = with_corrupted(cal, args.seed), with_corrupted(test, args.seed), robust_tasks(tasks)
         print(f"data: {ts.name}: {ts.split}", flush=True)
         settings = SearchSettings(tasks=tasks, trials=args.trials, granularity=args.granularity,
                                   separate=args.separate, seed=args.seed, preprocessing=args.preprocessing,
-                                  own_styles=tuple(manifest_styles(manifest).items()), naive=args.naive,
+                                  own_styles=tuple(pool.styles.items()), naive=args.naive,
                                   min_budget=args.min_budget, eta=args.eta, coarse_share=args.coarse_share,
                                   rounds=args.rounds if args.objective == "interactive" else 0,
                                   ct_windows=ct_windows_for(cal))  # CT data: the window is searched too
-        if args.min_budget is not None and not 1 <= args.min_budget < len(cal):
-            raise MedSAMixError(f"--min-budget must lie in [1, {len(cal)}): the tasks have {len(cal)} "
-                                "calibration slices")
         bar = tqdm(total=args.trials, desc="search", unit="trial")
         best = [0.0]
 

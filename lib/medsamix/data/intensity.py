@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from medsamix.errors import MedSAMixError, check_choice
+
 CT_WINDOWS: dict[str, tuple[float, float]] = {  # name -> (level, width) in HU
     "abdomen": (40.0, 400.0),  # MedSAM's data preparation; the usual soft-tissue window of abdominal CT
     "soft_tissue": (50.0, 350.0),  # mediastinal / narrow soft-tissue window
@@ -23,12 +25,17 @@ CT_WINDOW = CT_WINDOWS[DEFAULT_CT_WINDOW]  # level, width (HU) every CT slice is
 PERCENTILES = (0.5, 99.5)
 
 
-def intensity_range(volume: np.ndarray, modality: str, window: tuple[float, float] = CT_WINDOW,
+def check_window(window: object, what: str = "CT window", error: type[MedSAMixError] = MedSAMixError) -> str:
+    """``window`` if it names one of :data:`CT_WINDOWS`; otherwise ``error`` naming ``what`` and the windows."""
+    return str(check_choice(window, CT_WINDOWS, what, error))
+
+
+def intensity_range(volume: np.ndarray, modality: str, window: str = DEFAULT_CT_WINDOW,
                     percentiles: tuple[float, float] = PERCENTILES) -> tuple[float, float]:
-    """Intensity interval mapped to 0-255 for a whole volume: the CT window, else non-zero percentiles."""
+    """Intensity interval mapped to 0-255 for a whole volume: the named CT ``window`` (:func:`ct_range`), else the
+    non-zero ``percentiles``."""
     if modality == "CT":
-        level, width = window
-        return level - width / 2, level + width / 2
+        return ct_range(window)
     values = volume[volume > volume.min()] if np.any(volume > volume.min()) else volume
     lo, hi = np.percentile(values, percentiles)
     return float(lo), float(max(hi, lo + 1e-6))
@@ -38,11 +45,9 @@ def ct_range(window: str) -> tuple[float, float]:
     """The HU interval ``(level - width / 2, level + width / 2)`` of a named window of :data:`CT_WINDOWS`.
 
     Raises:
-        ValueError: an unknown window name.
+        MedSAMixError: an unknown window name.
     """
-    if window not in CT_WINDOWS:
-        raise ValueError(f"CT window must be one of {list(CT_WINDOWS)}, got {window!r}")
-    level, width = CT_WINDOWS[window]
+    level, width = CT_WINDOWS[check_window(window)]
     return level - width / 2, level + width / 2
 
 

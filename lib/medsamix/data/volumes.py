@@ -36,6 +36,9 @@ class Volume:
         modality: "CT", "MR" or "other".
         hu: ``(I, J, K)`` float32 HU values of a CT (``None`` otherwise), for a model served with another CT window
             (:meth:`pixels`).
+
+    The 0-255 volume under the last non-default CT window asked for is kept (one array, counted in :attr:`nbytes`),
+    so the prompts and pre-encoding of a model served with that window do not re-window the whole volume each time.
     """
 
     key: str
@@ -44,17 +47,25 @@ class Volume:
     affine: np.ndarray
     modality: str
     hu: np.ndarray | None = None
+    _windowed: dict[str, np.ndarray] = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
     def pixels(self, prep: Preprocessor) -> tuple[str, np.ndarray]:
         """The 0-255 volume a model with preprocessing ``prep`` sees (its CT window applied to a CT's HU values)
         and the key of that content (:attr:`key`, suffixed with a window other than the default)."""
-        image = prep.window(self.image255, self.hu)
-        return (self.key if image is self.image255 else f"{self.key}|{prep.ct_window}"), image
+        image = self._windowed.get(prep.ct_window)
+        if image is None:
+            image = prep.window(self.image255, self.hu)
+            if image is self.image255:
+                return self.key, image
+            self._windowed.clear()  # one window at a time: the served model's
+            self._windowed[prep.ct_window] = image
+        return f"{self.key}|{prep.ct_window}", image
 
     @property
     def nbytes(self) -> int:
-        """Bytes held: the 0-255 volume and a CT's HU values."""
-        return self.image255.nbytes + (0 if self.hu is None else self.hu.nbytes)
+        """Bytes held: the 0-255 volume, a CT's HU values and the last windowed copy (:meth:`pixels`)."""
+        return (self.image255.nbytes + (0 if self.hu is None else self.hu.nbytes)
+                + sum(a.nbytes for a in list(self._windowed.values())))
 
     @property
     def shape(self) -> tuple[int, int, int]:

@@ -11,9 +11,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from medsamix.errors import ConfigError
-from medsamix.merging.groups import GRANULARITIES, Group
+from medsamix.merging.groups import Group, check_granularity
 from medsamix.merging.methods import REGISTRY, get_method
-from medsamix.models.preprocess import CT_WINDOWS, STYLES
+from medsamix.models.preprocess import check_style, check_window
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,10 +53,11 @@ class MergeConfig:
     ct_window: str | None = None
 
     def __post_init__(self) -> None:
-        if self.preprocessing is not None and self.preprocessing not in STYLES:
-            raise ConfigError(f"preprocessing: must be one of {STYLES}, got {self.preprocessing!r}")
-        if self.ct_window is not None and self.ct_window not in CT_WINDOWS:
-            raise ConfigError(f"ct_window: must be one of {list(CT_WINDOWS)}, got {self.ct_window!r}")
+        check_granularity(self.granularity, error=ConfigError)
+        if self.preprocessing is not None:
+            check_style(self.preprocessing, "preprocessing", ConfigError)
+        if self.ct_window is not None:
+            check_window(self.ct_window, "ct_window", ConfigError)
 
     @classmethod
     def uniform(cls, groups: Sequence[Group], method: str, params: Mapping[str, Any], granularity: int = 1,
@@ -92,8 +93,6 @@ class MergeConfig:
         Raises:
             ConfigError: wrong granularity, unknown or missing groups, unknown methods, bad parameters.
         """
-        if self.granularity not in GRANULARITIES:
-            raise ConfigError(f"granularity: must be one of {GRANULARITIES}, got {self.granularity!r}")
         expected = [g.name for g in groups]
         unknown = sorted(set(self.groups) - set(expected))
         if unknown:
@@ -155,16 +154,13 @@ class MergeConfig:
                 if not isinstance(params, Mapping):
                     raise ConfigError(f"{pre}groups.{name}.params: expected a mapping, got {params!r}")
                 settings[str(name)] = GroupSetting(str(s["method"]), dict(params))
-            granularity = d.get("granularity", 1)
-            if granularity not in GRANULARITIES:
-                raise ConfigError(f"{pre}granularity: must be one of {GRANULARITIES}, got {granularity!r}")
-            style = d.get("preprocessing")
-            if style is not None and style not in STYLES:
-                raise ConfigError(f"{pre}preprocessing: must be one of {STYLES}, got {style!r}")
-            window = d.get("ct_window")
-            if window is not None and window not in CT_WINDOWS:
-                raise ConfigError(f"{pre}ct_window: must be one of {list(CT_WINDOWS)}, got {window!r}")
-            return cls(int(granularity), bool(d.get("separate", False)), settings, style, window)
+            granularity = check_granularity(d.get("granularity", 1), f"{pre}granularity", ConfigError)
+            style, window = d.get("preprocessing"), d.get("ct_window")
+            if style is not None:
+                check_style(style, f"{pre}preprocessing", ConfigError)
+            if window is not None:
+                check_window(window, f"{pre}ct_window", ConfigError)
+            return cls(granularity, bool(d.get("separate", False)), settings, style, window)
         except KeyError as e:
             raise ConfigError(f"{pre}missing field {e.args[0]!r}") from None
 

@@ -32,6 +32,8 @@ import dataclasses
 import re
 from collections.abc import Iterable, Sequence
 
+from medsamix.errors import MedSAMixError, check_choice
+
 GRANULARITIES = (1, 2, 3, 4)
 
 _FIXED: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -68,10 +70,16 @@ class Group:
     component: str
 
 
+def check_granularity(value: object, what: str = "granularity",
+                      error: type[MedSAMixError] = MedSAMixError) -> int:
+    """``value`` if it is one of :data:`GRANULARITIES` (ViT blocks per encoder group); otherwise ``error`` naming
+    ``what`` and the allowed values."""
+    return int(check_choice(value, GRANULARITIES, what, error))
+
+
 def block_ranges(depth: int, granularity: int) -> list[tuple[int, int]]:
     """Inclusive block index ranges ``[(0, g-1), (g, 2g-1), ...]``; the last run may be shorter."""
-    if granularity not in GRANULARITIES:
-        raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    check_granularity(granularity)
     return [(a, min(a + granularity, depth) - 1) for a in range(0, depth, granularity)]
 
 

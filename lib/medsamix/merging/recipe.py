@@ -42,7 +42,7 @@ from medsamix.atomic import atomic_write_text
 from medsamix.errors import ConfigError
 from medsamix.merging.groups import group_parameters
 from medsamix.models.pool import ALIAS_RE
-from medsamix.models.preprocess import CT_WINDOWS, STYLES, Preprocessor
+from medsamix.models.preprocess import Preprocessor, check_style, check_window
 
 FORMAT_VERSION = 1
 
@@ -119,12 +119,9 @@ class Recipe:
             raise ConfigError(f"{where}: duplicate aliases in {aliases}")
         if not self.models:
             raise ConfigError(f"{where}: models: at least one fine-tuned model is required")
-        style = self.preprocessing.get("style")
-        if style not in STYLES:
-            raise ConfigError(f"{where}: preprocessing.style must be one of {STYLES}, got {style!r}")
-        window = self.preprocessing.get("ct_window")
-        if window is not None and window not in CT_WINDOWS:
-            raise ConfigError(f"{where}: preprocessing.ct_window must be one of {list(CT_WINDOWS)}, got {window!r}")
+        check_style(self.preprocessing.get("style"), f"{where}: preprocessing.style", ConfigError)
+        if self.preprocessing.get("ct_window") is not None:
+            check_window(self.preprocessing["ct_window"], f"{where}: preprocessing.ct_window", ConfigError)
         groups = group_parameters(reference_param_names(self.arch), self.merge.granularity, self.merge.separate)
         try:
             self.merge.validate(groups, aliases)

@@ -20,7 +20,7 @@ from torch import Tensor
 from medsamix.models.architecture import VIT_B, ArchSpec, resolve_arch
 from medsamix.models.checkpoint import LoadReport, load_sam_checkpoint, sha256_file
 from medsamix.errors import PoolError
-from medsamix.models.preprocess import STYLES, Preprocessor
+from medsamix.models.preprocess import STYLES, Preprocessor, check_style
 
 log = logging.getLogger(__name__)
 ALIAS_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,31}$")
@@ -47,7 +47,7 @@ class PoolMember:
     style: str = STYLES[0]
 
     def __post_init__(self) -> None:
-        check_style(self.style, f"preprocessing style of {self.alias!r}")
+        check_style(self.style, f"preprocessing style of {self.alias!r}", PoolError)
 
     def preprocessor(self, img_size: int) -> Preprocessor:
         """This member's input convention for a model input of side ``img_size``."""
@@ -165,15 +165,6 @@ class ModelPool:
         return cls(arch=spec, base=members[0], models=members[1:])
 
 
-def check_style(style: object, what: str = "preprocessing style") -> str:
-    """``style`` if it is one of :data:`~medsamix.models.preprocess.STYLES`.
-
-    Raises:
-        PoolError: another value (the message names ``what`` and the styles).
-    """
-    if style not in STYLES:
-        raise PoolError(f"{what} must be one of {STYLES}, got {style!r}")
-    return str(style)
 
 
 @dataclasses.dataclass
@@ -232,7 +223,7 @@ class PoolManifest:
             members = [d["base"], *d["models"]]
             styles = {m["alias"]: (m.get("preprocessing") or {}).get("style", STYLES[0]) for m in members}
             for alias, style in styles.items():
-                check_style(style, f"{path}: preprocessing style of {alias!r}")
+                check_style(style, f"{path}: preprocessing style of {alias!r}", PoolError)
             return cls(
                 folder=folder,
                 arch=resolve_arch(d["architecture"]),
@@ -280,10 +271,6 @@ class PoolManifest:
                               styles=self.styles)
 
 
-def manifest_styles(manifest: PoolManifest) -> dict[str, str]:
-    """Alias -> preprocessing style of each model of a pool manifest (:attr:`PoolManifest.styles`)."""
-    return dict(manifest.styles)
-
 
 def parse_models_spec(spec: str) -> list[tuple[str, Path]]:
     """``"alias=path,alias=path"`` (first = base) -> ``[(alias, path), ...]``.
@@ -322,5 +309,5 @@ def parse_styles(spec: str | None, aliases: list[str], default: str = STYLES[0])
         alias, style = alias.strip(), style.strip()
         if not sep or alias not in styles:
             raise PoolError(f"preprocessing: expected alias=style for aliases {aliases}, got {part!r}")
-        styles[alias] = check_style(style, f"preprocessing: style of {alias!r}")
+        styles[alias] = check_style(style, f"preprocessing: style of {alias!r}", PoolError)
     return styles

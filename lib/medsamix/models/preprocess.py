@@ -31,9 +31,15 @@ from segment_anything.utils.transforms import ResizeLongestSide
 from torch import Tensor
 
 from medsamix.data.intensity import (  # noqa: F401 - re-exported
-    CT_WINDOW, CT_WINDOWS, DEFAULT_CT_WINDOW, PERCENTILES, ct_range, intensity_range, to_255)
+    CT_WINDOW, CT_WINDOWS, DEFAULT_CT_WINDOW, PERCENTILES, check_window, ct_range, intensity_range, to_255)
+from medsamix.errors import MedSAMixError, check_choice
 
 STYLES = ("sam", "medsam")
+
+
+def check_style(style: object, what: str = "preprocessing style", error: type[MedSAMixError] = MedSAMixError) -> str:
+    """``style`` if it is one of :data:`STYLES`; otherwise ``error`` naming ``what`` and the styles."""
+    return str(check_choice(style, STYLES, what, error))
 SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
 SAM_PIXEL_STD = (58.395, 57.12, 57.375)
 
@@ -53,10 +59,8 @@ class Preprocessor:
     ct_window: str = DEFAULT_CT_WINDOW
 
     def __post_init__(self) -> None:
-        if self.style not in STYLES:
-            raise ValueError(f"preprocessing style must be one of {STYLES}, got {self.style!r}")
-        if self.ct_window not in CT_WINDOWS:
-            raise ValueError(f"CT window must be one of {list(CT_WINDOWS)}, got {self.ct_window!r}")
+        check_style(self.style)
+        check_window(self.ct_window)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], img_size: int) -> "Preprocessor":

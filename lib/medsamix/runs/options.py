@@ -10,8 +10,8 @@ from typing import Any
 
 from medsamix.data.tasks import label_names, parse_names
 from medsamix.errors import MergeRunError
-from medsamix.merging.groups import GRANULARITIES
-from medsamix.models.preprocess import STYLES
+from medsamix.merging.groups import check_granularity
+from medsamix.models.preprocess import check_style
 from medsamix.search.search import SearchSettings
 
 __all__ = ["MergeOptions", "label_names", "parse_min_gain", "parse_tasks"]
@@ -126,8 +126,7 @@ class MergeOptions:
         if trials < 1:
             raise MergeRunError(f"trials: must be >= 1, got {trials}")
         granularity = _as_int("granularity", merged.get("granularity", cls.granularity))
-        if granularity not in GRANULARITIES:
-            raise MergeRunError(f"granularity: must be 1, 2, 3 or 4 ViT blocks per group, got {granularity}")
+        check_granularity(granularity, error=MergeRunError)
         mb_raw = merged.get("min_budget")
         min_budget = None if mb_raw in (None, "", "none", "None") else _as_int("min_budget", mb_raw)
         if min_budget is not None and min_budget < 0:
@@ -136,9 +135,8 @@ class MergeOptions:
         if seed < 0:
             raise MergeRunError(f"seed: must be >= 0, got {seed}")
         style = merged.get("preprocessing") or None
-        if style is not None and style not in STYLES:
-            raise MergeRunError(f"preprocessing: must be one of {list(STYLES)} (or empty to search "
-                                f"it), got {style!r}")
+        if style is not None:
+            check_style(style, "preprocessing", MergeRunError)  # empty: searched
         min_gain = parse_min_gain(merged.get("min_gain"))
         objective = str(merged.get("objective") or "box").strip().lower()
         if objective not in OBJECTIVES:
@@ -153,7 +151,7 @@ class MergeOptions:
 
     def settings(self, tasks: Sequence[str], styles: Mapping[str, str]) -> SearchSettings:
         """The search settings for ``tasks``; ``styles``: alias -> own preprocessing style of each pool model
-        (:func:`manifest_styles`). The merged model's style is searched unless the options fix one."""
+        (:attr:`~medsamix.models.pool.ModelPool.styles`). The merged model's style is searched unless the options fix one."""
         return SearchSettings(tasks=tuple(tasks), trials=self.trials, granularity=self.granularity,
                               separate=self.separate, seed=self.seed, preprocessing=self.preprocessing,
                               own_styles=tuple((a, str(s)) for a, s in styles.items()), min_budget=self.min_budget,

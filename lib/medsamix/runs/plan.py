@@ -19,7 +19,7 @@ from medsamix.errors import MergeRunError
 from medsamix.models.pool import ModelPool
 from medsamix.runs.options import MergeOptions
 from medsamix.search.corruptions import robust_tasks, with_corrupted
-from medsamix.search.settings import SearchSettings, ct_windows_for, settings_key
+from medsamix.search.settings import SearchSettings, budget_problem, ct_windows_for, settings_key
 
 def search_context(pool: ModelPool, calibration: Sequence[SliceSample], split: str) -> dict[str, Any]:
     """Facts besides the settings that must match for a search to resume: the pool, the calibration studies."""
@@ -66,10 +66,9 @@ class RunPlan:
         return self.split.startswith(ONE_STUDY_SPLIT)
 
 
-def plan_run(task_set: TaskSet, options: MergeOptions, pool: ModelPool, runs_dir: str | Path,
-             styles: Mapping[str, str]) -> RunPlan:
-    """Choose tasks, slices, settings and the run folder ``runs_dir/<run_name>``; ``styles``: alias -> own
-    preprocessing style of each pool model (see :meth:`MergeOptions.settings`).
+def plan_run(task_set: TaskSet, options: MergeOptions, pool: ModelPool, runs_dir: str | Path) -> RunPlan:
+    """Choose tasks, slices, settings and the run folder ``runs_dir/<run_name>``; each pool model's own
+    preprocessing style is its member's (:attr:`~medsamix.models.pool.ModelPool.styles`).
 
     Raises:
         MergeRunError: unknown task, too few calibration slices, multi-fidelity with several tasks or a
@@ -78,19 +77,12 @@ def plan_run(task_set: TaskSet, options: MergeOptions, pool: ModelPool, runs_dir
     available = [t.name for t in task_set.tasks]
     tasks = options.tasks or tuple(available)
     cal, test = select_tasks(task_set, tasks)
-    if options.min_budget is not None:
-        if len(tasks) > 1:
-            raise MergeRunError(f"min_budget (multi-fidelity) works with one task only; {len(tasks)} tasks were "
-                                f"asked for ({', '.join(tasks)})")
-        if options.robust:
-            raise MergeRunError("min_budget (multi-fidelity) works with one objective only; robust adds the "
-                                "corrupted Dice as a second one")
-        if not 1 <= options.min_budget < len(cal):
-            raise MergeRunError(f"min_budget must lie in [1, {len(cal)}): task {tasks[0]!r} has {len(cal)} "
-                                "calibration slices")
+    problem = budget_problem(options.min_budget, len(tasks), len(cal), f"task {tasks[0]!r}", options.robust)
+    if problem:
+        raise MergeRunError(problem)
     if options.robust:
         cal, test, tasks = with_corrupted(cal, options.seed), with_corrupted(test, options.seed), robust_tasks(tasks)
-    settings = dataclasses.replace(options.settings(tasks, {a: styles[a] for a in pool.aliases if a in styles}),
+    settings = dataclasses.replace(options.settings(tasks, pool.styles),
                                    ct_windows=ct_windows_for(cal))  # CT data: the window is searched too
     name = run_name(settings, search_context(pool, cal, task_set.split))
     return RunPlan(name, Path(runs_dir) / name, settings, cal, test, task_set.split, available)

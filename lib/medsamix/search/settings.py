@@ -17,7 +17,7 @@ from medsamix.errors import MedSAMixError
 from medsamix.merging.config import MergeConfig, uniform_merges
 from medsamix.merging.merger import Merger
 from medsamix.merging.methods import REGISTRY
-from medsamix.models.preprocess import CT_WINDOWS, DEFAULT_CT_WINDOW, STYLES
+from medsamix.models.preprocess import CT_WINDOWS, DEFAULT_CT_WINDOW, STYLES, check_style, check_window
 
 
 class SearchError(MedSAMixError):
@@ -84,11 +84,11 @@ class SearchSettings:
     def __post_init__(self) -> None:
         if self.rounds < 0:
             raise SearchError(f"rounds must be >= 0, got {self.rounds}")
-        if any(w not in CT_WINDOWS for w in self.ct_windows):
-            raise SearchError(f"CT windows must be among {list(CT_WINDOWS)}, got {list(self.ct_windows)}")
-        bad = [s for s in (self.preprocessing, *(st for _, st in self.own_styles)) if s is not None and s not in STYLES]
-        if bad:
-            raise SearchError(f"preprocessing styles must be among {STYLES}, got {bad}")
+        for w in self.ct_windows:
+            check_window(w, "ct_windows", SearchError)
+        for s in (self.preprocessing, *(st for _, st in self.own_styles)):
+            if s is not None:
+                check_style(s, "preprocessing styles", SearchError)
 
     @property
     def multi(self) -> bool:
@@ -166,17 +166,22 @@ def settings_key(settings: SearchSettings, context: dict[str, Any]) -> str:
 
 
 def budget_problem(min_budget: int | None, n_tasks: int, n_slices: int,
-                   where: str = "the calibration set") -> str | None:
-    """Why ``min_budget`` (multi-fidelity) cannot be used with ``n_tasks`` tasks (objectives) and ``n_slices``
-    calibration slices (``where`` names them in the message), or ``None`` when it can (or is ``None``, off).
+                   where: str = "the calibration set", robust: bool = False) -> str | None:
+    """Why ``min_budget`` (multi-fidelity) cannot be used with ``n_tasks`` tasks (objectives), the corrupted-Dice
+    objective (``robust``) and ``n_slices`` calibration slices (``where`` names them in the message), or ``None``
+    when it can (or is ``None``, off).
 
-    The one statement of the rule: multi-fidelity needs one objective, and at least one slice fewer than all.
+    The one statement of the rule, called by the run plan, the CLI and the search itself: multi-fidelity needs one
+    objective, and at least one slice fewer than all.
     """
     if min_budget is None:
         return None
     if n_tasks > 1:
         return (f"min_budget (multi-fidelity) works with one task only (single-task searches); {n_tasks} tasks "
                 "were asked for")
+    if robust:
+        return ("min_budget (multi-fidelity) works with one objective only; robust adds the corrupted Dice as a "
+                "second one")
     if not 1 <= min_budget < n_slices:
         return f"min_budget must lie in [1, {n_slices}): {where} has {n_slices} calibration slices, got {min_budget}"
     return None

@@ -29,7 +29,7 @@ from ConfigSpace import Categorical, Configuration, ConfigurationSpace, EqualsCo
 from medsamix.merging.config import GroupSetting, MergeConfig
 from medsamix.merging.groups import Group
 from medsamix.merging.methods import REGISTRY, get_method
-from medsamix.models.preprocess import CT_WINDOWS, DEFAULT_CT_WINDOW, STYLES
+from medsamix.models.preprocess import DEFAULT_CT_WINDOW, check_style, check_window
 
 SEP = ":"
 PREP_STYLE = f"prep{SEP}style"
@@ -79,13 +79,11 @@ def build_space(groups: Sequence[Group], aliases: Sequence[str], methods: Sequen
     for m in methods:
         get_method(m)
     distinct = list(dict.fromkeys(styles))
-    unknown = [s for s in distinct if s not in STYLES]
-    if unknown:
-        raise ValueError(f"unknown preprocessing style(s) {unknown}; known: {STYLES}")
+    for s in distinct:
+        check_style(s, "preprocessing style")
     wins = list(dict.fromkeys(windows))
-    bad = [w for w in wins if w not in CT_WINDOWS]
-    if bad:
-        raise ValueError(f"unknown CT window(s) {bad}; known: {list(CT_WINDOWS)}")
+    for w in wins:
+        check_window(w, "CT window")
     cs = ConfigurationSpace(seed=seed)
     if len(distinct) > 1:
         cs.add(Categorical(PREP_STYLE, distinct))

@@ -28,8 +28,8 @@ from medsamix.errors import MedSAMixError, PoolError
 from medsamix.merging.config import uniform_merges
 from medsamix.merging.merger import Merger
 from medsamix.models.checkpoint import load_sam_checkpoint
-from medsamix.models.pool import ModelPool, PoolManifest, check_style
-from medsamix.models.preprocess import Preprocessor
+from medsamix.models.pool import ModelPool, PoolManifest
+from medsamix.models.preprocess import Preprocessor, check_style
 from medsamix.runs.publish import PublishError, current
 
 log = logging.getLogger(__name__)
@@ -163,7 +163,7 @@ class MergedModelSource:
     def __init__(self, loader: PoolLoader, published_dir: str | os.PathLike[str], name: str = "medsamix",
                  style: str | None = None) -> None:
         if style is not None:
-            check_style(style, "merged_preprocessing")
+            check_style(style, "merged_preprocessing", PoolError)
         self.loader = loader
         self.published_dir = Path(published_dir)
         self.name = name

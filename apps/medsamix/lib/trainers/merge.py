@@ -174,7 +174,7 @@ class MergeTrain(TrainTask):
         task_set, skipped = task_set_from_pairs(Path(str(self.studies)).name or "datastore", pairs, names,
                                                 options.seed, sub_blocks=True)
         self._served = load_served_pool(self.pool_dir, self.conf.get("models"), self.conf.get("preprocessing"))
-        plan = plan_run(task_set, options, self._served, self.runs_dir, self._served.styles)
+        plan = plan_run(task_set, options, self._served, self.runs_dir)
         notes = []
         if unlabelled:
             notes.append(f"{_count(len(unlabelled), 'study', 'studies')} without a final label not used")
