@@ -17,6 +17,7 @@ import sys
 import urllib.request
 from pathlib import Path
 
+from medsamix.atomic import atomic_write
 from medsamix.models.checkpoint import load_sam_checkpoint, sha256_file
 from medsamix.errors import CheckpointError
 
@@ -57,22 +58,19 @@ def main(argv: list[str] | None = None) -> int:
     for alias, src in SOURCES.items():
         path = args.out / src["file"]
         if not path.exists() and "url" in src and not args.offline:
-            tmp = path.with_name(path.name + ".part")
             print(f"{alias}: downloading {src['url']}")
+
+            def fetch(tmp: Path, url: str = src["url"], prefix: str = src["md5_prefix"]) -> None:
+                urllib.request.urlretrieve(url, tmp)
+                if not md5_file(tmp).startswith(prefix):
+                    raise OSError(f"MD5 does not start with {prefix}: corrupt download, removed")
+
             try:
-                urllib.request.urlretrieve(src["url"], tmp)
+                atomic_write(path, fetch)  # a failed or corrupt download leaves nothing behind
             except OSError as e:
                 print(f"{alias}: download failed: {e}", file=sys.stderr)
-                tmp.unlink(missing_ok=True)
                 status = 1
                 continue
-            if not md5_file(tmp).startswith(src["md5_prefix"]):
-                print(f"{alias}: MD5 does not start with {src['md5_prefix']}: corrupt download, removed",
-                      file=sys.stderr)
-                tmp.unlink()
-                status = 1
-                continue
-            tmp.rename(path)
         if not path.exists():
             print(f"{alias}: {path} not present. Get it from: {src.get('where', src.get('url'))}")
             continue
