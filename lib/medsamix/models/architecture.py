@@ -93,9 +93,17 @@ class ArchSpec:
             kw["encoder_global_attn_indexes"] = tuple(int(i) for i in kw["encoder_global_attn_indexes"])
         return cls(**kw)
 
-    def build(self) -> torch.nn.Module:
-        """Build a randomly initialised ``segment_anything.modeling.Sam`` of this architecture (eval mode)."""
+    def build(self, chunked_attention: bool | None = None) -> torch.nn.Module:
+        """Build a randomly initialised ``segment_anything.modeling.Sam`` of this architecture (eval mode).
+
+        Args:
+            chunked_attention: Give the image encoder's blocks :class:`~medsamix.models.attention.ChunkedAttention`
+                (same parameters and results, bounded score memory); default: on unless turned off by
+                ``MEDSAMIX_CHUNKED_ATTENTION=0`` or :func:`~medsamix.models.attention.set_chunked_attention`.
+        """
         from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+
+        from medsamix.models.attention import chunked_attention_enabled, use_chunked_attention
 
         sam = Sam(
             image_encoder=ImageEncoderViT(
@@ -133,6 +141,8 @@ class ArchSpec:
             pixel_mean=[123.675, 116.28, 103.53],
             pixel_std=[58.395, 57.12, 57.375],
         )
+        if chunked_attention_enabled() if chunked_attention is None else chunked_attention:
+            use_chunked_attention(sam.image_encoder)
         return sam.eval()
 
 
