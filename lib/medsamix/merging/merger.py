@@ -64,12 +64,11 @@ class Merger:
         self.separate = separate
         self.device = torch.device(device)
         self.memo = MemoCache(memo_bytes)
-        self.model: nn.Module = pool.arch.build().to(self.device)
-        for p in self.model.parameters():
-            p.requires_grad_(False)
-        named = dict(self.model.named_parameters())
+        with torch.device("meta"):  # names and shapes only: the model is made from the output tensors below
+            named = dict(pool.arch.build().named_parameters())
         self.groups: list[Group] = group_parameters(named, granularity, separate)
         self._state: dict[str, _GroupState] = {}
+        state: dict[str, Tensor] = {}
         with torch.no_grad():
             for g in self.groups:
                 tensors = []
@@ -82,13 +81,14 @@ class Merger:
                         for i, m in enumerate(pool.models):
                             m.state_dict[n] = models[i].view(shape)
                     out = base.clone()
-                    named[n].data = out.view(shape)
+                    state[n] = out.view(shape)
                     tensors.append((Sources(base=base, models=models, key=n, cache=self.memo), out))
                 self._state[g.name] = _GroupState(g, tensors)
-        base_sd = pool.base.state_dict
-        for name, buf in self.model.named_buffers():
-            if name in base_sd:  # persistent buffers (the prompt encoder's Fourier matrix); others are constants
-                buf.copy_(base_sd[name])
+        for name, value in pool.base.state_dict.items():  # persistent buffers (the prompt encoder's Fourier matrix)
+            if name not in state:
+                state[name] = value.to(self.device)
+        # the module's parameters are views of the (n,) outputs: a merge writes straight into them
+        self.model: nn.Module = pool.arch.build_with(state)
 
     @property
     def encoder_group_names(self) -> list[str]:
