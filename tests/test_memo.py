@@ -81,3 +81,13 @@ def test_cache_policy_small_values_always_large_first_come():
     assert zero.put(("a", "coef"), (1.0, 2.0))  # per-tensor scalars are kept even at cap 0
     with pytest.raises(ValueError):
         MemoCache(-1)
+
+
+def test_lowering_the_cap_drops_the_large_values():
+    cache = MemoCache(None)
+    cache.put(("a", "field"), torch.zeros(600))
+    cache.put(("a", "coef"), (1.0,))
+    cache.set_max_bytes(10_000)
+    assert cache.nbytes == 2400
+    cache.set_max_bytes(0)
+    assert cache.nbytes == 0 and ("a", "coef") in cache and ("a", "field") not in cache

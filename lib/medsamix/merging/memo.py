@@ -114,6 +114,15 @@ class MemoCache:
             else:
                 self.nbytes -= item[1]
 
+    def set_max_bytes(self, max_bytes: int | None) -> None:
+        """Change the cap; the values under the cap are dropped when they no longer fit it."""
+        if max_bytes is not None and max_bytes < 0:
+            raise ValueError(f"max_bytes must be >= 0 or None, got {max_bytes}")
+        self.max_bytes = max_bytes
+        if max_bytes is not None and self.nbytes > max_bytes:
+            for key in [k for k, (_, size) in self._items.items() if size > SMALL_BYTES]:
+                self.discard(key)
+
     def clear(self) -> None:
         """Drop everything."""
         self._items.clear()
