@@ -179,17 +179,12 @@ def load_sam_checkpoint(
         assert isinstance(t, Tensor)
         if not torch.is_floating_point(t):
             raise CheckpointError(f"{path}: parameter {k} has dtype {t.dtype}, expected floating point")
-        out[k] = t if _owns_storage(t) else t.to(torch.float32).contiguous().clone()
+        # always a copy: the file is memory-mapped (torch.load(mmap=True)), and a tensor kept from it would keep the
+        # whole file's pages resident (file-backed RSS) for as long as any of its tensors lives
+        out[k] = t.to(torch.float32).contiguous().clone()
         if not torch.isfinite(out[k]).all():
             raise CheckpointError(f"{path}: parameter {k} contains NaN or infinite values")
     return out, LoadReport(path=path, layout=layout, prefix=prefix, ignored=ignored, arch=arch)
-
-
-def _owns_storage(t: Tensor) -> bool:
-    """A contiguous float32 tensor that is its whole storage (kept as loaded: a copy would only add a transient
-    model-sized allocation per checkpoint); views into larger buffers and other dtypes are copied."""
-    return (t.dtype == torch.float32 and t.is_contiguous() and t.storage_offset() == 0
-            and t.untyped_storage().nbytes() == t.numel() * t.element_size())
 
 
 def save_sam_checkpoint(state_dict: Mapping[str, Tensor], path: str | os.PathLike[str]) -> None:
