@@ -9,11 +9,11 @@ registry, parameters from their search ranges):
 * reload_s - the reference approach's I/O alone: ``torch.load`` of all four checkpoints plus ``torch.save`` of the
   merged state dict. Its merge arithmetic is not counted, so the ratio is a lower bound.
 
-One-time costs (pool load, merger construction, per-method preparation such as TIES' sorted magnitudes, kernel
+One-time costs (pool load, merger construction, per-method preparation such as TIES' magnitude tables, kernel
 compilation) are printed separately. The merges are timed twice on the same merger and configurations: with no memo
-cap (``memo_bytes=None``: every method's memo kept for every tensor, as the merger did before its memo was capped;
-about 7 x the model size for K = 3) and with the merger's default cap (0: TIES thresholds selected and DARE fields
-drawn per merge). The last line is, for the default cap,
+cap (``memo_bytes=None``: DARE's random fields kept for every tensor, 3 x the model size for K = 3) and with the
+merger's default cap (0: DARE fields drawn again per merge). TIES, whatever the cap, selects its thresholds per merge
+from a small table of magnitude order statistics (before the cap it kept all sorted magnitudes, K x the model). The last line is, for the default cap,
 ``merge_s=<median s> reload_s=<median s> ratio=<reload_s/merge_s>``.
 """
 

@@ -1,15 +1,15 @@
 """A byte-bounded memo for merge methods' per-tensor quantities.
 
-Some merge methods run faster from quantities that depend only on the sources: DARE's random field and TIES' sorted
-task-vector magnitudes (each ``(K, n)`` per parameter tensor), SLERP's interpolation coefficients (``K + 2``
-numbers). Kept for every tensor of a ViT-B the per-element ones add several model sizes to a merger's memory, so a
+Some merge methods run faster from quantities that depend only on the sources: DARE's random field (``(K, n)`` per
+parameter tensor), TIES' table of magnitude order statistics and SLERP's interpolation coefficients (a few numbers
+per model). Kept for every tensor of a ViT-B the per-element ones add several model sizes to a merger's memory, so a
 :class:`~medsamix.merging.merger.Merger` shares one :class:`MemoCache` between all its
 :class:`~medsamix.merging.registry.Sources`, with a cap in bytes. When a value is absent (never computed, or over
 the cap) the method computes exactly what the current merge needs: a memo changes how fast a merge runs, never its
 result.
 
-Policy: values of at most :data:`SMALL_BYTES` (per-tensor scalars such as SLERP's coefficients) are always kept and
-do not count against the cap (a ViT-B merger holds a few hundred of them: under a megabyte). Larger values are kept
+Policy: values of at most :data:`SMALL_BYTES` (per-tensor scalars such as SLERP's coefficients and TIES' tables) are
+always kept and do not count against the cap (a ViT-B merger holds a few hundred of them: about a megabyte). Larger values are kept
 first come, first kept, while the cap has room; a value replaces an older one under the same key, but never evicts
 another key's: a merger visits its tensors in the same order on every merge, and a least-recently-used eviction would
 then evict each value just before it is needed again (every access a miss, each paying for the memo's construction).
@@ -38,7 +38,7 @@ def value_bytes(value: Any) -> int:
     return 8
 
 
-SMALL_BYTES = 1024
+SMALL_BYTES = 4096
 """Values of at most this many bytes are always kept, outside the cap."""
 
 

@@ -6,12 +6,11 @@ straight into the module's parameter storage: no checkpoint is re-read, nothing 
 is built and no full-size temporary is allocated. Groups whose setting did not change since the last application
 are skipped, so a configuration that only touches the mask decoder costs only the decoder.
 
-Memory: ``(K + 2) x`` the model size (sources and the merged model) plus at most ``memo_bytes`` of memoised
-per-method quantities (:class:`~medsamix.merging.memo.MemoCache`: TIES' sorted task-vector magnitudes and DARE's
-random field, ``K x`` the tensor each, kept while the cap has room; SLERP's few coefficients per tensor are always
-kept), plus one parameter tensor's temporaries during a merge. The pool's state dicts become views into the stacks
-(no copy). The default cap is 0: every merge then computes exactly what it needs (TIES thresholds by selection, DARE
-fields drawn from their seeded generator), which costs time (``scripts/bench_merge.py`` prints both) but no memory.
+Memory: ``(K + 2) x`` the model size (sources and the merged model) plus at most ``memo_bytes`` of DARE's random
+fields (``K x`` the tensor each, kept while the cap has room; :class:`~medsamix.merging.memo.MemoCache`), a few
+numbers per tensor for TIES and SLERP (always kept), and one parameter tensor's temporaries during a merge. The pool's
+state dicts become views into the stacks (no copy). The default cap is 0: a DARE merge then draws its fields again
+from their seeded generators, which costs time (``scripts/bench_merge.py`` prints both) but no memory.
 """
 
 from __future__ import annotations
@@ -52,8 +51,8 @@ class Merger:
         granularity: ViT blocks per encoder group (1-4).
         separate: Split encoder groups into attn / mlp / norm.
         device: Where buffers and the model live.
-        memo_bytes: Cap in bytes of the memoised per-method quantities (``None``: no cap, every method's memo kept
-            for every tensor, about 5 x the model size for K = 2 when TIES and DARE are used; 0: none kept).
+        memo_bytes: Cap in bytes of the memoised per-element quantities (DARE's fields; ``None``: no cap, K x the
+            model size once DARE has been used on every group; 0: none kept).
     """
 
     def __init__(self, pool: ModelPool, granularity: int = 1, separate: bool = False,

@@ -35,6 +35,7 @@ Definitions (``theta_0`` base, ``theta_k`` models, ``tau_k = theta_k - theta_0``
 
 from __future__ import annotations
 
+import bisect
 import math
 import zlib
 from collections.abc import Mapping, Sequence
@@ -118,22 +119,47 @@ def pick(src: Sources, params: Mapping[str, Any], out: Tensor | None = None) -> 
     return _output(src, out).copy_(src.base if i == 0 else src.models[i - 1])
 
 
-def _sorted_magnitudes(src: Sources) -> Tensor | None:
-    """``|tau_k|`` of each model sorted ascending, shape ``(K, n)``: memoised when the memo has room for it (the
-    sort then happens once per pool), else ``None``."""
-    return src.memo_within_cap("sorted_abs", src.models_nbytes, lambda: src.task_vectors().abs_().sort(dim=1).values)
+_TIES_TABLE_POINTS = 32
+"""Order statistics per model in TIES' threshold table: a threshold is then selected among ~1/32 of the entries."""
+
+
+def _magnitude_table(src: Sources) -> tuple[list[int], Tensor, Tensor]:
+    """Exact order statistics of ``|tau_k|``: ranks ``R`` (``Q + 1`` ascending ranks from 0 to ``n - 1``), their
+    values ``(K, Q + 1)`` and, per value, how many entries are strictly smaller ``(K, Q + 1)``; memoised (about
+    ``12 K (Q + 1)`` bytes per tensor: kept whatever the memo's cap). Built with one sort per tensor and pool."""
+
+    def make() -> tuple[list[int], Tensor, Tensor]:
+        ordered = src.task_vectors().abs_().sort(dim=1).values
+        n = ordered.shape[1]
+        ranks = sorted({round(j * (n - 1) / _TIES_TABLE_POINTS) for j in range(_TIES_TABLE_POINTS + 1)})
+        values = ordered[:, ranks].contiguous()
+        below = torch.stack([torch.searchsorted(ordered[k], values[k], side="left") for k in range(len(ordered))])
+        return ranks, values, below
+
+    return src.memo("ties_table", make)
 
 
 def ties_trim_thresholds(src: Sources, keep: float) -> Tensor:
     """Per-model magnitude threshold keeping the ``ceil(keep * n)`` largest entries, shape ``(K, 1)``: the
-    ``(n - k)``-th smallest ``|tau_k|`` (0-based), read from the memoised sorted magnitudes or, without them, selected
-    exactly for this merge (``torch.kthvalue``: the same element, no full sort, a ``(K, n)`` temporary)."""
+    ``r = (n - k)``-th smallest ``|tau_k|`` (0-based), exactly.
+
+    With the magnitude table (:func:`_magnitude_table`): the table brackets the rank, ``R_j <= r < R_{j+1}``, so the
+    threshold lies in ``[v_j, v_{j+1}]``; it is the ``(r - below_j)``-th smallest of the entries in that bracket
+    (every entry below ``v_j`` ranks before it), selected among ~``n / Q`` entries after one pass over the tensor.
+    """
     n = src.models.shape[1]
     k = min(n, max(1, math.ceil(keep * n - 1e-9)))
-    ordered = _sorted_magnitudes(src)
-    if ordered is not None:
-        return ordered[:, n - k: n - k + 1].clone()
-    return torch.kthvalue(src.task_vectors().abs_(), n - k + 1, dim=1, keepdim=True).values
+    r = n - k
+    ranks, values, below = _magnitude_table(src)
+    j = bisect.bisect_right(ranks, r) - 1
+    if ranks[j] == r:
+        return values[:, j: j + 1].clone()
+    out = torch.empty(src.num_models, 1, dtype=src.models.dtype, device=src.models.device)
+    for i in range(src.num_models):
+        magnitude = (src.models[i] - src.base).abs_()
+        inside = (magnitude >= values[i, j]).logical_and_(magnitude <= values[i, j + 1])
+        out[i, 0] = torch.kthvalue(magnitude[inside], r - int(below[i, j]) + 1).values
+    return out
 
 
 @register(

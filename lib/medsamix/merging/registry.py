@@ -38,7 +38,7 @@ class Sources:
         base: Base model tensor, shape ``(n,)``.
         models: Fine-tuned model tensors, shape ``(K, n)``.
         key: Stable name (the parameter name) used to seed random methods and to key memoised values.
-        cache: Memo for quantities that depend only on the sources (random fields, sorted magnitudes, SLERP
+        cache: Memo for quantities that depend only on the sources (random fields, TIES' magnitude tables, SLERP
             coefficients), keyed by ``(key, name)``. A merger shares one byte-bounded cache between all its
             sources (:class:`~medsamix.merging.memo.MemoCache`); a standalone ``Sources`` gets its own, unbounded.
             A method must give the same result whether or not a value is memoised.
