@@ -13,8 +13,8 @@ Every case runs in a fresh subprocess of this script, which reports its own peak
                        ``Merger.prepare()`` and 12 random layer-wise configurations over every method, with the
                        merger's default memo cap (0: DARE fields drawn again per merge).
 * ``merger_vitb_memo`` - the same with no memo cap (``memo_bytes=None``): every method's memo kept for every tensor,
-                       (DARE's random fields; before the cap TIES' sorted magnitudes were kept too, K x the model:
-                       not reproduced here, TIES now keeps a small table in both cases).
+                       (DARE's random fields and TIES' sorted magnitudes; SLERP, which kept a centroid vector
+                       before, keeps K + 1 numbers per tensor in both cases).
 * ``vitb_search``    - a 30-trial search on that ViT-B pool with ``--vitb-slices`` calibration slices (default 1:
                        the ViT-B encoder takes ~16 s per slice on a 2-core CPU, and most trials change the encoder).
 * ``server_vitb``    - the library's serving path (``PoolLoader`` -> ``MergedModelSource`` -> ``InteractiveService``,

@@ -11,9 +11,9 @@ registry, parameters from their search ranges):
 
 One-time costs (pool load, merger construction, per-method preparation such as TIES' magnitude tables, kernel
 compilation) are printed separately. The merges are timed twice on the same merger and configurations: with no memo
-cap (``memo_bytes=None``: DARE's random fields kept for every tensor, 3 x the model size for K = 3) and with the
-merger's default cap (0: DARE fields drawn again per merge). TIES, whatever the cap, selects its thresholds per merge
-from a small table of magnitude order statistics (before the cap it kept all sorted magnitudes, K x the model). The last line is, for the default cap,
+cap (``memo_bytes=None``: DARE's random fields and TIES' sorted magnitudes kept for every tensor, 6 x the model size
+for K = 3, as before the cap) and with the merger's default cap (0: DARE fields drawn again per merge, TIES thresholds
+selected per merge from a small table of magnitude order statistics with one pass over each tensor). The last line is, for the default cap,
 ``merge_s=<median s> reload_s=<median s> ratio=<reload_s/merge_s>``.
 """
 

@@ -1,8 +1,8 @@
 """A byte-bounded memo for merge methods' per-tensor quantities.
 
-Some merge methods run faster from quantities that depend only on the sources: DARE's random field (``(K, n)`` per
-parameter tensor), TIES' table of magnitude order statistics and SLERP's interpolation coefficients (a few numbers
-per model). Kept for every tensor of a ViT-B the per-element ones add several model sizes to a merger's memory, so a
+Some merge methods run faster from quantities that depend only on the sources: DARE's random field and TIES' sorted
+task-vector magnitudes (``(K, n)`` per parameter tensor each), TIES' table of magnitude order statistics and SLERP's
+interpolation coefficients (a few numbers per model). Kept for every tensor of a ViT-B the per-element ones add several model sizes to a merger's memory, so a
 :class:`~medsamix.merging.merger.Merger` shares one :class:`MemoCache` between all its
 :class:`~medsamix.merging.registry.Sources`, with a cap in bytes. When a value is absent (never computed, or over
 the cap) the method computes exactly what the current merge needs: a memo changes how fast a merge runs, never its

@@ -6,11 +6,12 @@ straight into the module's parameter storage: no checkpoint is re-read, nothing 
 is built and no full-size temporary is allocated. Groups whose setting did not change since the last application
 are skipped, so a configuration that only touches the mask decoder costs only the decoder.
 
-Memory: ``(K + 2) x`` the model size (sources and the merged model) plus at most ``memo_bytes`` of DARE's random
-fields (``K x`` the tensor each, kept while the cap has room; :class:`~medsamix.merging.memo.MemoCache`), a few
-numbers per tensor for TIES and SLERP (always kept), and one parameter tensor's temporaries during a merge. The pool's
-state dicts become views into the stacks (no copy). The default cap is 0: a DARE merge then draws its fields again
-from their seeded generators, which costs time (``scripts/bench_merge.py`` prints both) but no memory.
+Memory: ``(K + 2) x`` the model size (sources and the merged model) plus at most ``memo_bytes`` of per-element
+memos (DARE's random fields, TIES' sorted magnitudes: ``K x`` the tensor each, kept while the cap has room;
+:class:`~medsamix.merging.memo.MemoCache`), a few numbers per tensor for TIES and SLERP (always kept), and one
+parameter tensor's temporaries during a merge. The pool's state dicts become views into the stacks (no copy). The
+default cap is 0: a DARE merge then draws its fields again from their seeded generators and TIES selects its
+thresholds with one pass over each tensor, which costs time (``scripts/bench_merge.py`` prints both) but no memory.
 """
 
 from __future__ import annotations
@@ -51,8 +52,8 @@ class Merger:
         granularity: ViT blocks per encoder group (1-4).
         separate: Split encoder groups into attn / mlp / norm.
         device: Where buffers and the model live.
-        memo_bytes: Cap in bytes of the memoised per-element quantities (DARE's fields; ``None``: no cap, K x the
-            model size once DARE has been used on every group; 0: none kept).
+        memo_bytes: Cap in bytes of the memoised per-element quantities (DARE's fields, TIES' sorted magnitudes;
+            ``None``: no cap, up to 2 K x the model size once both were used on every group; 0: none kept).
     """
 
     def __init__(self, pool: ModelPool, granularity: int = 1, separate: bool = False,

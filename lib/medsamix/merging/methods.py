@@ -139,17 +139,27 @@ def _magnitude_table(src: Sources) -> tuple[list[int], Tensor, Tensor]:
     return src.memo("ties_table", make)
 
 
+def _sorted_magnitudes(src: Sources) -> Tensor | None:
+    """``|tau_k|`` of each model sorted ascending, shape ``(K, n)``: memoised when the memo's cap has room for it
+    (the fastest path: a threshold is then one lookup), else ``None``."""
+    return src.memo_within_cap("sorted_abs", src.models_nbytes, lambda: src.task_vectors().abs_().sort(dim=1).values)
+
+
 def ties_trim_thresholds(src: Sources, keep: float) -> Tensor:
     """Per-model magnitude threshold keeping the ``ceil(keep * n)`` largest entries, shape ``(K, 1)``: the
     ``r = (n - k)``-th smallest ``|tau_k|`` (0-based), exactly.
 
-    With the magnitude table (:func:`_magnitude_table`): the table brackets the rank, ``R_j <= r < R_{j+1}``, so the
-    threshold lies in ``[v_j, v_{j+1}]``; it is the ``(r - below_j)``-th smallest of the entries in that bracket
-    (every entry below ``v_j`` ranks before it), selected among ~``n / Q`` entries after one pass over the tensor.
+    From the sorted magnitudes when the memo holds them; else from the magnitude table (:func:`_magnitude_table`):
+    the table brackets the rank, ``R_j <= r < R_{j+1}``, so the threshold lies in ``[v_j, v_{j+1}]``; it is the
+    ``(r - below_j)``-th smallest of the entries in that bracket (every entry below ``v_j`` ranks before it),
+    selected among ~``n / Q`` entries after one pass over the tensor.
     """
     n = src.models.shape[1]
     k = min(n, max(1, math.ceil(keep * n - 1e-9)))
     r = n - k
+    ordered = _sorted_magnitudes(src)
+    if ordered is not None:
+        return ordered[:, r: r + 1].clone()
     ranks, values, below = _magnitude_table(src)
     j = bisect.bisect_right(ranks, r) - 1
     if ranks[j] == r:
