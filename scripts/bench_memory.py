@@ -10,10 +10,11 @@ Every case runs in a fresh subprocess of this script, which reports its own peak
                        embedded tiny pool (``sample-data/pool``, K = 2) on the box-prompted slices of 2 synthetic
                        phantom volumes (``medsamix.demo.sample_studies.phantom_volume``).
 * ``merger_vitb``    - the merger alone: random-weight ViT-B base + 2 models (``bench_merge.make_checkpoints``),
-                       ``Merger.prepare()`` (TIES sorted magnitudes, SLERP centroids, DARE field) and 12 random
-                       layer-wise configurations over every method. ``--materialised`` keeps a full copy of the K
-                       task vectors alive next to the merger, i.e. what the merger held before it computed them per
-                       tensor during the merge (the "before" figure, measured in the same run).
+                       ``Merger.prepare()`` and 12 random layer-wise configurations over every method, with the
+                       merger's default memo cap (0: DARE fields drawn again per merge).
+* ``merger_vitb_memo`` - the same with no memo cap (``memo_bytes=None``): every method's memo kept for every tensor,
+                       (DARE's random fields and TIES' sorted magnitudes; SLERP, which kept a centroid vector
+                       before, keeps K + 1 numbers per tensor in both cases).
 * ``vitb_search``    - a 30-trial search on that ViT-B pool with ``--vitb-slices`` calibration slices (default 1:
                        the ViT-B encoder takes ~16 s per slice on a 2-core CPU, and most trials change the encoder).
 * ``server_vitb``    - the library's serving path (``PoolLoader`` -> ``MergedModelSource`` -> ``InteractiveService``,
@@ -21,6 +22,13 @@ Every case runs in a fresh subprocess of this script, which reports its own peak
                        pool's uniform linear merge, nothing published) serves a 2D box prompt, the same prompt again
                        and a 3D box over 3 slices on a phantom volume. Background pre-encoding is off (it would only
                        fill the embedding cache, whose cap is counted).
+* ``server_vitb_former`` - the same as the server was before: segment_anything's stock attention (the child runs
+                       with ``MEDSAMIX_CHUNKED_ATTENTION=0``) and a second copy of the merged weights held next to the
+                       served module (the former ``MergedModelSource.uniform`` loaded the merger's state into a new
+                       ``Sam``).
+
+Every search and server case builds its models with :class:`~medsamix.models.attention.ChunkedAttention` (the
+default) unless named ``_former``.
 
 Figures per case: peak RSS, model size (bytes of the base's state dict), K, the cache cap (the configured bytes of
 the caches the case uses: the evaluator's embedding cache in a search; the embedding cache plus the volume cache in
@@ -51,7 +59,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]  # the child cases import bench_merge from this folder (sys.path[0])
 
-CASES = ("baseline", "tiny_search", "merger_vitb_materialised", "merger_vitb", "vitb_search", "server_vitb")
+CASES = ("baseline", "merger_vitb_memo", "merger_vitb", "server_vitb_former", "server_vitb", "tiny_search",
+         "vitb_search")
 MB = 2**20
 
 
@@ -63,13 +72,14 @@ def _status_kb(field: str) -> int:
 
 
 class Phases:
-    """Resident memory (VmRSS) and peak so far (VmHWM) at named points of a case, in MB."""
+    """Resident memory (VmRSS), its file-backed part (RssFile: shared libraries' pages) and the peak so far (VmHWM)
+    at named points of a case, in MB."""
 
     def __init__(self) -> None:
-        self.rows: list[tuple[str, float, float]] = []
+        self.rows: list[tuple[str, float, float, float]] = []
 
     def mark(self, name: str) -> None:
-        self.rows.append((name, _status_kb("VmRSS") / 1024, _status_kb("VmHWM") / 1024))
+        self.rows.append((name, _status_kb("VmRSS") / 1024, _status_kb("RssFile") / 1024, _status_kb("VmHWM") / 1024))
 
 
 def _imports() -> None:
@@ -121,7 +131,8 @@ def _search(pool: Any, slices: list[Any], trials: int, phases: Phases) -> dict[s
         result = run_search(merger, evaluator, settings, out)
         seconds = time.perf_counter() - t0
     phases.mark(f"{trials} trials done")
-    return {"cache_cap": evaluator.cache_bytes, "cache_used": evaluator.cached_bytes, "seconds": round(seconds, 1),
+    return {"cache_cap": evaluator.cache_bytes + (merger.memo.max_bytes or 0),
+            "cache_used": evaluator.cached_bytes + merger.memo.nbytes, "seconds": round(seconds, 1),
             "detail": f"{len(result.trials)} trials, {len(slices)} calibration slices, {result.encoder_passes} "
                       f"encoder passes, best calibration Dice {result.best.dice['ellipsoid']:.3f}"}
 
@@ -164,26 +175,29 @@ def run_case(case: str, work: Path, vitb_slices: int, phases: Phases) -> dict[st
         from medsamix.merging.methods import REGISTRY
         from medsamix.merging.merger import Merger
 
-        merger = Merger(pool, granularity=2)
-        held = []
-        if case.endswith("_materialised"):  # the former layout: K task vectors resident next to the sources
-            for state in merger._state.values():
-                held += [src.models - src.base for src, _ in state.tensors]
+        unbounded = case.endswith("_memo")
+        merger = Merger(pool, granularity=2, memo_bytes=None if unbounded else 0)
         phases.mark("merger built")
+        t0 = time.perf_counter()
         merger.prepare()
-        phases.mark("prepared (TIES, SLERP, DARE memos)")
+        prepare_s = time.perf_counter() - t0
+        phases.mark("prepared (memos the cap has room for)")
         rng = random.Random(0)
+        t0 = time.perf_counter()
         for _ in range(12):
             merger.apply(MergeConfig.random(merger.groups, merger.aliases, rng, 2, methods=sorted(REGISTRY)))
+        merge_s = (time.perf_counter() - t0) / 12
         phases.mark("12 random configurations applied")
-        return {"model_bytes": model_bytes, "k": k, "cache_cap": 0, "cache_used": 0,
-                "detail": f"{len(merger.groups)} groups; task vectors "
-                          f"{'held resident (former layout)' if held else 'computed per tensor'}"}
+        return {"model_bytes": model_bytes, "k": k, "cache_cap": merger.memo.max_bytes or 0,
+                "cache_used": merger.memo.nbytes + merger.memo.small_bytes,
+                "detail": f"{len(merger.groups)} groups; memo cap {'none' if unbounded else '0'}, held "
+                          f"{(merger.memo.nbytes + merger.memo.small_bytes) / MB:.1f} MB; prepare {prepare_s:.1f} s, "
+                          f"mean merge {merge_s:.2f} s per random configuration"}
     if case == "vitb_search":
         slices = _phantom_slices(1)
         step = max(1, len(slices) // max(1, vitb_slices))
         return {"model_bytes": model_bytes, "k": k, **_search(pool, slices[::step][:vitb_slices], 30, phases)}
-    if case == "server_vitb":
+    if case.startswith("server_vitb"):
         import nibabel as nib
         import numpy as np
 
@@ -204,6 +218,9 @@ def run_case(case: str, work: Path, vitb_slices: int, phases: Phases) -> dict[st
         ii, jj, kk = np.nonzero(label == 1)
         k = int(np.median(kk))
         roi = [int(ii.min()), int(ii.max()), int(jj.min()), int(jj.max()), k, k]
+        held = []
+        if case.endswith("_former"):  # the former uniform merge: the merger's weights copied into a second Sam
+            held.append({n: t.clone() for n, t in source.get().model.state_dict().items()})
         masks = []
         for request in ({"roi": roi, "mode": "2d"}, {"roi": roi, "mode": "2d"},
                         {"roi": roi[:4] + [k - 1, k + 1], "mode": "3d"}):
@@ -212,15 +229,19 @@ def run_case(case: str, work: Path, vitb_slices: int, phases: Phases) -> dict[st
         return {"model_bytes": model_bytes, "k": len(loader.aliases) - 1,
                 "cache_cap": cache.max_bytes + volumes.max_bytes, "cache_used": cache.nbytes + image.nbytes,
                 "detail": f"3 prompts (2D, 2D repeat, 3D over 3 slices), voxels "
-                          f"{[p['voxels'] for p in masks]}, pre-encoding off"}
+                          f"{[p['voxels'] for p in masks]}, pre-encoding off, "
+                          f"{'stock attention + second weight copy (former)' if held else 'chunked attention'}"}
     raise SystemExit(f"unknown case {case!r}; cases: {', '.join(CASES)}")
 
 
 def spawn(case: str, work: Path, vitb_slices: int, timeout: float) -> tuple[dict[str, Any], float, float]:
     """Run ``case`` in a fresh child; returns its figures, its peak RSS in MB (``ru_maxrss``) and wall seconds."""
     cmd = [sys.executable, __file__, "--child", case, "--work", str(work), "--vitb-slices", str(vitb_slices)]
+    env = dict(os.environ)
+    if case.endswith("_former"):
+        env["MEDSAMIX_CHUNKED_ATTENTION"] = "0"
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -267,8 +288,8 @@ def main() -> int:
         for case in cases:
             fig, peak, seconds = spawn(case, Path(tmp), args.vitb_slices, args.timeout)
             print(f"\n[{case}] {fig['detail']}; {seconds:.0f} s")
-            for name, rss, hwm in fig["phases"]:
-                print(f"  {name:40s} rss {rss:8.0f} MB   peak so far {hwm:8.0f} MB")
+            for name, rss, rss_file, hwm in fig["phases"]:
+                print(f"  {name:40s} rss {rss:6.0f} MB (file-backed {rss_file:4.0f})   peak so far {hwm:6.0f} MB")
             if case == "baseline":
                 base_mb = peak
                 print(f"  peak {peak:.0f} MB (process baseline)")

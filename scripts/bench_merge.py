@@ -9,8 +9,11 @@ registry, parameters from their search ranges):
 * reload_s - the reference approach's I/O alone: ``torch.load`` of all four checkpoints plus ``torch.save`` of the
   merged state dict. Its merge arithmetic is not counted, so the ratio is a lower bound.
 
-One-time costs (pool load, merger construction, per-method preparation such as TIES' sorted magnitudes, kernel
-compilation) are printed separately. The last line is
+One-time costs (pool load, merger construction, per-method preparation such as TIES' magnitude tables, kernel
+compilation) are printed separately. The merges are timed twice on the same merger and configurations: with no memo
+cap (``memo_bytes=None``: DARE's random fields and TIES' sorted magnitudes kept for every tensor, 6 x the model size
+for K = 3, as before the cap) and with the merger's default cap (0: DARE fields drawn again per merge, TIES thresholds
+selected per merge from a small table of magnitude order statistics with one pass over each tensor). The last line is, for the default cap,
 ``merge_s=<median s> reload_s=<median s> ratio=<reload_s/merge_s>``.
 """
 
@@ -42,6 +45,36 @@ def make_checkpoints(folder: Path, num_models: int, noise: float) -> dict[str, P
     return paths
 
 
+def time_merges(merger: Merger, rng: random.Random, granularity: int, runs: int) -> list[float]:
+    """Prepare, warm up, then time whole-model merges per method and ``runs`` random layer-wise configurations."""
+    t = time.perf_counter()
+    merger.prepare()
+    print(f"one-time preparation (the memos the cap has room for): {time.perf_counter() - t:.1f} s, "
+          f"memo {merger.memo.nbytes / 2**20:.0f} MB")
+    t = time.perf_counter()
+    for m in sorted(REGISTRY):  # warm-up: compiles the fused kernels
+        merger.apply(MergeConfig.random(merger.groups, merger.aliases, rng, granularity, methods=[m]))
+    print(f"warm-up (kernel compilation): {time.perf_counter() - t:.1f} s")
+    per_method = {}
+    for m in sorted(REGISTRY):
+        cfg = MergeConfig.random(merger.groups, merger.aliases, rng, granularity, methods=[m])
+        t = time.perf_counter()
+        merger.apply(cfg)
+        per_method[m] = time.perf_counter() - t
+    print("whole model with one method: " + ", ".join(f"{m} {s:.3f} s" for m, s in per_method.items()))
+    merge_times = []
+    for run in range(runs):
+        cfg = MergeConfig.random(merger.groups, merger.aliases, rng, granularity)
+        t = time.perf_counter()
+        merger.apply(cfg)
+        merge_times.append(time.perf_counter() - t)
+        counts = {m: sum(s.method == m for s in cfg.groups.values()) for m in sorted(REGISTRY)}
+        print(f"merge run {run}: {merge_times[-1]:.3f} s (groups per method: {counts})")
+    print(f"memo held at the end: {merger.memo.nbytes / 2**20:.0f} MB (+ {merger.memo.small_bytes / 2**10:.0f} KB "
+          "of per-tensor scalars)")
+    return merge_times
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=9, help="random configurations timed (>= 5)")
@@ -63,34 +96,14 @@ def main() -> None:
         t = time.perf_counter()
         merger = Merger(pool, granularity=args.granularity)
         print(f"merger construction: {time.perf_counter() - t:.1f} s ({len(merger.groups)} groups)")
-        t = time.perf_counter()
-        merger.prepare()
-        print(f"one-time preparation (TIES sorted magnitudes, SLERP centroids, DARE field): "
-              f"{time.perf_counter() - t:.1f} s")
-        rng = random.Random(args.seed)
-        t = time.perf_counter()
-        for m in sorted(REGISTRY):  # warm-up: compiles the fused kernels
-            merger.apply(MergeConfig.random(merger.groups, merger.aliases, rng, args.granularity, methods=[m]))
-        print(f"warm-up (kernel compilation): {time.perf_counter() - t:.1f} s")
-
-        per_method = {}
-        for m in sorted(REGISTRY):
-            cfg = MergeConfig.random(merger.groups, merger.aliases, rng, args.granularity, methods=[m])
-            t = time.perf_counter()
-            merger.apply(cfg)
-            per_method[m] = time.perf_counter() - t
-        print("whole model with one method: " + ", ".join(f"{m} {s:.3f} s" for m, s in per_method.items()))
-
-        merge_times, reload_times = [], []
-        out = folder / "merged.pth"
         runs = max(5, args.runs)
-        for run in range(runs):
-            cfg = MergeConfig.random(merger.groups, merger.aliases, rng, args.granularity)
-            t = time.perf_counter()
-            merger.apply(cfg)
-            merge_times.append(time.perf_counter() - t)
-            counts = {m: sum(s.method == m for s in cfg.groups.values()) for m in sorted(REGISTRY)}
-            print(f"merge run {run}: {merge_times[-1]:.3f} s (groups per method: {counts})")
+        timed = {}
+        for label, cap in (("no memo cap (before)", None), ("memo cap 0 (default)", 0)):
+            print(f"--- {label}")
+            merger.memo.set_max_bytes(cap)
+            timed[label] = time_merges(merger, random.Random(args.seed), args.granularity, runs)
+        out = folder / "merged.pth"
+        reload_times = []
         for run in range(runs):  # separately, so the reference's large allocations do not disturb the merge timing
             t = time.perf_counter()
             loaded = [torch.load(p, map_location="cpu", weights_only=True) for p in paths.values()]
@@ -98,8 +111,11 @@ def main() -> None:
             reload_times.append(time.perf_counter() - t)
             del loaded
             print(f"reload run {run}: {reload_times[-1]:.2f} s")
-    merge_s = statistics.median(merge_times)
     reload_s = statistics.median(reload_times)
+    for label, merge_times in timed.items():
+        merge_s = statistics.median(merge_times)
+        print(f"{label}: merge_s={merge_s:.4f} reload_s={reload_s:.3f} ratio={reload_s / merge_s:.1f}")
+    merge_s = statistics.median(timed["memo cap 0 (default)"])
     print(f"merge_s={merge_s:.4f} reload_s={reload_s:.3f} ratio={reload_s / merge_s:.1f}")
 
 

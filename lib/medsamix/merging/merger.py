@@ -6,9 +6,12 @@ straight into the module's parameter storage: no checkpoint is re-read, nothing 
 is built and no full-size temporary is allocated. Groups whose setting did not change since the last application
 are skipped, so a configuration that only touches the mask decoder costs only the decoder.
 
-Memory: ``(K + 2) x`` the model size (sources and the merged model) plus memoised per-method
-quantities (TIES: sorted task-vector magnitudes, ``K x``; DARE: one random field per seed, ``K x``; SLERP: one
-centroid, ``1 x``), each allocated on first use. The pool's state dicts become views into the stacks (no copy).
+Memory: ``(K + 2) x`` the model size (sources and the merged model) plus at most ``memo_bytes`` of per-element
+memos (DARE's random fields, TIES' sorted magnitudes: ``K x`` the tensor each, kept while the cap has room;
+:class:`~medsamix.merging.memo.MemoCache`), a few numbers per tensor for TIES and SLERP (always kept), and one
+parameter tensor's temporaries during a merge. The pool's state dicts become views into the stacks (no copy). The
+default cap is 0: a DARE merge then draws its fields again from their seeded generators and TIES selects its
+thresholds with one pass over each tensor, which costs time (``scripts/bench_merge.py`` prints both) but no memory.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from torch import Tensor, nn
 from medsamix.merging.config import MergeConfig
 from medsamix.errors import ConfigError
 from medsamix.merging.groups import Group, encoder_groups, group_parameters
+from medsamix.merging.memo import MemoCache
 from medsamix.merging.methods import REGISTRY, Sources, get_method
 from medsamix.models.pool import ModelPool
 
@@ -48,21 +52,23 @@ class Merger:
         granularity: ViT blocks per encoder group (1-4).
         separate: Split encoder groups into attn / mlp / norm.
         device: Where buffers and the model live.
+        memo_bytes: Cap in bytes of the memoised per-element quantities (DARE's fields, TIES' sorted magnitudes;
+            ``None``: no cap, up to 2 K x the model size once both were used on every group; 0: none kept).
     """
 
     def __init__(self, pool: ModelPool, granularity: int = 1, separate: bool = False,
-                 device: str | torch.device = "cpu") -> None:
+                 device: str | torch.device = "cpu", memo_bytes: int | None = 0) -> None:
         self.pool = pool
         self.aliases = pool.aliases
         self.granularity = granularity
         self.separate = separate
         self.device = torch.device(device)
-        self.model: nn.Module = pool.arch.build().to(self.device)
-        for p in self.model.parameters():
-            p.requires_grad_(False)
-        named = dict(self.model.named_parameters())
+        self.memo = MemoCache(memo_bytes)
+        with torch.device("meta"):  # names and shapes only: the model is made from the output tensors below
+            named = dict(pool.arch.build().named_parameters())
         self.groups: list[Group] = group_parameters(named, granularity, separate)
         self._state: dict[str, _GroupState] = {}
+        state: dict[str, Tensor] = {}
         with torch.no_grad():
             for g in self.groups:
                 tensors = []
@@ -75,13 +81,14 @@ class Merger:
                         for i, m in enumerate(pool.models):
                             m.state_dict[n] = models[i].view(shape)
                     out = base.clone()
-                    named[n].data = out.view(shape)
-                    tensors.append((Sources(base=base, models=models, key=n), out))
+                    state[n] = out.view(shape)
+                    tensors.append((Sources(base=base, models=models, key=n, cache=self.memo), out))
                 self._state[g.name] = _GroupState(g, tensors)
-        base_sd = pool.base.state_dict
-        for name, buf in self.model.named_buffers():
-            if name in base_sd:  # persistent buffers (the prompt encoder's Fourier matrix); others are constants
-                buf.copy_(base_sd[name])
+        for name, value in pool.base.state_dict.items():  # persistent buffers (the prompt encoder's Fourier matrix)
+            if name not in state:
+                state[name] = value.to(self.device)
+        # the module's parameters are views of the (n,) outputs: a merge writes straight into them
+        self.model: nn.Module = pool.arch.build_with(state)
 
     @property
     def encoder_group_names(self) -> list[str]:
@@ -123,7 +130,8 @@ class Merger:
         return self.model
 
     def prepare(self, methods: Iterable[str] | None = None, seed: int = 0) -> None:
-        """Compute the memoised per-method quantities for every group now rather than on first use.
+        """Compute the memoised per-method quantities for every group now rather than on first use (those the
+        memo's cap has room for; with a cap of 0 only the small ones, e.g. SLERP's coefficients).
 
         Args:
             methods: Method names (default: every registered method with a ``warmup``; the others are skipped).

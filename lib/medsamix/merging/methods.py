@@ -35,6 +35,7 @@ Definitions (``theta_0`` base, ``theta_k`` models, ``tau_k = theta_k - theta_0``
 
 from __future__ import annotations
 
+import bisect
 import math
 import zlib
 from collections.abc import Mapping, Sequence
@@ -118,17 +119,57 @@ def pick(src: Sources, params: Mapping[str, Any], out: Tensor | None = None) -> 
     return _output(src, out).copy_(src.base if i == 0 else src.models[i - 1])
 
 
-def _sorted_magnitudes(src: Sources) -> Tensor:
-    """``|tau_k|`` of each model sorted ascending, shape ``(K, n)``; memoised."""
-    return src.memo("sorted_abs", lambda: src.task_vectors().abs_().sort(dim=1).values)
+_TIES_TABLE_POINTS = 32
+"""Order statistics per model in TIES' threshold table: a threshold is then selected among ~1/32 of the entries."""
+
+
+def _magnitude_table(src: Sources) -> tuple[list[int], Tensor, Tensor]:
+    """Exact order statistics of ``|tau_k|``: ranks ``R`` (``Q + 1`` ascending ranks from 0 to ``n - 1``), their
+    values ``(K, Q + 1)`` and, per value, how many entries are strictly smaller ``(K, Q + 1)``; memoised (about
+    ``12 K (Q + 1)`` bytes per tensor: kept whatever the memo's cap). Built with one sort per tensor and pool."""
+
+    def make() -> tuple[list[int], Tensor, Tensor]:
+        ordered = src.task_vectors().abs_().sort(dim=1).values
+        n = ordered.shape[1]
+        ranks = sorted({round(j * (n - 1) / _TIES_TABLE_POINTS) for j in range(_TIES_TABLE_POINTS + 1)})
+        values = ordered[:, ranks].contiguous()
+        below = torch.stack([torch.searchsorted(ordered[k], values[k], side="left") for k in range(len(ordered))])
+        return ranks, values, below
+
+    return src.memo("ties_table", make)
+
+
+def _sorted_magnitudes(src: Sources) -> Tensor | None:
+    """``|tau_k|`` of each model sorted ascending, shape ``(K, n)``: memoised when the memo's cap has room for it
+    (the fastest path: a threshold is then one lookup), else ``None``."""
+    return src.memo_within_cap("sorted_abs", src.models_nbytes, lambda: src.task_vectors().abs_().sort(dim=1).values)
 
 
 def ties_trim_thresholds(src: Sources, keep: float) -> Tensor:
-    """Per-model magnitude threshold keeping the ``ceil(keep * n)`` largest entries, shape ``(K, 1)``."""
-    ordered = _sorted_magnitudes(src)
-    n = ordered.shape[1]
+    """Per-model magnitude threshold keeping the ``ceil(keep * n)`` largest entries, shape ``(K, 1)``: the
+    ``r = (n - k)``-th smallest ``|tau_k|`` (0-based), exactly.
+
+    From the sorted magnitudes when the memo holds them; else from the magnitude table (:func:`_magnitude_table`):
+    the table brackets the rank, ``R_j <= r < R_{j+1}``, so the threshold lies in ``[v_j, v_{j+1}]``; it is the
+    ``(r - below_j)``-th smallest of the entries in that bracket (every entry below ``v_j`` ranks before it),
+    selected among ~``n / Q`` entries after one pass over the tensor.
+    """
+    n = src.models.shape[1]
     k = min(n, max(1, math.ceil(keep * n - 1e-9)))
-    return ordered[:, n - k: n - k + 1].clone()
+    r = n - k
+    ordered = _sorted_magnitudes(src)
+    if ordered is not None:
+        return ordered[:, r: r + 1].clone()
+    ranks, values, below = _magnitude_table(src)
+    j = bisect.bisect_right(ranks, r) - 1
+    if ranks[j] == r:
+        return values[:, j: j + 1].clone()
+    out = torch.empty(src.num_models, 1, dtype=src.models.dtype, device=src.models.device)
+    for i in range(src.num_models):
+        magnitude = (src.models[i] - src.base).abs_()
+        inside = (magnitude >= values[i, j]).logical_and_(magnitude <= values[i, j + 1])
+        out[i, 0] = torch.kthvalue(magnitude[inside], r - int(below[i, j]) + 1).values
+    return out
 
 
 @register(
@@ -147,25 +188,32 @@ def ties(src: Sources, params: Mapping[str, Any], out: Tensor | None = None) -> 
     return res
 
 
-def _slerp_geometry(src: Sources) -> tuple[Tensor, float]:
-    """The models' spherical centroid ``theta*`` (shape ``(n,)``) and its angle to the base; memoised."""
+def _slerp_geometry(src: Sources) -> tuple[list[float], float]:
+    """The models' spherical centroid as coefficients of the models, ``theta* = sum_k c_k theta_k`` (``K`` floats),
+    and its angle ``omega`` to the base; from the Gram matrix of base and models in float64; memoised (a few
+    numbers per tensor: kept whatever the memo's cap)."""
 
-    def make() -> tuple[Tensor, float]:
-        m = src.models.double()
-        norms = m.norm(dim=1)
-        if src.num_models == 1:
-            target = m[0]
-        elif bool((norms == 0).any()):
-            target = m.mean(0)
-        else:
-            direction = (m / norms[:, None]).sum(0)
-            dn = direction.norm()
-            # antipodal models have no spherical centroid: fall back to the mean
-            target = m.mean(0) if dn < 1e-12 else direction * (norms.mean() / dn)
-        b = src.base.double()
-        bn, tn = b.norm(), target.norm()
-        cos = float((b @ target) / (bn * tn)) if bn > 0 and tn > 0 else 1.0
-        return target.to(src.base.dtype), math.acos(max(-1.0, min(1.0, cos)))
+    def make() -> tuple[list[float], float]:
+        s = torch.cat([src.base[None], src.models]).double()
+        gram = (s @ s.T).tolist()  # (K + 1, K + 1): index 0 the base, 1..K the models
+        k = src.num_models
+        norms = [math.sqrt(max(gram[i][i], 0.0)) for i in range(1, k + 1)]
+        mean = [1.0 / k] * k
+        if k == 1:
+            coef = [1.0]
+        elif min(norms) == 0:
+            coef = mean
+        else:  # theta* = mean_k ||theta_k|| * d / ||d||, d = sum_k theta_k / ||theta_k||
+            u = [1.0 / x for x in norms]
+            dn = math.sqrt(max(0.0, sum(u[i] * u[j] * gram[i + 1][j + 1] for i in range(k) for j in range(k))))
+            # antipodal models have no spherical centroid: fall back to the mean (dn is a norm of a sum of K unit
+            # vectors; its rounding error from the Gram form is ~1e-8)
+            coef = mean if dn < 1e-6 else [x * (sum(norms) / k) / dn for x in u]
+        bn = math.sqrt(max(gram[0][0], 0.0))
+        tn = math.sqrt(max(0.0, sum(coef[i] * coef[j] * gram[i + 1][j + 1] for i in range(k) for j in range(k))))
+        dot = sum(coef[i] * gram[0][i + 1] for i in range(k))
+        cos = dot / (bn * tn) if bn > 0 and tn > 0 else 1.0
+        return coef, math.acos(max(-1.0, min(1.0, cos)))
 
     return src.memo("slerp", make)
 
@@ -175,24 +223,25 @@ def _slerp_geometry(src: Sources) -> tuple[Tensor, float]:
 def slerp(src: Sources, params: Mapping[str, Any], out: Tensor | None = None) -> Tensor:
     """Spherical linear interpolation from the base towards the models' spherical centroid."""
     t = params["t"]
-    target, omega = _slerp_geometry(src)
+    coef, omega = _slerp_geometry(src)
     so = math.sin(omega)
     if so < 1e-6:
         a, b = 1.0 - t, t
     else:
         a, b = math.sin((1.0 - t) * omega) / so, math.sin(t * omega) / so
-    return torch.mul(src.base, a, out=_output(src, out)).add_(target, alpha=b)
+    return _combine(src, [a] + [b * c for c in coef], out)
 
 
 def _dare_field(src: Sources, seed: int) -> Tensor:
-    """Uniform random field in [0, 1), shape ``(K, n)``, from a generator seeded by ``(seed, key)``; the field of
-    the latest seed is memoised."""
-    cached = src.cache.get("dare")
-    if cached is None or cached[0] != seed:
-        g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(src.key.encode()))
-        field = torch.rand(src.models.shape, generator=g, dtype=src.models.dtype)
-        src.cache["dare"] = cached = (seed, field.to(src.models.device))
-    return cached[1]
+    """Uniform random field in [0, 1), shape ``(K, n)``, from a generator seeded by ``(seed, key)``: the memoised
+    field of this seed, else drawn now (and memoised, replacing another seed's, if the memo has room)."""
+    cached = src.memoised("dare")
+    if cached is not None and cached[0] == seed:
+        return cached[1]
+    g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(src.key.encode()))
+    field = torch.rand(src.models.shape, generator=g, dtype=src.models.dtype).to(src.models.device)
+    src.cache.put((src.key, "dare"), (seed, field))
+    return field
 
 
 @register(

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from medsamix.errors import ConfigError
+from medsamix.merging.memo import MemoCache
 
 
 @dataclasses.dataclass
@@ -36,15 +37,17 @@ class Sources:
     Attributes:
         base: Base model tensor, shape ``(n,)``.
         models: Fine-tuned model tensors, shape ``(K, n)``.
-        key: Stable name (the parameter name) used to seed random methods.
-        cache: Memo for quantities that depend only on the sources (sorted magnitudes, centroid, random fields);
-            a merger keeps its ``Sources`` alive so these are computed once per pool.
+        key: Stable name (the parameter name) used to seed random methods and to key memoised values.
+        cache: Memo for quantities that depend only on the sources (random fields, TIES' magnitude tables, SLERP
+            coefficients), keyed by ``(key, name)``. A merger shares one byte-bounded cache between all its
+            sources (:class:`~medsamix.merging.memo.MemoCache`); a standalone ``Sources`` gets its own, unbounded.
+            A method must give the same result whether or not a value is memoised.
     """
 
     base: Tensor
     models: Tensor
     key: str = ""
-    cache: dict[str, Any] = dataclasses.field(default_factory=dict)
+    cache: MemoCache = dataclasses.field(default_factory=MemoCache)
 
     @classmethod
     def of(cls, base: Tensor, models: Sequence[Tensor] | Tensor, key: str = "") -> "Sources":
@@ -57,14 +60,35 @@ class Sources:
     def num_models(self) -> int:
         return int(self.models.shape[0])
 
+    @property
+    def models_nbytes(self) -> int:
+        """Bytes of ``models``, i.e. of any ``(K, n)`` quantity of this tensor's dtype."""
+        return self.models.numel() * self.models.element_size()
+
     def task_vectors(self) -> Tensor:
         """Task vectors ``models - base``, shape ``(K, n)``: a new tensor (a temporary of one parameter's size)."""
         return self.models - self.base
 
+    def memoised(self, name: str) -> Any | None:
+        """The value memoised as ``name`` for this tensor, or ``None`` (never computed, or not kept)."""
+        return self.cache.get((self.key, name))
+
     def memo(self, name: str, make: Callable[[], Any]) -> Any:
-        if name not in self.cache:
-            self.cache[name] = make()
-        return self.cache[name]
+        """The value memoised as ``name``, else ``make()`` (kept in :attr:`cache` if it admits it)."""
+        value = self.memoised(name)
+        if value is None:
+            value = make()
+            self.cache.put((self.key, name), value)
+        return value
+
+    def memo_within_cap(self, name: str, nbytes: int, make: Callable[[], Any]) -> Any | None:
+        """The value memoised as ``name``; else ``make()`` (a value of ``nbytes``) if :attr:`cache` has room for
+        it, stored; else ``None``, without calling ``make``: the caller then computes only what it needs now."""
+        value = self.memoised(name)
+        if value is None and self.cache.admits(nbytes, (self.key, name)):
+            value = make()
+            self.cache.put((self.key, name), value)
+        return value
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,6 +23,9 @@ from medsamix.errors import CheckpointError
 
 DECODER_HEADS = 8
 NUM_MULTIMASK_OUTPUTS = 3
+PIXEL_MEAN = (123.675, 116.28, 103.53)
+"""``Sam.pixel_mean`` (a non-persistent buffer: not in state dicts), as ``segment_anything.build_sam``."""
+PIXEL_STD = (58.395, 57.12, 57.375)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,9 +96,17 @@ class ArchSpec:
             kw["encoder_global_attn_indexes"] = tuple(int(i) for i in kw["encoder_global_attn_indexes"])
         return cls(**kw)
 
-    def build(self) -> torch.nn.Module:
-        """Build a randomly initialised ``segment_anything.modeling.Sam`` of this architecture (eval mode)."""
+    def build(self, chunked_attention: bool | None = None) -> torch.nn.Module:
+        """Build a randomly initialised ``segment_anything.modeling.Sam`` of this architecture (eval mode).
+
+        Args:
+            chunked_attention: Give the image encoder's blocks :class:`~medsamix.models.attention.ChunkedAttention`
+                (same parameters and results, bounded score memory); default: on unless turned off by
+                ``MEDSAMIX_CHUNKED_ATTENTION=0`` or :func:`~medsamix.models.attention.set_chunked_attention`.
+        """
         from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+
+        from medsamix.models.attention import chunked_attention_enabled, use_chunked_attention
 
         sam = Sam(
             image_encoder=ImageEncoderViT(
@@ -130,10 +141,30 @@ class ArchSpec:
                 iou_head_depth=self.iou_head_depth,
                 iou_head_hidden_dim=self.iou_head_hidden_dim,
             ),
-            pixel_mean=[123.675, 116.28, 103.53],
-            pixel_std=[58.395, 57.12, 57.375],
+            pixel_mean=list(PIXEL_MEAN),
+            pixel_std=list(PIXEL_STD),
         )
+        if chunked_attention_enabled() if chunked_attention is None else chunked_attention:
+            use_chunked_attention(sam.image_encoder)
         return sam.eval()
+
+    def build_with(self, state: Mapping[str, Tensor], chunked_attention: bool | None = None) -> torch.nn.Module:
+        """A ``Sam`` of this architecture whose parameters and persistent buffers *are* the tensors of ``state``
+        (shared, not copied: no random initialisation, no second copy of the weights), in eval mode.
+
+        ``state`` holds every key of the model's state dict, with the model's shapes; the parameters do not require
+        gradients. The non-persistent ``pixel_mean`` / ``pixel_std`` are made on the device of ``state``'s tensors.
+        """
+        with torch.device("meta"):
+            model = self.build(chunked_attention)
+        model.load_state_dict(state, strict=True, assign=True)
+        device = next(iter(state.values())).device
+        for name, value in (("pixel_mean", PIXEL_MEAN), ("pixel_std", PIXEL_STD)):
+            model.register_buffer(name, torch.tensor(value, device=device).view(-1, 1, 1), persistent=False)
+        left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+        if left:
+            raise RuntimeError(f"build_with: no values for {left}")
+        return model.requires_grad_(False).eval()
 
 
 VIT_B = ArchSpec(name="vit_b")

@@ -179,6 +179,8 @@ def load_sam_checkpoint(
         assert isinstance(t, Tensor)
         if not torch.is_floating_point(t):
             raise CheckpointError(f"{path}: parameter {k} has dtype {t.dtype}, expected floating point")
+        # always a copy: the file is memory-mapped (torch.load(mmap=True)), and a tensor kept from it would keep the
+        # whole file's pages resident (file-backed RSS) for as long as any of its tensors lives
         out[k] = t.to(torch.float32).contiguous().clone()
         if not torch.isfinite(out[k]).all():
             raise CheckpointError(f"{path}: parameter {k} contains NaN or infinite values")

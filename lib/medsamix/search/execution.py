@@ -107,7 +107,7 @@ def reloaded(merger: Merger) -> Merger:
     pool = merger.pool
     fresh = ModelPool.load((pool.base.alias, pool.base.path), [(m.alias, m.path) for m in pool.models],
                            arch=pool.arch, checksums=pool.checksums, styles=pool.styles)
-    return Merger(fresh, merger.granularity, merger.separate, merger.device)
+    return Merger(fresh, merger.granularity, merger.separate, merger.device, merger.memo.max_bytes)
 
 
 class LocalExecution:

@@ -87,9 +87,8 @@ def member_model(pool: ModelPool, alias: str) -> ServedModel:
         PoolError: no member ``alias``.
     """
     m = pool.member(alias)
-    model = pool.arch.build()
-    model.load_state_dict(m.state_dict)
-    return ServedModel(alias, model.eval(), m.preprocessor(pool.arch.img_size), f"{alias}@{m.sha256[:12]}",
+    model = pool.arch.build_with(m.state_dict)  # the pool's tensors themselves: no copy of the member's weights
+    return ServedModel(alias, model, m.preprocessor(pool.arch.img_size), f"{alias}@{m.sha256[:12]}",
                        _member_description(alias, pool.base.alias, m.style, f"{pool.arch.name}, "))
 
 
@@ -179,11 +178,11 @@ class MergedModelSource:
             pool = self.loader.load()
             digest = hashlib.sha256("|".join(f"{a}:{s}" for a, s in pool.checksums.items()).encode()).hexdigest()
             merger = Merger(pool)
-            merger.apply(uniform_merges(merger.groups, pool.aliases)["linear"], check_finite=True)
-            model = pool.arch.build()
-            model.load_state_dict(merger.state_dict())
+            # the merger's module is served as it is (its parameters are the merge's output tensors); the merger's
+            # sources are the pool's own tensors (the pool's state dicts are views of them): nothing is copied
+            model = merger.apply(uniform_merges(merger.groups, pool.aliases)["linear"], check_finite=True)
             self._uniform = ServedModel(
-                self.name, model.eval(), Preprocessor(self.style, pool.arch.img_size), f"uniform-linear@{digest[:12]}",
+                self.name, model, Preprocessor(self.style, pool.arch.img_size), f"uniform-linear@{digest[:12]}",
                 f"{self.name}: nothing published yet - serving the uniform linear merge of the pool "
                 f"({', '.join(pool.aliases)}; equal weights, {self.style} preprocessing)")
         return self._uniform
@@ -193,8 +192,7 @@ class MergedModelSource:
 
         recipe = Recipe.load(recipe_path)
         sd, _ = load_sam_checkpoint(checkpoint, recipe.arch)
-        model = recipe.arch.build()
-        model.load_state_dict(sd)
+        model = recipe.arch.build_with(sd)  # the loaded tensors themselves
         style = recipe.style  # the style the search selected (or the run fixed): the merged model expects it
         window = recipe.preprocessing.get("ct_window")  # the CT window a search on CT data selected
         scores = recipe.scores or {}
