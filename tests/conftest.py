@@ -65,3 +65,7 @@ def tiny_segmenter_parts():
     model = TINY.build()
     model.load_state_dict(random_state(TINY, 0))
     return model.eval(), Preprocessor("sam", TINY.img_size)
+
+# Seconds a test waits for a whole merge run through a server (tiny pool: 1-4 minutes on 2 idle cores; a loaded
+# machine takes several times that). A bound, not a speed check: benchmarks measure speed.
+RUN_TIMEOUT_S = 900.0

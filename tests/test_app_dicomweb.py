@@ -26,7 +26,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from conftest import SHARED_DATA
+from conftest import RUN_TIMEOUT_S, SHARED_DATA
 from orthanc import Sandbox, missing_requirements, running_dicomweb_server, running_orthanc, with_fixed_uids
 
 REPO = Path(__file__).resolve().parents[1]
@@ -348,7 +348,7 @@ def test_merge_train_on_the_labelled_studies_in_orthanc(pacs, client, source, tm
     ids = sorted([uid, source["uid"]])
     seed = next(s for s in range(50) if uid in split_patients(ids, CALIBRATION_FRACTION, s)[0])
     _call(pacs, client.train_start, "merge", {"task": "liver", "trials": 10, "seed": seed})
-    deadline = time.monotonic() + 240
+    deadline = time.monotonic() + RUN_TIMEOUT_S
     while _call(pacs, client.train_status)["status"] in ("SUBMITTED", "RUNNING"):
         assert time.monotonic() < deadline, _call(pacs, client.train_status)
         time.sleep(0.5)

@@ -19,6 +19,7 @@ from typing import Any, Callable
 import pytest
 
 from app_server import running_server
+from conftest import RUN_TIMEOUT_S
 from medsamix.runs.publish import current
 from test_merge_run import make_datastore
 
@@ -50,7 +51,7 @@ def _stats(client) -> dict[str, Any]:
     return client.info().get("train_stats", {}).get("merge", {})
 
 
-def _wait(client, until: Callable[[dict[str, Any]], bool], timeout: float = 240.0) -> dict[str, Any]:
+def _wait(client, until: Callable[[dict[str, Any]], bool], timeout: float = RUN_TIMEOUT_S) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     st: dict[str, Any] = {}
     while time.monotonic() < deadline:
@@ -61,7 +62,7 @@ def _wait(client, until: Callable[[dict[str, Any]], bool], timeout: float = 240.
     raise AssertionError(f"timed out; last stats {json.dumps(st)[:1500]}; task {client.train_status()}")
 
 
-def _wait_task(client, timeout: float = 240.0) -> dict[str, Any]:
+def _wait_task(client, timeout: float = RUN_TIMEOUT_S) -> dict[str, Any]:
     """The train task's entry once its process ended (DONE / ERROR / STOPPED)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -22,12 +22,13 @@ CLI = ROOT / "scripts" / "merge_search.py"
 
 @pytest.fixture(scope="module")
 def datastore(tmp_path_factory) -> Path:
-    """5 phantom 'patients': a bright ellipsoid (label 1) and a dark box (label 2) in noise."""
+    """3 phantom 'patients' (1 calibration, 2 test): a bright ellipsoid (label 1) and a dark box (label 2) in
+    noise."""
     root = tmp_path_factory.mktemp("studies")
     (root / "labels" / "final").mkdir(parents=True)
     rng = np.random.default_rng(0)
     zz, yy, xx = np.mgrid[0:40, 0:48, 0:12]
-    for i in range(5):
+    for i in range(3):
         img = rng.normal(300, 40, (40, 48, 12)).astype(np.float32)
         lab = np.zeros((40, 48, 12), np.uint8)
         ell = ((zz - 15 - i) / 8) ** 2 + ((yy - 20) / 10) ** 2 < 1
@@ -97,6 +98,7 @@ def test_robust_search_trades_clean_against_corrupted_dice(datastore, tmp_path):
     assert bad.returncode == 2 and "one objective only" in bad.stderr
 
 
+@pytest.mark.slow  # the same search runs in the default suite through the train task (test_app_train_task)
 def test_interactive_objective_is_searched_and_reported(datastore, tmp_path):
     out = tmp_path / "interactive"
     res = run("--studies", str(datastore), "--task", "label_1", "--trials", "10", "--objective", "interactive",

@@ -35,7 +35,7 @@ import pytest
 
 from browser import Browser
 from browser import missing_requirements as browser_missing
-from conftest import SHARED_DATA
+from conftest import RUN_TIMEOUT_S, SHARED_DATA
 from ohif_page import AXIAL, OhifPage
 from orthanc import GDCM_PLUGIN, Sandbox, running_dicomweb_server, running_orthanc, with_fixed_uids
 from orthanc import missing_requirements as orthanc_missing
@@ -413,7 +413,7 @@ def test_a_failing_training_run_shows_the_reason_in_red(pacs, viewer):
     labelled = _stats(pacs, viewer)["completed"]
     assert labelled < 2
     page.overlay_click("medsamix-train")
-    lines = page.train_lines(timeout_s=240)
+    lines = page.train_lines(timeout_s=RUN_TIMEOUT_S)
     assert lines[-1]["status"] == "failed", lines
     info = _http(pacs, "GET", f"{viewer['url']}/info/").json()
     st = info["train_stats"]["merge"]

@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 
 from app_server import free_port
+from conftest import RUN_TIMEOUT_S
 from hardened_server import start, stop, wait_ready
 from medsamix.runs.lock import process_started
 from test_merge_run import make_datastore
@@ -105,7 +106,7 @@ def test_kill_server_mid_search_and_mid_publish_then_resume(tmp_path):
         code, task = _call(f"{url}/train/merge", "POST", request)
         assert code == 200 and task["status"] == "RUNNING", task
         worker = task["pid"]
-        _wait(lambda: _stats(url).get("epoch", 0) >= 4, 240, "4 trials")
+        _wait(lambda: _stats(url).get("epoch", 0) >= 4, RUN_TIMEOUT_S, "4 trials")
         # one run at a time, a queue included
         for q in ("", "?enqueue=true"):
             code, body = _call(f"{url}/train/merge{q}", "POST", request)
@@ -177,7 +178,7 @@ def test_kill_the_training_process_then_the_same_request_resumes(tmp_path):
         wait_ready(url, proc, log)
         code, task = _call(f"{url}/train/merge", "POST", request)
         assert code == 200, task
-        _wait(lambda: _stats(url).get("epoch", 0) >= 3, 240, "3 trials")
+        _wait(lambda: _stats(url).get("epoch", 0) >= 3, RUN_TIMEOUT_S, "3 trials")
         os.kill(task["pid"], signal.SIGKILL)
         t = _wait(lambda: (lambda s: s if s["status"] != "RUNNING" else None)(_call(f"{url}/train/")[1]), 30,
                   "the task to end")
