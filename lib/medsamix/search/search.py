@@ -95,7 +95,7 @@ class SearchResult:
     trials: list[Trial]
     pareto: list[Trial]
     best: Trial
-    encoder_passes: int
+    encoder_passes: int  # image-encoder passes of the trials (the single-model guard's few are not counted)
     aggregation: str | None = None  # SMAC's multi-objective algorithm (ParEGO for MedSAMix-M)
     seconds: float = 0.0  # wall time of this call (set-up, trials, selection); a resumed search counts its part only
     argmax: Trial | None = None  # the best calibration Dice (``best`` unless the single-model guard replaced it)
@@ -192,6 +192,7 @@ def run_search(
         raise SearchError("every trial crashed")
     pareto = _pareto(ok) if settings.multi else [max(ok, key=lambda t: t.mean_dice)]
     best = argmax = max(pareto, key=lambda t: t.mean_dice)
+    passes = evaluator.encoder_passes + runner.executor.remote_passes  # the trials' (the guard's rescoring not counted)
     selection = "the Pareto member with the best mean calibration Dice" if settings.multi else "best calibration Dice"
     if not settings.multi and settings.guard_se > 0:
         g = guard(merger, evaluator, settings, best.config)
@@ -200,8 +201,8 @@ def run_search(
             fp = g.config.fingerprint()
             best = next((t for t in ok if t.config.fingerprint() == fp), None) or Trial(
                 len(trials), g.config, {settings.tasks[0]: g.single_dice}, "ok", stage="guard")
-    return SearchResult(trials, pareto, best, evaluator.encoder_passes + runner.executor.remote_passes,
-                        runner.aggregation, time.perf_counter() - started, argmax, selection)
+    return SearchResult(trials, pareto, best, passes, runner.aggregation, time.perf_counter() - started, argmax,
+                        selection)
 
 
 class _Runner:
