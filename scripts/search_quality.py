@@ -156,6 +156,7 @@ def main() -> int:
         found: dict[str, dict[str, float]] = {v: {} for v in VARIANTS}
         s_cal: dict[str, float] = {}
         s_how: dict[str, str] = {}
+        single_cal: dict[str, dict[str, float]] = {}  # task -> alias -> calibration Dice (own style)
         for task in tasks:
             cal, _ = select_tasks(ts, [task])
             mb = max(1, len(cal) // 27) if len(cal) >= args.mf_threshold else None
@@ -169,6 +170,7 @@ def main() -> int:
                                               scorer.config(argmax.config, [task]))
             s_cal[task] = out.calibration_dice[task]
             s_how[task] = f"{out.result.selection}; {out.promotion.reason}"
+            single_cal[task] = {a: d[task] for a, d in out.promotion.singles.items()}
             print(f"{ts.name}/{task}: {s_how[task]}", flush=True)
             print(f"{ts.name}/{task}: S test {found['medsamix_s'][task]:.4f} (cal {s_cal[task]:.4f}; unguarded "
                   f"{found['medsamix_s_argmax'][task]:.4f}, cal {argmax.mean_dice:.4f}; {len(cal)} cal "
@@ -200,6 +202,8 @@ def main() -> int:
                     row[f"{v}{suffix}"] = found[v].get(_key(task, kind), float("nan"))
             row["medsamix_s_cal"] = s_cal[task]
             row["medsamix_s_selection"] = s_how[task]
+            row["best_single_cal"] = max(single_cal[task], key=lambda a: single_cal[task][a])
+            row.update({f"{a}_cal": v for a, v in single_cal[task].items()})
             rows.append(row)
         minutes = (time.time() - t_start) / 60
         write(args, rows, singles, uniforms, splits, minutes)  # after every set: a stopped run keeps what it has
@@ -252,7 +256,8 @@ def s_checks(rows: list[dict], col: str, name: str, fine_tuned: Sequence[str]) -
     out = [f"- **{name} never below the best single model by more than 0.01 (clean Dice)**: "
            f"{'met' if not below else 'missed'} ({len(rows) - len(below)} of {len(rows)} tasks within 0.01)"
            + ("" if not below else "; below on " + ", ".join(
-               f"{r['set']}/{r['task']} ({r[col]:.3f} vs {r['best_single']} {r[r['best_single']]:.3f})"
+               f"{r['set']}/{r['task']} ({r[col]:.3f} vs {r['best_single']} {r[r['best_single']]:.3f}; best single "
+               f"on calibration: {r.get('best_single_cal', '?')})"
                for r in below)) + "."]
     unseen = [r for r in rows if not r["fine_tuned_set"]]
     wins = [r for r in unseen if _beats(r, col)]
