@@ -115,7 +115,12 @@ def main() -> int:
                     help="task sets whose dataset a pool model was fine-tuned on (left out of the 80%% target)")
     ap.add_argument("--work", type=Path, default=None, help="search folders (default: a temporary folder)")
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "search_quality")
+    ap.add_argument("--combine", type=Path, nargs="+", default=None, metavar="CSV",
+                    help="no search: merge earlier runs' CSVs (and the split lines of the .md beside each) into "
+                         "--out, the target checks over all their sets")
     args = ap.parse_args()
+    if args.combine:
+        return combine(args)
     if args.trials_robust is None:
         args.trials_robust = args.trials_multi
     logging.basicConfig(level=logging.WARNING)
@@ -251,7 +256,8 @@ def targets(rows: list[dict], singles: list[str], fine_tuned: Sequence[str]) -> 
 
 
 def s_checks(rows: list[dict], col: str, name: str, fine_tuned: Sequence[str]) -> list[str]:
-    """The two MedSAMix-S target checks of column ``col`` (``name`` in the text)."""
+    """The two MedSAMix-S target checks of column ``col`` (``name`` in the text), on the rows that have it."""
+    rows = [r for r in rows if r.get(col, float("nan")) == r.get(col)]
     below = [r for r in rows if r[col] < r[r["best_single"]] - 0.01]
     out = [f"- **{name} never below the best single model by more than 0.01 (clean Dice)**: "
            f"{'met' if not below else 'missed'} ({len(rows) - len(below)} of {len(rows)} tasks within 0.01)"
@@ -282,13 +288,16 @@ def write(args: argparse.Namespace, rows: list[dict], singles: list[str], unifor
           minutes: float) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with open(args.out.with_suffix(".csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
         w.writeheader()
         w.writerows(rows)
     lines = [
         "# MedSAMix on the shared real data (test splits, 2D Dice: clean, corrupted, interactive)", "",
         f"Command: `.venv/bin/python scripts/search_quality.py {' '.join(sys.argv[1:])}`  ",
-        f"Run time: {minutes:.1f} min on this machine (2 cores). Pool: the embedded tiny pool. Trials: "
+        (f"Run time: {minutes:.1f} min on this machine (2 cores)." if minutes == minutes else
+         f"Combined from {', '.join(map(str, args.combine or []))} (no search in this command; the trial counts "
+         "below are this command's defaults unless given: see each run's command).")
+        + " Pool: the embedded tiny pool. Trials: "
         f"{args.trials} per MedSAMix-S search (Hyperband multi-fidelity when a task has >= {args.mf_threshold} "
         f"calibration slices), {args.trials_multi} per MedSAMix-M search (ParEGO), {args.trials_robust} per "
         f"MedSAMix-M --robust search (every task and its corrupted twin as objectives); granularity "
@@ -309,7 +318,7 @@ def write(args: argparse.Namespace, rows: list[dict], singles: list[str], unifor
                   "| set | task | " + " | ".join(names) + " | best uniform merge |", "|---" * (len(names) + 3) + "|"]
         for r in rows:
             vals = [r[_col(n, kind)] for n in singles] + [r[_col(r["best_uniform"], kind)]] + [
-                r[_col(v, kind)] for v in VARIANTS]
+                r.get(_col(v, kind), float("nan")) for v in VARIANTS]  # a run of an older script lacks a column
             top = max(v for v in vals if v == v)
             cell = lambda v: "-" if v != v else f"**{v:.3f}**" if abs(v - top) < 1e-12 else f"{v:.3f}"  # noqa: E731
             lines.append(f"| {r['set']} | {r['task']} | " + " | ".join(cell(v) for v in vals)
@@ -322,11 +331,30 @@ def write(args: argparse.Namespace, rows: list[dict], singles: list[str], unifor
         rs = [r for r in rows if r["set"] == s]
         for kind in KINDS:
             lines.append(f"| {s} | {kind} | " + " | ".join(
-                f"{_avg(rs, _col(n, kind)):.3f}" for n in singles + list(VARIANTS)) + " |")
+                f"{_avg(rs, _col(n, kind)):.3f}" if all(_col(n, kind) in r for r in rs) else "-"
+                for n in singles + list(VARIANTS)) + " |")
     check = targets(rows, singles, args.fine_tuned_sets)
     lines += ["", "## Issue-13 targets (computed by the script)", "", *check, ""]
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)
+
+
+TEXT_COLUMNS = ("set", "task", "best_single", "best_uniform", "best_single_cal", "medsamix_s_selection")
+
+
+def combine(args: argparse.Namespace) -> int:
+    """``--combine``: the rows of earlier runs' CSVs and the split lines of their .md files, written as one run."""
+    rows: list[dict] = []
+    splits: list[str] = []
+    for path in args.combine:
+        with open(path, newline="") as f:
+            rows += [{k: v if k in TEXT_COLUMNS else v == "True" if k == "fine_tuned_set" else float(v)
+                      for k, v in r.items()} for r in csv.DictReader(f)]
+        md = path.with_suffix(".md").read_text().splitlines()
+        splits += [line for line in md[:md.index("**Clean Dice**")] if line.startswith("- **")]
+    singles = list(PoolManifest.load(args.pool).files)  # base first
+    write(args, rows, singles, [], splits, float("nan"))
+    return 0
 
 
 if __name__ == "__main__":
