@@ -315,14 +315,15 @@ def write(args: argparse.Namespace, rows: list[dict], singles: list[str], unifor
     names = singles + ["best uniform"] + [LABELS[v] for v in VARIANTS]
     for kind in KINDS:
         lines += [f"**{kind.capitalize()} Dice**", "",
-                  "| set | task | " + " | ".join(names) + " | best uniform merge |", "|---" * (len(names) + 3) + "|"]
+                  "| set | task | " + " | ".join(names) + " | best uniform merge | best single on calibration |",
+                  "|---" * (len(names) + 4) + "|"]
         for r in rows:
             vals = [r[_col(n, kind)] for n in singles] + [r[_col(r["best_uniform"], kind)]] + [
                 r.get(_col(v, kind), float("nan")) for v in VARIANTS]  # a run of an older script lacks a column
             top = max(v for v in vals if v == v)
             cell = lambda v: "-" if v != v else f"**{v:.3f}**" if abs(v - top) < 1e-12 else f"{v:.3f}"  # noqa: E731
             lines.append(f"| {r['set']} | {r['task']} | " + " | ".join(cell(v) for v in vals)
-                         + f" | {r['best_uniform']} |")
+                         + f" | {r['best_uniform']} | {r.get('best_single_cal', '-')} |")
         lines.append("")
     lines += ["Task averages per set:", "",
               "| set | Dice | " + " | ".join(names[:len(singles)] + names[-len(VARIANTS):]) + " |",
