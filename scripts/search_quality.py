@@ -170,9 +170,9 @@ def main() -> int:
             t0 = time.time()
             out = run_merge(pool, cal, [], settings, work / f"{ts.name}-S-{task}", ts.split, report=False)
             best, argmax = out.result.best, out.result.argmax or out.result.best
-            found["medsamix_s"].update(scorer.config(best.config, [task]))
-            found["medsamix_s_argmax"].update(found["medsamix_s"] if argmax is best else
-                                              scorer.config(argmax.config, [task]))
+            chosen = scorer.config(best.config, [task])  # this task's three scores
+            found["medsamix_s"].update(chosen)
+            found["medsamix_s_argmax"].update(chosen if argmax is best else scorer.config(argmax.config, [task]))
             s_cal[task] = out.calibration_dice[task]
             s_how[task] = f"{out.result.selection}; {out.promotion.reason}"
             single_cal[task] = {a: d[task] for a, d in out.promotion.singles.items()}
