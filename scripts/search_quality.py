@@ -44,8 +44,9 @@ from medsamix.search.search import SearchSettings, ct_windows_for, score
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
-VARIANTS = ("medsamix_s", "medsamix_m", "medsamix_m_robust")
-LABELS = {"medsamix_s": "MedSAMix-S", "medsamix_m": "MedSAMix-M", "medsamix_m_robust": "MedSAMix-M robust"}
+VARIANTS = ("medsamix_s", "medsamix_s_argmax", "medsamix_m", "medsamix_m_robust")
+LABELS = {"medsamix_s": "MedSAMix-S", "medsamix_s_argmax": "S best cal. (unguarded)", "medsamix_m": "MedSAMix-M",
+          "medsamix_m_robust": "MedSAMix-M robust"}
 KINDS = ("clean", "corrupted", "interactive")
 # Task sets whose data a pool model was fine-tuned on (sample-data/pool/MODEL_CARD.md, scripts/train_pool.py):
 # medicosam_tiny on 40 other patients of the MSD hippocampus set, medsam_tiny on a TotalSegmentator CT series
@@ -114,7 +115,12 @@ def main() -> int:
                     help="task sets whose dataset a pool model was fine-tuned on (left out of the 80%% target)")
     ap.add_argument("--work", type=Path, default=None, help="search folders (default: a temporary folder)")
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "search_quality")
+    ap.add_argument("--combine", type=Path, nargs="+", default=None, metavar="CSV",
+                    help="no search: merge earlier runs' CSVs (and the split lines of the .md beside each) into "
+                         "--out, the target checks over all their sets")
     args = ap.parse_args()
+    if args.combine:
+        return combine(args)
     if args.trials_robust is None:
         args.trials_robust = args.trials_multi
     logging.basicConfig(level=logging.WARNING)
@@ -154,6 +160,8 @@ def main() -> int:
         print(f"{ts.name}: references scored in {time.time() - t0:.0f} s", flush=True)
         found: dict[str, dict[str, float]] = {v: {} for v in VARIANTS}
         s_cal: dict[str, float] = {}
+        s_how: dict[str, str] = {}
+        single_cal: dict[str, dict[str, float]] = {}  # task -> alias -> calibration Dice (own style)
         for task in tasks:
             cal, _ = select_tasks(ts, [task])
             mb = max(1, len(cal) // 27) if len(cal) >= args.mf_threshold else None
@@ -161,9 +169,16 @@ def main() -> int:
                                       **common)
             t0 = time.time()
             out = run_merge(pool, cal, [], settings, work / f"{ts.name}-S-{task}", ts.split, report=False)
-            found["medsamix_s"].update(scorer.config(out.result.best.config, [task]))
+            best, argmax = out.result.best, out.result.argmax or out.result.best
+            chosen = scorer.config(best.config, [task])  # this task's three scores
+            found["medsamix_s"].update(chosen)
+            found["medsamix_s_argmax"].update(chosen if argmax is best else scorer.config(argmax.config, [task]))
             s_cal[task] = out.calibration_dice[task]
-            print(f"{ts.name}/{task}: S test {found['medsamix_s'][task]:.4f} (cal {s_cal[task]:.4f}, {len(cal)} cal "
+            s_how[task] = f"{out.result.selection}; {out.promotion.reason}"
+            single_cal[task] = {a: d[task] for a, d in out.promotion.singles.items()}
+            print(f"{ts.name}/{task}: {s_how[task]}", flush=True)
+            print(f"{ts.name}/{task}: S test {found['medsamix_s'][task]:.4f} (cal {s_cal[task]:.4f}; unguarded "
+                  f"{found['medsamix_s_argmax'][task]:.4f}, cal {argmax.mean_dice:.4f}; {len(cal)} cal "
                   f"slices{f', min budget {mb}' if mb else ''}) in {time.time() - t0:.0f} s; best single "
                   f"{max(baselines[a][task] for a in singles):.4f}, best uniform "
                   f"{max(baselines[u][task] for u in uniforms):.4f}", flush=True)
@@ -191,6 +206,9 @@ def main() -> int:
                 for v in VARIANTS:
                     row[f"{v}{suffix}"] = found[v].get(_key(task, kind), float("nan"))
             row["medsamix_s_cal"] = s_cal[task]
+            row["medsamix_s_selection"] = s_how[task]
+            row["best_single_cal"] = max(single_cal[task], key=lambda a: single_cal[task][a])
+            row.update({f"{a}_cal": v for a, v in single_cal[task].items()})
             rows.append(row)
         minutes = (time.time() - t_start) / 60
         write(args, rows, singles, uniforms, splits, minutes)  # after every set: a stopped run keeps what it has
@@ -207,21 +225,9 @@ def _col(name: str, kind: str) -> str:
 
 def targets(rows: list[dict], singles: list[str], fine_tuned: Sequence[str]) -> list[str]:
     """The issue-13 target checks, one markdown bullet (or table) each, on the rows' test Dice."""
-    out: list[str] = []
-    below = [r for r in rows if r["medsamix_s"] < r[r["best_single"]] - 0.01]
-    out.append(f"- **S never below the best single model by more than 0.01 (clean Dice)**: "
-               f"{'met' if not below else 'missed'} ({len(rows) - len(below)} of {len(rows)} tasks within 0.01)"
-               + ("" if not below else "; below on " + ", ".join(
-                   f"{r['set']}/{r['task']} ({r['medsamix_s']:.3f} vs {r['best_single']} {r[r['best_single']]:.3f})"
-                   for r in below)) + ".")
-    unseen = [r for r in rows if not r["fine_tuned_set"]]
-    wins = [r for r in unseen if _beats(r)]
-    share = len(wins) / len(unseen) if unseen else float("nan")
-    out.append(f"- **S beats the best single model and the best uniform merge on >= 80% of the tasks whose dataset no "
-               f"pool model was fine-tuned on** (sets {', '.join(sorted({r['set'] for r in unseen})) or 'none'}; "
-               f"fine-tuned on: {', '.join(fine_tuned)}): "
-               f"{'met' if unseen and share >= 0.8 else 'missed'}, {len(wins)} of {len(unseen)} ({100 * share:.0f}%)"
-               f"; on all tasks {sum(map(_beats, rows))} of {len(rows)}.")
+    out = s_checks(rows, "medsamix_s", "S", fine_tuned)
+    out += [f"  - for comparison, {line[2:]}" for line in s_checks(rows, "medsamix_s_argmax",
+                                                                     "the unguarded best-calibration S", fine_tuned)]
     for kind, variant, what in (("clean", "medsamix_m", "M beats every single model on the task average in every set"),
                                 ("corrupted", "medsamix_m_robust",
                                  "robust M's corrupted Dice beats every single model's (task average per set) while "
@@ -249,25 +255,49 @@ def targets(rows: list[dict], singles: list[str], fine_tuned: Sequence[str]) -> 
     return out
 
 
+def s_checks(rows: list[dict], col: str, name: str, fine_tuned: Sequence[str]) -> list[str]:
+    """The two MedSAMix-S target checks of column ``col`` (``name`` in the text), on the rows that have it."""
+    rows = [r for r in rows if r.get(col, float("nan")) == r.get(col)]
+    below = [r for r in rows if r[col] < r[r["best_single"]] - 0.01]
+    out = [f"- **{name} never below the best single model by more than 0.01 (clean Dice)**: "
+           f"{'met' if not below else 'missed'} ({len(rows) - len(below)} of {len(rows)} tasks within 0.01)"
+           + ("" if not below else "; below on " + ", ".join(
+               f"{r['set']}/{r['task']} ({r[col]:.3f} vs {r['best_single']} {r[r['best_single']]:.3f}; best single "
+               f"on calibration: {r.get('best_single_cal', '?')})"
+               for r in below)) + "."]
+    unseen = [r for r in rows if not r["fine_tuned_set"]]
+    wins = [r for r in unseen if _beats(r, col)]
+    share = len(wins) / len(unseen) if unseen else float("nan")
+    out.append(f"- **{name} beats the best single model and the best uniform merge on >= 80% of the tasks whose "
+               f"dataset no pool model was fine-tuned on** (sets "
+               f"{', '.join(sorted({r['set'] for r in unseen})) or 'none'}; fine-tuned on: {', '.join(fine_tuned)}): "
+               f"{'met' if unseen and share >= 0.8 else 'missed' if unseen else 'not run'}, {len(wins)} of "
+               f"{len(unseen)} ({100 * share:.0f}%); on all tasks {sum(_beats(r, col) for r in rows)} of {len(rows)}.")
+    return out
+
+
 def _avg(rows: list[dict], col: str) -> float:
     return sum(r[col] for r in rows) / len(rows)
 
 
-def _beats(r: dict) -> bool:
-    return r["medsamix_s"] > r[r["best_single"]] and r["medsamix_s"] > r[r["best_uniform"]]
+def _beats(r: dict, col: str = "medsamix_s") -> bool:
+    return r[col] > r[r["best_single"]] and r[col] > r[r["best_uniform"]]
 
 
 def write(args: argparse.Namespace, rows: list[dict], singles: list[str], uniforms: list[str], splits: list[str],
           minutes: float) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with open(args.out.with_suffix(".csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
         w.writeheader()
         w.writerows(rows)
     lines = [
         "# MedSAMix on the shared real data (test splits, 2D Dice: clean, corrupted, interactive)", "",
         f"Command: `.venv/bin/python scripts/search_quality.py {' '.join(sys.argv[1:])}`  ",
-        f"Run time: {minutes:.1f} min on this machine (2 cores). Pool: the embedded tiny pool. Trials: "
+        (f"Run time: {minutes:.1f} min on this machine (2 cores)." if minutes == minutes else
+         f"Combined from {', '.join(map(str, args.combine or []))} (no search in this command; the trial counts "
+         "below are this command's defaults unless given: see each run's command).")
+        + " Pool: the embedded tiny pool. Trials: "
         f"{args.trials} per MedSAMix-S search (Hyperband multi-fidelity when a task has >= {args.mf_threshold} "
         f"calibration slices), {args.trials_multi} per MedSAMix-M search (ParEGO), {args.trials_robust} per "
         f"MedSAMix-M --robust search (every task and its corrupted twin as objectives); granularity "
@@ -285,26 +315,47 @@ def write(args: argparse.Namespace, rows: list[dict], singles: list[str], unifor
     names = singles + ["best uniform"] + [LABELS[v] for v in VARIANTS]
     for kind in KINDS:
         lines += [f"**{kind.capitalize()} Dice**", "",
-                  "| set | task | " + " | ".join(names) + " | best uniform merge |", "|---" * (len(names) + 3) + "|"]
+                  "| set | task | " + " | ".join(names) + " | best uniform merge | best single on calibration |",
+                  "|---" * (len(names) + 4) + "|"]
         for r in rows:
             vals = [r[_col(n, kind)] for n in singles] + [r[_col(r["best_uniform"], kind)]] + [
-                r[_col(v, kind)] for v in VARIANTS]
+                r.get(_col(v, kind), float("nan")) for v in VARIANTS]  # a run of an older script lacks a column
             top = max(v for v in vals if v == v)
             cell = lambda v: "-" if v != v else f"**{v:.3f}**" if abs(v - top) < 1e-12 else f"{v:.3f}"  # noqa: E731
             lines.append(f"| {r['set']} | {r['task']} | " + " | ".join(cell(v) for v in vals)
-                         + f" | {r['best_uniform']} |")
+                         + f" | {r['best_uniform']} | {r.get('best_single_cal', '-')} |")
         lines.append("")
-    lines += ["Task averages per set:", "", "| set | Dice | " + " | ".join(names[:len(singles)] + names[-3:]) + " |",
-              "|---" * (len(singles) + 5) + "|"]
+    lines += ["Task averages per set:", "",
+              "| set | Dice | " + " | ".join(names[:len(singles)] + names[-len(VARIANTS):]) + " |",
+              "|---" * (len(singles) + len(VARIANTS) + 2) + "|"]
     for s in dict.fromkeys(r["set"] for r in rows):
         rs = [r for r in rows if r["set"] == s]
         for kind in KINDS:
             lines.append(f"| {s} | {kind} | " + " | ".join(
-                f"{_avg(rs, _col(n, kind)):.3f}" for n in singles + list(VARIANTS)) + " |")
+                f"{_avg(rs, _col(n, kind)):.3f}" if all(_col(n, kind) in r for r in rs) else "-"
+                for n in singles + list(VARIANTS)) + " |")
     check = targets(rows, singles, args.fine_tuned_sets)
     lines += ["", "## Issue-13 targets (computed by the script)", "", *check, ""]
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)
+
+
+TEXT_COLUMNS = ("set", "task", "best_single", "best_uniform", "best_single_cal", "medsamix_s_selection")
+
+
+def combine(args: argparse.Namespace) -> int:
+    """``--combine``: the rows of earlier runs' CSVs and the split lines of their .md files, written as one run."""
+    rows: list[dict] = []
+    splits: list[str] = []
+    for path in args.combine:
+        with open(path, newline="") as f:
+            rows += [{k: v if k in TEXT_COLUMNS else v == "True" if k == "fine_tuned_set" else float(v)
+                      for k, v in r.items()} for r in csv.DictReader(f)]
+        md = path.with_suffix(".md").read_text().splitlines()
+        splits += [line for line in md[:md.index("**Clean Dice**")] if line.startswith("- **")]
+    singles = list(PoolManifest.load(args.pool).files)  # base first
+    write(args, rows, singles, [], splits, float("nan"))
+    return 0
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from typing import Any
 from medsamix.merging.config import MergeConfig
 from medsamix.merging.merger import MergeError, Merger
 from medsamix.models.preprocess import DEFAULT_CT_WINDOW, Preprocessor
-from medsamix.search.evaluate import Evaluator
+from medsamix.search.evaluate import DiceResult, Evaluator
 from medsamix.search.settings import SearchSettings
 
 Job = tuple[Any, MergeConfig, "int | None"]
@@ -50,11 +50,22 @@ def score(merger: Merger, evaluator: Evaluator, config: MergeConfig, tasks: Sequ
     Raises:
         ValueError: the configuration has no preprocessing style.
     """
+    result = evaluate_config(merger, evaluator, config, indices, cache)
+    return {t: result.dice2d.get(t, 0.0) for t in tasks}
+
+
+def evaluate_config(merger: Merger, evaluator: Evaluator, config: MergeConfig, indices: Sequence[int] | None = None,
+                    cache: bool = True) -> DiceResult:
+    """:meth:`Evaluator.evaluate` of the merged model of ``config`` (its style and CT window) on ``evaluator``'s
+    slices (``indices``: a subset): per-task and per-sample Dice. ``cache`` as in :func:`score`.
+
+    Raises:
+        ValueError: the configuration has no preprocessing style.
+    """
     prep = preprocessor(config, merger.pool.arch.img_size)
     merger.apply(config, check_finite=True)
     key = merger.encoder_fingerprint(config) if cache else None
-    result = evaluator.evaluate(merger.model, prep, key=key, indices=indices)
-    return {t: result.dice2d.get(t, 0.0) for t in tasks}
+    return evaluator.evaluate(merger.model, prep, key=key, indices=indices)
 
 
 def run_trial(merger: Merger, evaluator: Evaluator, settings: SearchSettings, config: MergeConfig,

@@ -159,10 +159,13 @@ def write_report(out_dir: str | Path, result: SearchResult, settings: SearchSett
     if stages["coarse"]:
         rescored = (f", and {stages['rescored']} initial-design configurations dropped early by Hyperband were scored "
                     "on all calibration slices" if stages["rescored"] else "")
-        source = {"coarse": "the coarse stage", "groups": "the per-group stage"}.get(result.best.stage, "the rescoring")
+        source = {"coarse": "the coarse stage", "groups": "the per-group stage",
+                  "guard": "the single-model guard"}.get(result.best.stage, "the rescoring")
         lines += [f"Stages: {stages['coarse']} trials of a coarse search (one method and its parameters per model "
                   f"component), then {stages['groups']} per layer group, starting from the coarse stage's "
                   f"best{rescored}; the selected configuration comes from {source}.", ""]
+    if result.selection:
+        lines += [f"Selection: {result.selection}.", ""]
     lines += ["## Best so far", "", "![progress](progress.png)", ""]
     if settings.multi:
         plot_pareto(result, settings.tasks, out / "pareto.png", "calibration Dice")

@@ -17,7 +17,9 @@ Trials run through SMAC's ask/tell interface, so every finished trial is written
 (SMAC saves its run history on every ``tell``): an interrupted search resumes where it stopped. A trial whose merge
 is non-finite or that raises is told to SMAC as crashed (cost 1 per task) and the search goes on. The initial design
 contains the uniform merges and each single pool model, so the search never ends worse on calibration than the best
-of them.
+of them. A single-task search then keeps its best configuration over the best single pool model only when the
+calibration gain is beyond noise (:mod:`medsamix.search.selection`, :attr:`SearchSettings.guard_se`); otherwise it
+selects that single model.
 
 The preprocessing style is part of every configuration (:attr:`MergeConfig.preprocessing`): searched (the
 hyper-parameter ``prep:style``) unless the settings fix it. Then each single model enters the initial design with its
@@ -47,6 +49,7 @@ from medsamix.merging.config import MergeConfig
 from medsamix.merging.merger import Merger
 from medsamix.search.evaluate import Evaluator
 from medsamix.search.execution import LocalExecution, execution, preprocessor, run_trial, score
+from medsamix.search.selection import guard
 from medsamix.search.settings import (
     COARSE_TOP,
     SearchError,
@@ -92,9 +95,11 @@ class SearchResult:
     trials: list[Trial]
     pareto: list[Trial]
     best: Trial
-    encoder_passes: int
+    encoder_passes: int  # image-encoder passes of the trials (the single-model guard's few are not counted)
     aggregation: str | None = None  # SMAC's multi-objective algorithm (ParEGO for MedSAMix-M)
     seconds: float = 0.0  # wall time of this call (set-up, trials, selection); a resumed search counts its part only
+    argmax: Trial | None = None  # the best calibration Dice (``best`` unless the single-model guard replaced it)
+    selection: str = ""  # how ``best`` was chosen (:mod:`medsamix.search.selection`)
 
 
 def run_search(
@@ -186,9 +191,18 @@ def run_search(
     if not ok:
         raise SearchError("every trial crashed")
     pareto = _pareto(ok) if settings.multi else [max(ok, key=lambda t: t.mean_dice)]
-    best = max(pareto, key=lambda t: t.mean_dice)
-    return SearchResult(trials, pareto, best, evaluator.encoder_passes + runner.executor.remote_passes,
-                        runner.aggregation, time.perf_counter() - started)
+    best = argmax = max(pareto, key=lambda t: t.mean_dice)
+    passes = evaluator.encoder_passes + runner.executor.remote_passes  # the trials' (the guard's rescoring not counted)
+    selection = "the Pareto member with the best mean calibration Dice" if settings.multi else "best calibration Dice"
+    if not settings.multi and settings.guard_se > 0:
+        g = guard(merger, evaluator, settings, best.config)
+        selection = g.reason(settings.guard_se)
+        if not g.kept:
+            fp = g.config.fingerprint()
+            best = next((t for t in ok if t.config.fingerprint() == fp), None) or Trial(
+                len(trials), g.config, {settings.tasks[0]: g.single_dice}, "ok", stage="guard")
+    return SearchResult(trials, pareto, best, passes, runner.aggregation, time.perf_counter() - started, argmax,
+                        selection)
 
 
 class _Runner:

@@ -64,6 +64,11 @@ class SearchSettings:
             the default window.
         rounds: The objective: 0 = Dice of box prompts; k > 0 = the interactive protocol, the box then k
             correction clicks (:mod:`medsamix.search.interactive`), a slice's Dice averaged over the k + 1 rounds.
+        guard_se: Selection of a single-task search (:mod:`medsamix.search.selection`): the configuration with the
+            best calibration Dice is kept over the best single pool model (as served alone) only when its mean
+            per-slice gain over that model is at least this many standard errors of the paired gain; otherwise
+            the single model is selected. 1.0 is the one-standard-error rule; 0 selects the plain best calibration
+            Dice. Multi-task searches (MedSAMix-M) always select the Pareto member with the best mean.
     """
 
     tasks: tuple[str, ...]
@@ -80,10 +85,13 @@ class SearchSettings:
     coarse_share: float = 1 / 3
     rounds: int = 0
     ct_windows: tuple[str, ...] = ()
+    guard_se: float = 1.0
 
     def __post_init__(self) -> None:
         if self.rounds < 0:
             raise SearchError(f"rounds must be >= 0, got {self.rounds}")
+        if not self.guard_se >= 0:
+            raise SearchError(f"guard_se must be >= 0, got {self.guard_se}")
         for w in self.ct_windows:
             check_window(w, "ct_windows", SearchError)
         for s in (self.preprocessing, *(st for _, st in self.own_styles)):
@@ -114,6 +122,8 @@ class SearchSettings:
             del d["rounds"]
         if not self.ct_windows:  # likewise searches without a CT window
             del d["ct_windows"]
+        if self.guard_se == 1.0:  # the selection rule changes no trial: searches from before it resume
+            del d["guard_se"]
         return d
 
 
@@ -135,12 +145,37 @@ def initial_configs(merger: Merger, settings: SearchSettings) -> list[MergeConfi
     configs = [c for c in uniform_merges(groups, aliases, g, sep, base_style).values()
                if next(iter(c.groups.values())).method in settings.methods]
     configs += [MergeConfig.uniform(groups, m.name, p, g, sep, base_style) for m in methods for p in m.design]
-    for m in methods:
-        singles = {a: m.single(a, aliases) for a in aliases} if m.single else {}
-        configs += [MergeConfig.uniform(groups, m.name, p, g, sep, settings.design_style(a))
-                    for a, p in singles.items() if p is not None]
-    window = DEFAULT_CT_WINDOW if settings.ct_windows else None  # as SMAC returns them when the window is searched
-    return [c.with_ct_window(window) for c in configs]
+    window = _design_window(settings)
+    return [c.with_ct_window(window) for c in configs] + [c for _, c in _single_points(merger, settings)]
+
+
+def single_configs(merger: Merger, settings: SearchSettings) -> dict[str, list[MergeConfig]]:
+    """Alias -> the initial-design points that are pool model ``alias`` itself (each method's ``single`` point,
+    bit-identical to the model, with :meth:`SearchSettings.design_style`)."""
+    out: dict[str, list[MergeConfig]] = {a: [] for a in merger.aliases}
+    for alias, config in _single_points(merger, settings):
+        out[alias].append(config)
+    return out
+
+
+def _single_points(merger: Merger, settings: SearchSettings) -> list[tuple[str, MergeConfig]]:
+    """``(alias, config)`` of every single-model point of the initial design, in design order (method, then
+    alias)."""
+    g, sep, groups, aliases = settings.granularity, settings.separate, merger.groups, merger.aliases
+    window = _design_window(settings)
+    out = []
+    for m in (m for m in REGISTRY.values() if m.name in settings.methods and m.single):
+        for a in aliases:
+            p = m.single(a, aliases)
+            if p is not None:
+                out.append((a, MergeConfig.uniform(groups, m.name, p, g, sep, settings.design_style(a))
+                            .with_ct_window(window)))
+    return out
+
+
+def _design_window(settings: SearchSettings) -> str | None:
+    """The CT window of the initial design: the default when the window is searched (as SMAC returns it)."""
+    return DEFAULT_CT_WINDOW if settings.ct_windows else None
 
 
 def ct_windows_for(samples: Sequence[Any]) -> tuple[str, ...]:
