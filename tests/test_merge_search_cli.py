@@ -84,6 +84,7 @@ def test_one_labelled_study_is_searched_on_a_slab_split(tmp_path):
     assert f"Data: {ONE_STUDY_SPLIT}" in (out / "report.md").read_text()
 
 
+@pytest.mark.slow  # 6 min at load 4: in the slow set
 def test_robust_search_trades_clean_against_corrupted_dice(datastore, tmp_path):
     out = tmp_path / "robust"
     res = run("--studies", str(datastore), "--task", "label_1", "--trials", "10", "--robust", "--out", str(out))
@@ -113,6 +114,7 @@ def test_interactive_objective_is_searched_and_reported(datastore, tmp_path):
     assert bad.returncode == 2 and "--rounds must be >= 1" in bad.stderr
 
 
+@pytest.mark.slow  # 7 min at load 4 (two searches): in the slow set; the publish rule itself: test_publish.py
 def test_publish_refuses_an_unpromoted_merge_and_publishes_a_promoted_one_as_the_app_does(datastore, tmp_path):
     out, served = tmp_path / "run", tmp_path / "model" / "merged"
     (tmp_path / "file").write_text("x")
