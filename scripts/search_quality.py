@@ -44,8 +44,8 @@ from medsamix.search.search import SearchSettings, ct_windows_for, score
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
-VARIANTS = ("medsamix_s", "medsamix_s_argmax", "medsamix_m", "medsamix_m_robust")
-LABELS = {"medsamix_s": "MedSAMix-S", "medsamix_s_argmax": "S best cal. (unguarded)", "medsamix_m": "MedSAMix-M",
+VARIANTS = ("medsamix_s", "medsamix_s_guarded", "medsamix_m", "medsamix_m_robust")
+LABELS = {"medsamix_s": "MedSAMix-S", "medsamix_s_guarded": "S guarded", "medsamix_m": "MedSAMix-M",
           "medsamix_m_robust": "MedSAMix-M robust"}
 KINDS = ("clean", "corrupted", "interactive")
 # Task sets whose data a pool model was fine-tuned on (sample-data/pool/MODEL_CARD.md, scripts/train_pool.py):
@@ -109,6 +109,9 @@ def main() -> int:
     ap.add_argument("--coarse-share", type=float, default=SearchSettings.coarse_share,
                     help="share of each search's trials in the coarse stage (one setting per model component)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--guard-se", type=float, default=1.0,
+                    help="the 'S guarded' column: MedSAMix-S with the single-model guard at this many standard errors "
+                         "(the library's default selection, the 'MedSAMix-S' column, has none; 0: no guard)")
     ap.add_argument("--preprocessing", choices=["sam", "medsam"], default=None,
                     help="fix the merged models' preprocessing style (default: searched)")
     ap.add_argument("--fine-tuned-sets", nargs="*", default=list(FINE_TUNED_SETS),
@@ -166,19 +169,20 @@ def main() -> int:
             cal, _ = select_tasks(ts, [task])
             mb = max(1, len(cal) // 27) if len(cal) >= args.mf_threshold else None
             settings = SearchSettings(tasks=(task,), trials=args.trials, min_budget=mb, ct_windows=ct_windows_for(cal),
+                                      guard_se=args.guard_se,
                                       **common)
             t0 = time.time()
             out = run_merge(pool, cal, [], settings, work / f"{ts.name}-S-{task}", ts.split, report=False)
             best, argmax = out.result.best, out.result.argmax or out.result.best
             chosen = scorer.config(best.config, [task])  # this task's three scores
-            found["medsamix_s"].update(chosen)
-            found["medsamix_s_argmax"].update(chosen if argmax is best else scorer.config(argmax.config, [task]))
-            s_cal[task] = out.calibration_dice[task]
+            found["medsamix_s_guarded"].update(chosen)
+            found["medsamix_s"].update(chosen if argmax is best else scorer.config(argmax.config, [task]))
+            s_cal[task] = argmax.mean_dice
             s_how[task] = f"{out.result.selection}; {out.promotion.reason}"
             single_cal[task] = {a: d[task] for a, d in out.promotion.singles.items()}
             print(f"{ts.name}/{task}: {s_how[task]}", flush=True)
-            print(f"{ts.name}/{task}: S test {found['medsamix_s'][task]:.4f} (cal {s_cal[task]:.4f}; unguarded "
-                  f"{found['medsamix_s_argmax'][task]:.4f}, cal {argmax.mean_dice:.4f}; {len(cal)} cal "
+            print(f"{ts.name}/{task}: S test {found['medsamix_s'][task]:.4f} (cal {argmax.mean_dice:.4f}; guarded "
+                  f"{found['medsamix_s_guarded'][task]:.4f}, cal {s_cal[task]:.4f}; {len(cal)} cal "
                   f"slices{f', min budget {mb}' if mb else ''}) in {time.time() - t0:.0f} s; best single "
                   f"{max(baselines[a][task] for a in singles):.4f}, best uniform "
                   f"{max(baselines[u][task] for u in uniforms):.4f}", flush=True)
@@ -226,8 +230,8 @@ def _col(name: str, kind: str) -> str:
 def targets(rows: list[dict], singles: list[str], fine_tuned: Sequence[str]) -> list[str]:
     """The issue-13 target checks, one markdown bullet (or table) each, on the rows' test Dice."""
     out = s_checks(rows, "medsamix_s", "S", fine_tuned)
-    out += [f"  - for comparison, {line[2:]}" for line in s_checks(rows, "medsamix_s_argmax",
-                                                                     "the unguarded best-calibration S", fine_tuned)]
+    out += [f"  - for comparison, {line[2:]}" for line in s_checks(rows, "medsamix_s_guarded",
+                                                                     "S with the single-model guard", fine_tuned)]
     for kind, variant, what in (("clean", "medsamix_m", "M beats every single model on the task average in every set"),
                                 ("corrupted", "medsamix_m_robust",
                                  "robust M's corrupted Dice beats every single model's (task average per set) while "
@@ -343,14 +347,25 @@ def write(args: argparse.Namespace, rows: list[dict], singles: list[str], unifor
 TEXT_COLUMNS = ("set", "task", "best_single", "best_uniform", "best_single_cal", "medsamix_s_selection")
 
 
+def _renamed(column: str) -> str:
+    """A column of a CSV written before the guard was turned off by default (stop 20), under today's name: there
+    ``medsamix_s`` was the guarded selection and ``medsamix_s_argmax`` the best calibration Dice."""
+    for old, new in (("medsamix_s_argmax", "medsamix_s"), ("medsamix_s", "medsamix_s_guarded")):
+        if column == old or column.startswith(old + "_") and column[len(old) + 1:] in KINDS:
+            return new + column[len(old):]
+    return column
+
+
 def combine(args: argparse.Namespace) -> int:
     """``--combine``: the rows of earlier runs' CSVs and the split lines of their .md files, written as one run."""
     rows: list[dict] = []
     splits: list[str] = []
     for path in args.combine:
         with open(path, newline="") as f:
-            rows += [{k: v if k in TEXT_COLUMNS else v == "True" if k == "fine_tuned_set" else float(v)
-                      for k, v in r.items()} for r in csv.DictReader(f)]
+            reader = csv.DictReader(f)
+            old = "medsamix_s_argmax" in (reader.fieldnames or ())
+            rows += [{_renamed(k) if old else k: v if k in TEXT_COLUMNS else v == "True" if k == "fine_tuned_set"
+                      else float(v) for k, v in r.items()} for r in reader]
         md = path.with_suffix(".md").read_text().splitlines()
         splits += [line for line in md[:md.index("**Clean Dice**")] if line.startswith("- **")]
     singles = list(PoolManifest.load(args.pool).files)  # base first

@@ -97,3 +97,21 @@ def test_vit_b_embedding_equals_stock():
         got = chunked.image_encoder(x)
         ref = stock.image_encoder(x)
     assert torch.allclose(got, ref, rtol=0, atol=1e-5)
+
+
+def test_gpu_batch_size_counts_chunked_scores_once():
+    """Batches on CUDA are sized by ``slice_activation_bytes``: stock ViT-B attention holds 12 x 4096 x 4096 scores
+    per slice (2 slices under 4 GiB); chunked attention holds a fixed few chunks per pass, so more slices fit."""
+    from medsamix.models.encoding import batch_size_for, fixed_activation_bytes, slice_activation_bytes
+
+    stock, chunked = VIT_B.build(chunked_attention=False), VIT_B.build(chunked_attention=True)
+    cap = 4 * 2**30
+    assert fixed_activation_bytes(stock.image_encoder) == 0
+    assert fixed_activation_bytes(chunked.image_encoder) == 3 * ChunkedAttention.max_chunk_bytes
+    assert slice_activation_bytes(stock.image_encoder) > 12 * 4096 * 4096 * 4  # the scores alone
+    per = slice_activation_bytes(chunked.image_encoder)
+    assert 8 * 4096 * 768 * 4 < per < slice_activation_bytes(stock.image_encoder) // 5
+    assert batch_size_for(stock.image_encoder, "cuda", cap) == 2
+    assert batch_size_for(chunked.image_encoder, "cuda", cap) == (cap - 3 * 64 * 2**20) // per > 10
+    assert batch_size_for(chunked.image_encoder, "cuda", 2**20) == 1  # under the fixed chunks: still one slice
+    assert batch_size_for(chunked.image_encoder, "cpu", cap) == 1

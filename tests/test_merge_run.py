@@ -120,6 +120,16 @@ def test_bad_options_name_the_option(values, needle):
         MergeOptions.from_mapping(values)
 
 
+@pytest.mark.parametrize("field, value", [("objective", "x" * 5000), ("preprocessing", "y" * 5000),
+                                          ("objective", ["box"] * 1000)])
+def test_a_rejected_value_is_echoed_shortened(field, value):
+    """A hostile request field of any length is named and cut in the error, not repeated whole."""
+    with pytest.raises(MergeRunError) as err:
+        MergeOptions.from_mapping({field: value})
+    message = str(err.value)
+    assert message.startswith(f"{field}: must be one of") and message.endswith("...") and len(message) < 200
+
+
 def test_parse_tasks_and_label_names():
     assert parse_tasks(None) == () and parse_tasks("") == () and parse_tasks(" , ") == ()
     assert parse_tasks("left kidney,, liver ,left kidney") == ("left kidney", "liver")

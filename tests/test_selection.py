@@ -48,3 +48,11 @@ def test_search_selects_by_the_guard(merger, evaluator, tmp_path, z):  # noqa: F
     assert "selected" in result.selection or "kept" in result.selection
     if result.best is not result.argmax:
         assert result.selection.startswith("single model")
+
+
+def test_guard_is_off_by_default_and_keyed_only_when_on():
+    """The default selection is the plain best calibration Dice; a guarded search has its own settings key, an
+    unguarded one the key of searches from before the guard (they resume)."""
+    plain = SearchSettings(tasks=("a",))
+    assert plain.guard_se == 0 and "guard_se" not in plain.to_dict()
+    assert SearchSettings(tasks=("a",), guard_se=1.0).to_dict()["guard_se"] == 1.0

@@ -34,11 +34,18 @@ class MergeRunError(MedSAMixError):
     """A merge run cannot start: no or too few labelled studies, unknown task, too few slices, bad option."""
 
 
+ECHO_CHARS = 40  # how much of a rejected value an error message repeats
+
+
 def check_choice(value: object, choices: Iterable[Any], what: str, error: type[MedSAMixError] = MedSAMixError) -> Any:
     """``value`` if it is one of ``choices``; otherwise raise ``error`` with the message
-    ``"<what>: must be one of [...], got <value>"``. The owners of each set of choices (preprocessing styles, CT
-    windows, granularities) wrap this once, so every layer that checks a value says the same thing."""
+    ``"<what>: must be one of [...], got <value>"`` (the value's ``repr`` cut to :data:`ECHO_CHARS` characters: a
+    request field may be arbitrarily long). The owners of each set of choices (preprocessing styles, CT windows,
+    granularities, objectives) wrap this once, so every layer that checks a value says the same thing."""
     allowed = list(choices)
     if value not in allowed:
-        raise error(f"{what}: must be one of {allowed}, got {value!r}")
+        shown = repr(value)
+        if len(shown) > ECHO_CHARS:
+            shown = shown[:ECHO_CHARS] + "..."
+        raise error(f"{what}: must be one of {allowed}, got {shown}")
     return value

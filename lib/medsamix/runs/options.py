@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from medsamix.data.tasks import label_names, parse_names
-from medsamix.errors import MergeRunError
+from medsamix.errors import MergeRunError, check_choice
 from medsamix.merging.groups import check_granularity
 from medsamix.models.preprocess import check_style
 from medsamix.search.search import SearchSettings
@@ -138,10 +138,9 @@ class MergeOptions:
         if style is not None:
             check_style(style, "preprocessing", MergeRunError)  # empty: searched
         min_gain = parse_min_gain(merged.get("min_gain"))
-        objective = str(merged.get("objective") or "box").strip().lower()
-        if objective not in OBJECTIVES:
-            raise MergeRunError(f"objective: must be one of {list(OBJECTIVES)}, got "
-                                f"{str(merged.get('objective'))[:40]!r}")
+        raw = merged.get("objective") or "box"
+        objective = check_choice(raw.strip().lower() if isinstance(raw, str) else raw, OBJECTIVES, "objective",
+                                 MergeRunError)
         rounds = _as_int("rounds", merged.get("rounds", cls.rounds))
         if not 1 <= rounds <= MAX_ROUNDS:
             raise MergeRunError(f"rounds: must lie in [1, {MAX_ROUNDS}] correction rounds, got {rounds}")

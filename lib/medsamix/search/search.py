@@ -17,9 +17,9 @@ Trials run through SMAC's ask/tell interface, so every finished trial is written
 (SMAC saves its run history on every ``tell``): an interrupted search resumes where it stopped. A trial whose merge
 is non-finite or that raises is told to SMAC as crashed (cost 1 per task) and the search goes on. The initial design
 contains the uniform merges and each single pool model, so the search never ends worse on calibration than the best
-of them. A single-task search then keeps its best configuration over the best single pool model only when the
-calibration gain is beyond noise (:mod:`medsamix.search.selection`, :attr:`SearchSettings.guard_se`); otherwise it
-selects that single model.
+of them. A single-task search selects its best calibration Dice; with :attr:`SearchSettings.guard_se` > 0 (off by
+default) it keeps that configuration over the best single pool model only when the calibration gain is beyond noise
+(:mod:`medsamix.search.selection`), otherwise it selects that single model.
 
 The preprocessing style is part of every configuration (:attr:`MergeConfig.preprocessing`): searched (the
 hyper-parameter ``prep:style``) unless the settings fix it. Then each single model enters the initial design with its

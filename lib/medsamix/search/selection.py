@@ -9,6 +9,10 @@ least ``guard_se`` standard errors of that paired gain (:attr:`SearchSettings.gu
 one-standard-error rule). Otherwise the single model itself is selected, so the site serves that model.
 
 Only the calibration slices take part: the rule is fixed beforehand and is not tuned on any test split.
+
+The guard is off by default (``guard_se`` 0): on the shared sets it changed 2 of 15 selections, once by +0.001 and
+once by -0.157 test Dice (it fell back to a single model that led the others on calibration by 0.002 and was the
+worst of them on test; ``results/search_quality.md``). A search keeps it as an option.
 """
 
 from __future__ import annotations
