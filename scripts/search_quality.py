@@ -20,9 +20,11 @@ figures to ``<out>.csv``.
 from __future__ import annotations
 
 import argparse
+import collections
 import csv
 import dataclasses
 import logging
+import re
 import sys
 import tempfile
 import time
@@ -357,17 +359,30 @@ def _renamed(column: str) -> str:
 
 
 def combine(args: argparse.Namespace) -> int:
-    """``--combine``: the rows of earlier runs' CSVs and the split lines of their .md files, written as one run."""
-    rows: list[dict] = []
-    splits: list[str] = []
+    """``--combine``: the rows of earlier runs' CSVs and the split lines of their .md files, written as one run.
+
+    A set that several of the runs cover (other seeds or trial counts) is named per run, ``<set> (seed S, T
+    trials)``, in the rows and split lines, so each run keeps its own set averages; the S targets count every row."""
+    runs: list[tuple[list[dict], list[str], str]] = []
     for path in args.combine:
         with open(path, newline="") as f:
             reader = csv.DictReader(f)
             old = "medsamix_s_argmax" in (reader.fieldnames or ())
-            rows += [{_renamed(k) if old else k: v if k in TEXT_COLUMNS else v == "True" if k == "fine_tuned_set"
-                      else float(v) for k, v in r.items()} for r in reader]
-        md = path.with_suffix(".md").read_text().splitlines()
-        splits += [line for line in md[:md.index("**Clean Dice**")] if line.startswith("- **")]
+            rows = [{_renamed(k) if old else k: v if k in TEXT_COLUMNS else v == "True" if k == "fine_tuned_set"
+                     else float(v) for k, v in r.items()} for r in reader]
+        text = path.with_suffix(".md").read_text()
+        md = text.splitlines()
+        seed, trials = re.search(r"; seed (\d+)\.", text), re.search(r"Trials: (\d+) per MedSAMix-S", text)
+        runs.append((rows, [line for line in md[:md.index("**Clean Dice**")] if line.startswith("- **")],
+                     f"seed {seed.group(1) if seed else '?'}, {trials.group(1) if trials else '?'} trials"))
+    count = collections.Counter(name for rows, _, _ in runs for name in dict.fromkeys(r["set"] for r in rows))
+    rows, splits = [], []
+    for run_rows, run_splits, how in runs:
+        for r in run_rows:
+            rows.append(dict(r, set=f"{r['set']} ({how})") if count[r["set"]] > 1 else r)
+        for line in run_splits:
+            name = line[len("- **"):line.index("**", len("- **"))]
+            splits.append(line.replace(f"**{name}**", f"**{name} ({how})**", 1) if count[name] > 1 else line)
     singles = list(PoolManifest.load(args.pool).files)  # base first
     write(args, rows, singles, [], splits, float("nan"))
     return 0
