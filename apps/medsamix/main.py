@@ -23,6 +23,8 @@ Configuration (``--conf key value``):
 * ``preencode`` ("true"): background pre-encoding of an opened volume's slices for the model prompted (the merged
   model when an image is downloaded or uploaded); ``preencode_slices`` (256): slice budget per volume; the environment
   variables ``MEDSAMIX_PREENCODE=0`` / ``MEDSAMIX_PREENCODE_SLICES`` override both.
+* ``bf16`` ("false"): bf16 autocast for the image encoder of every served model on CUDA (faster; fp32 by default,
+  and always on a CPU). Turn it on only where ``scripts/gpu_check.sh`` showed no Dice cost on that GPU.
 * ``max_slices`` (no limit): most slices one prompt may segment; ``max_voxels`` (no limit): largest volume read
   (checked on the header first). The hardened server (``medsamix-server``) sets both from its limits.
 
@@ -46,7 +48,7 @@ from monailabel.interfaces.tasks.train import TrainTask
 
 from lib.infers.interactive import InteractiveInfer
 from medsamix.data.tasks import datastore_label_names
-from medsamix.errors import MedSAMixError
+from medsamix.errors import ConfigError, MedSAMixError, check_flag
 from medsamix.models.encoding import default_device
 from medsamix.runs.publish import clean_incomplete
 from medsamix.serving.preencode import PreEncoder
@@ -88,9 +90,12 @@ class MedSAMixApp(MONAILabelApp):
         raw = conf.get("preencode_slices") or ""
         if raw and not raw.strip().isdigit():
             raise ValueError(f"conf preencode_slices: expected a whole number of slices >= 0, got {raw!r}")
-        self.preencoder = PreEncoder.from_env(
-            conf.get("preencode", "true").strip().lower() not in ("0", "false", "off", "no"),
-            int(raw) if raw else None)
+        preencode = check_flag(conf.get("preencode"), "conf preencode", ConfigError, default=True)
+        self.preencoder = PreEncoder.from_env(preencode, int(raw) if raw else None)
+        self.bf16 = check_flag(conf.get("bf16"), "conf bf16", ConfigError)
+        if self.bf16 and not str(self.device).startswith("cuda"):
+            logger.warning("conf bf16: bf16 autocast applies on CUDA only; the image encoder runs in fp32 on %s",
+                           self.device)
         self._merged_service: InteractiveService | None = None
         self.merged = MergedModelSource(self.pool, self.published_dir, MERGED_TASK, conf.get("merged_preprocessing"))
         super().__init__(
@@ -105,7 +110,7 @@ class MedSAMixApp(MONAILabelApp):
 
     def _service(self, name: str, source: Any, status: Any = None) -> InteractiveService:
         return InteractiveService(name, source, self.volumes, self.embeddings, self.iou_threshold, self.margin,
-                                  status, self.device, self.max_slices, self.preencoder)
+                                  status, self.device, self.max_slices, self.preencoder, self.bf16)
 
     def open_image(self, path: str) -> None:
         """A client opened (downloaded or uploaded) ``path``: pre-encode it for the merged model in the background."""

@@ -44,8 +44,28 @@ def check_choice(value: object, choices: Iterable[Any], what: str, error: type[M
     granularities, objectives) wrap this once, so every layer that checks a value says the same thing."""
     allowed = list(choices)
     if value not in allowed:
-        shown = repr(value)
-        if len(shown) > ECHO_CHARS:
-            shown = shown[:ECHO_CHARS] + "..."
-        raise error(f"{what}: must be one of {allowed}, got {shown}")
+        raise error(f"{what}: must be one of {allowed}, got {echo(value)}")
     return value
+
+
+def echo(value: object) -> str:
+    """``repr(value)`` cut to :data:`ECHO_CHARS` characters, for an error message about a rejected value."""
+    shown = repr(value)
+    return shown if len(shown) <= ECHO_CHARS else shown[:ECHO_CHARS] + "..."
+
+
+FLAG_WORDS = {"true": True, "yes": True, "1": True, "on": True, "false": False, "no": False, "0": False, "off": False}
+
+
+def check_flag(value: object, what: str, error: type[MedSAMixError] = MedSAMixError, default: bool = False) -> bool:
+    """A true/false setting: a bool, 0 / 1, or one of :data:`FLAG_WORDS` (any case); ``None`` or an empty string
+    give ``default``. Anything else raises ``error`` with ``"<what>: expected true or false, got <value>"``."""
+    if value is None or isinstance(value, str) and not value.strip():
+        return default
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in FLAG_WORDS:
+        return FLAG_WORDS[value.strip().lower()]
+    raise error(f"{what}: expected true or false, got {echo(value)}")

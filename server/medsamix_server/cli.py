@@ -50,6 +50,8 @@ def parser() -> argparse.ArgumentParser:
                    help="no background pre-encoding of opened volumes (also MEDSAMIX_PREENCODE=0)")
     p.add_argument("--preencode-slices", type=int, default=None,
                    help="most slices pre-encoded per opened volume (default 256)")
+    p.add_argument("--bf16", action="store_true",
+                   help="bf16 autocast for the image encoder on CUDA (default fp32; see scripts/gpu_check.sh)")
     return p
 
 
@@ -96,6 +98,8 @@ def config_from_args(argv: list[str] | None = None) -> ServerConfig:
     conf["max_slices"] = str(limits.slices_3d)
     if a.no_preencode:
         conf["preencode"] = "false"
+    if a.bf16:
+        conf["bf16"] = "true"
     if a.preencode_slices is not None:
         if a.preencode_slices < 0:
             p.error(f"--preencode-slices must be >= 0, got {a.preencode_slices}")

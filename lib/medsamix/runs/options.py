@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from medsamix.data.tasks import label_names, parse_names
-from medsamix.errors import MergeRunError, check_choice
+from medsamix.errors import MergeRunError, check_choice, check_flag
 from medsamix.merging.groups import check_granularity
 from medsamix.models.preprocess import check_style
 from medsamix.search.search import SearchSettings
@@ -40,13 +40,7 @@ def _as_int(name: str, value: Any) -> int:
 
 
 def _as_bool(name: str, value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, (int, float)) and value in (0, 1):
-        return bool(value)
-    if isinstance(value, str) and value.strip().lower() in ("true", "yes", "1", "on", "false", "no", "0", "off", ""):
-        return value.strip().lower() in ("true", "yes", "1", "on")
-    raise MergeRunError(f"{name}: expected true or false, got {value!r}")
+    return check_flag(value, name, MergeRunError)
 
 
 def parse_min_gain(value: Any, name: str = "min_gain") -> float:

@@ -28,7 +28,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from medsamix.errors import ConfigError
+from medsamix.errors import ConfigError, check_flag
 from medsamix.serving.segmenter import Segmenter
 
 log = logging.getLogger(__name__)
@@ -76,8 +76,7 @@ class PreEncoder:
     @classmethod
     def from_env(cls, enabled: bool = True, max_slices: int | None = None) -> PreEncoder:
         """A pre-encoder configured by the arguments, overridden by ``MEDSAMIX_PREENCODE(_SLICES)``."""
-        switch = os.environ.get(ENV_SWITCH, "").strip().lower()
-        if switch in ("0", "false", "off", "no"):
+        if not check_flag(os.environ.get(ENV_SWITCH), ENV_SWITCH, ConfigError, default=True):  # it can only turn off
             enabled = False
         raw = os.environ.get(ENV_SLICES, "").strip()
         if raw:

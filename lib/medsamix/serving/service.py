@@ -70,13 +70,16 @@ class InteractiveService:
             None: no limit.
         preencoder: Background pre-encoding (shared by the services of one server): the first prompt on a volume
             queues its other slices, nearest first; requests pause it. None: off.
+        bf16: bf16 autocast for the image encoder on CUDA (:func:`medsamix.models.encoding.autocast`); fp32 by
+            default and always on a CPU. ``scripts/gpu_check.sh`` measures its Dice difference against fp32.
     """
 
     def __init__(self, name: str, source: Callable[[], ServedModel], volumes: VolumeCache, cache: EmbeddingCache,
                  iou_threshold: float = DEFAULT_IOU_THRESHOLD, margin: float = DEFAULT_MARGIN,
                  status: Callable[[], str | None] | None = None, device: str = "cpu",
-                 max_slices: int | None = None, preencoder: PreEncoder | None = None) -> None:
+                 max_slices: int | None = None, preencoder: PreEncoder | None = None, bf16: bool = False) -> None:
         self.name = name
+        self.bf16 = bf16
         self.preencoder = preencoder
         self.max_slices = max_slices
         self.source = source
@@ -93,7 +96,8 @@ class InteractiveService:
         """The segmenter with the source's current model (swapped in when its version changed)."""
         served = self.source()
         if self._segmenter is None:
-            self._segmenter = Segmenter(served.model, served.prep, served.version, self.cache, self.device)
+            self._segmenter = Segmenter(served.model, served.prep, served.version, self.cache, self.device,
+                                        bf16=self.bf16)
         elif self._segmenter.version != served.version:
             self._segmenter.set_model(served.model, served.prep, served.version)
         return self._segmenter, served
