@@ -3,19 +3,15 @@ segmenter: one parser for merge options, app ``--conf`` values and environment s
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 from medsamix.data.volumes import VolumeCache
 from medsamix.errors import ConfigError, MergeRunError, check_choice, check_flag
 from medsamix.serving.preencode import PreEncoder
+from medsamix.serving.prompts import parse_prompt
 from medsamix.serving.segmenter import EmbeddingCache
 from medsamix.serving.service import InteractiveService, ServedModel
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("value, expected", [(True, True), (False, False), (1, True), (0, False), ("TRUE", True),
@@ -59,19 +55,14 @@ def test_service_builds_its_segmenter_with_bf16(tiny_segmenter_parts):
     assert on.segmenter()[0].bf16 and not off.segmenter()[0].bf16
     # on a CPU the autocast is a no-op: the same mask either way
     vol = np.random.default_rng(0).uniform(0, 255, (40, 48, 3)).astype(np.float32)
-    from medsamix.serving.prompts import parse_prompt
-
     prompt = parse_prompt({"roi": [5, 30, 6, 40, 1, 1]}, vol.shape)
     assert np.array_equal(on.segmenter()[0].segment("a", vol, prompt).mask,
                           off.segmenter()[0].segment("a", vol, prompt).mask)
 
 
 def test_server_command_line_bf16_reaches_the_app_conf(tmp_path):
-    sys.path.insert(0, str(ROOT / "server"))
-    try:
-        from medsamix_server.cli import config_from_args
-    finally:
-        sys.path.remove(str(ROOT / "server"))
+    from medsamix_server.cli import config_from_args
+
     base = ["--studies", str(tmp_path), "--state-dir", str(tmp_path / "state")]
     assert config_from_args(base + ["--bf16"]).conf["bf16"] == "true"
     assert "bf16" not in config_from_args(base).conf

@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from medsamix.data.tasks import label_names, parse_names
-from medsamix.errors import MergeRunError, check_choice, check_flag
+from medsamix.errors import MergeRunError, check_choice, check_flag, echo
 from medsamix.merging.groups import check_granularity
 from medsamix.models.preprocess import check_style
 from medsamix.search.search import SearchSettings
@@ -31,9 +31,9 @@ def _as_int(name: str, value: Any) -> int:
     try:
         f = float(value)
     except (TypeError, ValueError, OverflowError):
-        raise MergeRunError(f"{name}: expected an integer, got {str(value)[:40]!r}") from None
+        raise MergeRunError(f"{name}: expected an integer, got {echo(value)}") from None
     if not f.is_integer():
-        raise MergeRunError(f"{name}: expected an integer, got {str(value)[:40]!r}")
+        raise MergeRunError(f"{name}: expected an integer, got {echo(value)}")
     if abs(f) > MAX_OPTION_INT:
         raise MergeRunError(f"{name}: {str(value)[:40]} is out of range (at most {MAX_OPTION_INT})")
     return int(f)
