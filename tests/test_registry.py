@@ -68,6 +68,9 @@ def test_toy_method_reaches_space_baselines_design_and_merger(toy, merger):
     settings = SearchSettings(tasks=("a",))
     assert TOY in settings.methods
     toys = [c for c in initial_configs(merger, settings) if c.groups[group].method == TOY]
+    assert [c.groups[group].params for c in toys] == [{"alpha": 0.5}, {"alpha": 0.25}]  # linear has the singles
+    alone = SearchSettings(tasks=("a",), methods=(TOY,))
+    toys = [c for c in initial_configs(merger, alone) if c.groups[group].method == TOY]
     assert [c.groups[group].params for c in toys] == [{"alpha": 0.5}, {"alpha": 0.25}, {"alpha": 1.0}]
     assert toys[-1].preprocessing == settings.design_style(aliases[1])
     others = SearchSettings(tasks=("a",), methods=("linear",))
@@ -95,3 +98,4 @@ def test_builtin_registrations_declare_their_inputs():
     assert {n for n, m in REGISTRY.items() if m.task_vectors} == {"ties", "dare"}
     assert {n for n, m in REGISTRY.items() if m.warmup is not None} == {"ties", "slerp", "dare"}
     assert {n for n, m in REGISTRY.items() if m.single is not None} == {"linear", "task_arithmetic"}
+    assert {n for n, m in REGISTRY.items() if m.beyond is not None} == {"task_arithmetic"}

@@ -13,6 +13,7 @@ import yaml
 
 from conftest import TINY, random_state
 from medsamix import GroupSetting, MergeConfig, Merger, ModelPool
+from medsamix.merging.methods import EXTRAPOLATION
 from medsamix.search.evaluate import Evaluator
 from medsamix.models.preprocess import STYLES
 from medsamix.search.search import (
@@ -113,17 +114,36 @@ def test_style_is_a_hyper_parameter_unless_the_settings_fix_it(merger):
 
 def test_initial_design_holds_each_single_model_with_its_own_style(merger):
     def single(configs, alias):  # the one-hot linear merge of alias and, for a fine-tuned model, one-hot TA
-        return [c for c in configs if c.groups["enc.neck"].params.get("weights") in (
-            {a: float(a == alias) for a in merger.aliases}, {a: float(a == alias) for a in merger.aliases[1:]})]
+        return [c for c in configs if c.groups["enc.neck"].params.get("scale", 1.0) == 1.0
+                and c.groups["enc.neck"].params.get("weights") in (
+                    {a: float(a == alias) for a in merger.aliases}, {a: float(a == alias) for a in merger.aliases[1:]})]
 
     design = initial_configs(merger, SearchSettings(tasks=("a",), own_styles=OWN))
-    assert len(design) == 10
+    assert len(design) == 10  # 5 uniform merges, 3 single models, 2 fine-tuned models extrapolated
     for alias, style in OWN:
-        assert [c.preprocessing for c in single(design, alias)] == [style] * (1 if alias == "sam" else 2)
+        assert [c.preprocessing for c in single(design, alias)] == [style]  # once: no duplicate of a model
     assert all(c.preprocessing == "sam" for c in design[:5])  # the uniform merges: the base model's style
     fixed = initial_configs(merger, SearchSettings(tasks=("a",), preprocessing="medsam", own_styles=OWN))
     assert {c.preprocessing for c in fixed} == {"medsam"}  # a fixed style: no search over it
     assert [c.groups for c in fixed] == [c.groups for c in design]
+
+
+def test_initial_design_ends_with_each_fine_tuned_model_extrapolated(merger):
+    """The last points: theta_0 + EXTRAPOLATION * tau_k for each fine-tuned model k, with the model's own style."""
+    design = initial_configs(merger, SearchSettings(tasks=("a",), own_styles=OWN))
+    beyond = design[-2:]
+    base = merger.pool.base.state_dict
+    for config, alias in zip(beyond, merger.aliases[1:]):
+        assert {g.method for g in config.groups.values()} == {"task_arithmetic"}
+        assert config.preprocessing == dict(OWN)[alias]
+        merged = merger.apply(config).state_dict()
+        model = merger.pool.member(alias).state_dict
+        for key in ("image_encoder.neck.0.weight", "mask_decoder.iou_prediction_head.layers.0.bias"):
+            expected = base[key] + EXTRAPOLATION * (model[key] - base[key])
+            torch.testing.assert_close(merged[key], expected, rtol=1e-5, atol=1e-6)
+    # a method without task vectors in the search: no extrapolated points
+    linear_only = initial_configs(merger, SearchSettings(tasks=("a",), methods=("linear",)))
+    assert all(c.groups["enc.neck"].method == "linear" for c in linear_only) and len(linear_only) == 4
 
 
 def test_embedding_cache_keys_on_the_style(merger, evaluator):
@@ -184,17 +204,17 @@ def test_single_task_search_never_worse_than_initial_design(merger, evaluator, t
         one_hot = [t for t in initial if t.config.groups["enc.neck"].params.get("weights") ==
                    {a: float(a == alias) for a in merger.aliases}]
         assert len(one_hot) == 1
-        if alias != merger.aliases[0]:  # and each fine-tuned model as one-hot task arithmetic, also exact
-            one_hot_ta = [t for t in initial if t.config.groups["enc.neck"].method == "task_arithmetic" and
-                          t.config.groups["enc.neck"].params.get("weights") ==
-                          {a: float(a == alias) for a in merger.aliases[1:]}]
-            assert len(one_hot_ta) == 1
-            one_hot.append(one_hot_ta[0])
+        configs = [one_hot[0].config]
+        if alias != merger.aliases[0]:  # a search without linear has each fine-tuned model as one-hot TA, also exact
+            ta_only = initial_configs(merger, dataclasses.replace(settings, methods=("task_arithmetic",)))
+            configs += [c for c in ta_only if c.groups["enc.neck"].params ==
+                        {"scale": 1.0, "weights": {a: float(a == alias) for a in merger.aliases[1:]}}]
+            assert len(configs) == 2
         picked = MergeConfig.uniform(merger.groups, "pick", {"source": alias}, 2)
-        for trial in one_hot:
-            a = {k: v.clone() for k, v in merger.apply(trial.config).state_dict().items()}
+        for config in configs:
+            a = {k: v.clone() for k, v in merger.apply(config).state_dict().items()}
             for k, v in merger.apply(picked).state_dict().items():
-                assert torch.equal(a[k], v), (trial.config.groups["enc.neck"].method, k)
+                assert torch.equal(a[k], v), (config.groups["enc.neck"].method, k)
 
 
 def test_multi_task_uses_parego_and_returns_a_front(merger, evaluator, tmp_path):

@@ -1,4 +1,5 @@
-"""The single-model guard of a single-task search's selection (medsamix.search.selection)."""
+"""A search's selection (medsamix.search.selection): the single-model guard of a single-task search, the robust
+choice of a robust search, and the promotion of a robust search's model."""
 
 from __future__ import annotations
 
@@ -7,8 +8,11 @@ import math
 import numpy as np
 import pytest
 
-from medsamix.search.search import SearchSettings, run_search, score
-from medsamix.search.selection import guard, paired_gain
+from medsamix.runs.promotion import decide_promotion, single_model_scores
+from medsamix.search.corruptions import robust_tasks, with_corrupted
+from medsamix.search.evaluate import Evaluator
+from medsamix.search.search import SearchError, SearchSettings, run_search, score
+from medsamix.search.selection import clean_and_corrupted, guard, is_robust, paired_gain, robust_choice
 from medsamix.search.settings import single_configs
 from test_search import evaluator, merger  # noqa: F401 - pytest fixtures
 
@@ -56,3 +60,71 @@ def test_guard_is_off_by_default_and_keyed_only_when_on():
     plain = SearchSettings(tasks=("a",))
     assert plain.guard_se == 0 and "guard_se" not in plain.to_dict()
     assert SearchSettings(tasks=("a",), guard_se=1.0).to_dict()["guard_se"] == 1.0
+
+
+# ------------------------------------------------------------------------------------------------ robust selection
+
+class _T:
+    def __init__(self, dice: dict[str, float]) -> None:
+        self.dice = dice
+
+
+def _robust(clean: float, bad: float) -> _T:
+    return _T({"a": clean, "b": clean, "a@corrupted": bad, "b@corrupted": bad})
+
+
+def test_robust_choice_keeps_clean_dice_within_the_tolerance_and_maximises_corrupted_dice():
+    trials = [_robust(0.80, 0.60), _robust(0.795, 0.70), _robust(0.78, 0.75), _robust(0.80, 0.60)]
+    chosen, why = robust_choice(trials, 0.01)
+    assert chosen is trials[1]  # 0.78 is 0.02 below the best clean Dice: not eligible however robust
+    assert "0.7000" in why and "0.8000" in why and "within 0.01" in why
+    assert robust_choice(trials, 0.05)[0] is trials[2]
+    assert robust_choice(trials, 0.0)[0] is trials[0]  # ties: the earlier trial
+    with pytest.raises(ValueError):
+        robust_choice([], 0.01)
+
+
+def test_robust_choice_is_on_the_pareto_front_and_no_eligible_trial_is_more_robust():
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        trials = [_T({k: float(v) for k, v in zip(("a", "b", "a@corrupted", "b@corrupted"), rng.uniform(0, 1, 4))})
+                  for _ in range(30)]
+        chosen, _ = robust_choice(trials, 0.05)
+        c, bad = clean_and_corrupted(chosen.dice)
+        best_clean = max(clean_and_corrupted(t.dice)[0] for t in trials)
+        assert c >= best_clean - 0.05
+        assert all(clean_and_corrupted(t.dice)[1] <= bad for t in trials
+                   if clean_and_corrupted(t.dice)[0] >= best_clean - 0.05)
+        assert not any(all(t.dice[k] >= chosen.dice[k] for k in t.dice) and
+                       any(t.dice[k] > chosen.dice[k] for k in t.dice) for t in trials)
+
+
+def test_robust_choice_only_for_corrupted_objectives_and_the_tolerance_is_checked():
+    assert is_robust(("a", "a@corrupted")) and not is_robust(("a", "b"))
+    assert SearchSettings(tasks=("a",)).robust_tolerance == 0.01
+    assert "robust_tolerance" not in SearchSettings(tasks=("a",)).to_dict()  # selection only: older searches resume
+    assert SearchSettings(tasks=("a",), robust_tolerance=0.02).to_dict()["robust_tolerance"] == 0.02
+    with pytest.raises(SearchError, match="robust_tolerance"):
+        SearchSettings(tasks=("a",), robust_tolerance=-0.1)
+
+
+def test_robust_search_selects_by_robust_choice(merger, evaluator, tmp_path):  # noqa: F811
+    corrupted = Evaluator(with_corrupted(evaluator.samples, 0))
+    settings = SearchSettings(tasks=robust_tasks(("a", "b")), trials=14, granularity=2, seed=0)
+    result = run_search(merger, corrupted, settings, tmp_path / "r")
+    ok = [t for t in result.trials if t.status == "ok" and t.budget is None]
+    assert result.best is robust_choice(ok, 0.01)[0] and result.selection.startswith("robust:")
+    assert result.best in result.pareto
+    promotion = decide_promotion(result.best.dice, single_model_scores(merger, corrupted, settings))
+    assert promotion.promote, promotion.reason  # every single model is in the design: the guard does not trip
+
+
+def test_robust_promotion_needs_each_single_model_beaten_on_clean_or_corrupted_dice():
+    singles = {"sam": {"a": 0.7, "a@corrupted": 0.5}, "medsam": {"a": 0.6, "a@corrupted": 0.65}}
+    yes = decide_promotion({"a": 0.69, "a@corrupted": 0.66}, singles)  # less clean than sam, more robust than both
+    assert yes.promote and "beaten on clean or corrupted" in yes.reason and yes.best_single == "sam"
+    no = decide_promotion({"a": 0.65, "a@corrupted": 0.45}, singles)  # sam is cleaner and more robust
+    assert not no.promote and "'sam'" in no.reason and "served model is unchanged" in no.reason
+    assert decide_promotion({"a": 0.69, "a@corrupted": 0.66}, singles, min_gain=0.05).promote  # by 0.09 and 0.16
+    gain = decide_promotion({"a": 0.69, "a@corrupted": 0.66}, singles, min_gain=0.2)
+    assert not gain.promote and "required gain 0.2" in gain.reason

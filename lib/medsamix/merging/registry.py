@@ -3,7 +3,7 @@ hyper-parameters (:class:`ParamSpec`) and :func:`register`.
 
 A method is one registration (mergekit's ``merge_methods`` registry, in one decorator): its function, its
 hyper-parameters with their valid and searched ranges, whether it works on task vectors, its uniform baselines, its
-further initial-design points, its single-model points and its warm-up. The merger, the search space, the uniform
+further initial-design points, its single-model points, its points past a single model and its warm-up. The merger, the search space, the uniform
 merges and the initial design read :data:`REGISTRY`; nothing else needs to know a method.
 
 The built-in methods register themselves in :mod:`medsamix.merging.methods`; import names from there (it
@@ -143,6 +143,9 @@ class MergeMethod:
         warmup: Index-form params whose evaluation computes this method's memoised quantities
             (:meth:`medsamix.merging.merger.Merger.prepare`; a ``seed`` entry is replaced by the caller's seed);
             ``None`` when the method memoises nothing.
+        beyond: ``(alias, aliases) -> params`` of a point past one fine-tuned model along its own task vector
+            (extrapolation; ``None`` for sources it cannot express): each enters the initial design with that
+            model's style, after the single-model points.
     """
 
     name: str
@@ -154,6 +157,7 @@ class MergeMethod:
     design: tuple[Params, ...] = ()
     single: SingleFn | None = None
     warmup: Params | None = None
+    beyond: SingleFn | None = None
 
     def uniform_baselines(self, aliases: Sequence[str]) -> dict[str, dict[str, Any]]:
         """This method's uniform baselines for a pool with ``aliases``: name -> alias-keyed params."""
@@ -258,7 +262,8 @@ REGISTRY: dict[str, MergeMethod] = {}
 
 def register(name: str, params: Sequence[ParamSpec] = (), *, task_vectors: bool = True,
              uniform: Mapping[str, Params] | UniformFn | None = None, design: Sequence[Params] = (),
-             single: SingleFn | None = None, warmup: Params | None = None) -> Callable[[MethodFn], MethodFn]:
+             single: SingleFn | None = None, warmup: Params | None = None,
+             beyond: SingleFn | None = None) -> Callable[[MethodFn], MethodFn]:
     """Decorator adding a merge method to :data:`REGISTRY`: one registration is all a new method needs (the
     merger, the search space, the uniform baselines and the initial design read it). The keyword arguments are the
     :class:`MergeMethod` attributes of the same names; ``uniform`` may also be a fixed mapping name -> params."""
@@ -268,7 +273,7 @@ def register(name: str, params: Sequence[ParamSpec] = (), *, task_vectors: bool 
             raise ValueError(f"merge method {name!r} registered twice")
         baselines = uniform if uniform is None or callable(uniform) else _fixed(uniform)
         REGISTRY[name] = MergeMethod(name, fn, tuple(params), (fn.__doc__ or "").strip(), task_vectors, baselines,
-                                     tuple(design), single, warmup)
+                                     tuple(design), single, warmup, beyond)
         return fn
 
     return deco

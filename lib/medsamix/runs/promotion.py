@@ -16,6 +16,7 @@ from medsamix.merging.config import MergeConfig
 from medsamix.merging.merger import Merger
 from medsamix.search.evaluate import Evaluator
 from medsamix.search.search import SearchSettings, score
+from medsamix.search.selection import clean_and_corrupted, is_robust
 
 @dataclasses.dataclass(frozen=True)
 class Promotion:
@@ -46,6 +47,10 @@ def decide_promotion(merged: Mapping[str, float], singles: Mapping[str, Mapping[
     """Promote when the merged model's mean calibration Dice is >= the best single model's + ``min_gain``
     (up to ``tolerance`` for rounding).
 
+    A robust search's model (objectives every task and its corrupted twin) is compared as it was selected
+    (:func:`~medsamix.search.selection.robust_choice`): on its mean clean and mean corrupted Dice, see
+    :func:`_robust_promotion`.
+
     Args:
         merged: Task -> calibration Dice of the merged model.
         singles: Alias -> task -> calibration Dice of each single pool model (at least one).
@@ -53,6 +58,8 @@ def decide_promotion(merged: Mapping[str, float], singles: Mapping[str, Mapping[
     """
     if not singles:
         raise ValueError("no single pool model to compare with")
+    if is_robust(list(merged)):
+        return _robust_promotion(merged, singles, min_gain, tolerance)
 
     def mean(d: Mapping[str, float]) -> float:
         return float(sum(d.values()) / len(d)) if d else 0.0
@@ -70,6 +77,35 @@ def decide_promotion(merged: Mapping[str, float], singles: Mapping[str, Mapping[
                   f"({means[best]:.4f}, own preprocessing, on the same calibration slices){gain}; the served "
                   "model is unchanged")
     return Promotion(ok, m, best, means[best], {a: dict(d) for a, d in singles.items()}, reason)
+
+
+def _robust_promotion(merged: Mapping[str, float], singles: Mapping[str, Mapping[str, float]], min_gain: float,
+                      tolerance: float) -> Promotion:
+    """Promote a robust search's model unless a single pool model is as good on both mean clean and mean corrupted
+    calibration Dice: each single model must be beaten by ``min_gain`` on at least one of the two means.
+
+    The robust selection keeps the best corrupted Dice among configurations within a tolerance of the best clean
+    Dice, and every single model (own style) is in its initial design, so a single model that is at least as clean
+    was eligible and is not more robust: with ``min_gain`` 0 the guard does not trip. ``merged_dice`` and
+    ``best_single_dice`` are means over every objective (clean and corrupted); ``best_single`` is the single model
+    with the best mean clean Dice."""
+    r_clean, r_bad = clean_and_corrupted(dict(merged))
+    pairs = {a: clean_and_corrupted(dict(d)) for a, d in singles.items()}
+    blocking = [a for a, (c, b) in pairs.items()
+                if r_clean < c + min_gain - tolerance and r_bad < b + min_gain - tolerance]
+    best = max(pairs, key=lambda a: pairs[a])
+    m = float(sum(merged.values()) / len(merged))
+    best_dice = float(sum(singles[best].values()) / len(singles[best]))
+    gain = f" by the required gain {min_gain:g}" if min_gain else ""
+    what = f"merged calibration Dice clean {r_clean:.4f}, corrupted {r_bad:.4f}"
+    if not blocking:
+        reason = f"promoted: {what}; every single pool model is beaten on clean or corrupted Dice{gain}"
+    else:
+        a = blocking[0]
+        reason = (f"not promoted: {what}; the single pool model {a!r} (clean {pairs[a][0]:.4f}, corrupted "
+                  f"{pairs[a][1]:.4f}, own preprocessing, on the same calibration slices) is not beaten on either"
+                  f"{gain}; the served model is unchanged")
+    return Promotion(not blocking, m, best, best_dice, {a: dict(d) for a, d in singles.items()}, reason)
 
 
 def single_model_config(merger: Merger, alias: str, style: str) -> MergeConfig:

@@ -6,7 +6,10 @@ One code path serves both variants; they differ only in the objectives handed to
   minimising ``1 - Dice`` of the task.
 * MedSAMix-M (several tasks): the same facade with ``ParEGO`` passed explicitly as the multi-objective algorithm
   (random scalarisations of the per-task costs), giving a Pareto front; the selected configuration is the front
-  member with the best mean calibration Dice.
+  member with the best mean calibration Dice. A robust search (every task and its corrupted twin as objectives)
+  selects the front member with the best mean corrupted Dice among those within
+  :attr:`SearchSettings.robust_tolerance` of the best mean clean Dice
+  (:func:`~medsamix.search.selection.robust_choice`).
 
 A search has two stages (:attr:`SearchSettings.coarse_share`): a coarse stage over a tied space with one setting
 per model component (:func:`~medsamix.search.space.component_tie`), which holds the initial design, then the
@@ -49,7 +52,7 @@ from medsamix.merging.config import MergeConfig
 from medsamix.merging.merger import Merger
 from medsamix.search.evaluate import Evaluator
 from medsamix.search.execution import LocalExecution, execution, preprocessor, run_trial, score
-from medsamix.search.selection import guard
+from medsamix.search.selection import guard, is_robust, robust_choice
 from medsamix.search.settings import (
     COARSE_TOP,
     SearchError,
@@ -146,8 +149,9 @@ def run_search(
     design = initial_configs(merger, settings)
     n_initial = len(design)
     if settings.trials < n_initial:
-        raise SearchError(f"trials must be at least {n_initial}: the initial design alone (the uniform merges and "
-                          f"each single pool model) has {n_initial} configurations; got {settings.trials}")
+        raise SearchError(f"trials must be at least {n_initial}: the initial design alone (the uniform merges, "
+                          f"each single pool model and each fine-tuned model extrapolated) has {n_initial} "
+                          f"configurations; got {settings.trials}")
     if not 0 <= settings.coarse_share < 1:
         raise SearchError(f"coarse_share must lie in [0, 1), got {settings.coarse_share}")
     n_coarse = coarse_trials(settings.trials, settings.coarse_share, n_initial)
@@ -194,6 +198,8 @@ def run_search(
     best = argmax = max(pareto, key=lambda t: t.mean_dice)
     passes = evaluator.encoder_passes + runner.executor.remote_passes  # the trials' (the guard's rescoring not counted)
     selection = "the Pareto member with the best mean calibration Dice" if settings.multi else "best calibration Dice"
+    if settings.multi and is_robust(settings.tasks):
+        best, selection = robust_choice(ok, settings.robust_tolerance)
     if not settings.multi and settings.guard_se > 0:
         g = guard(merger, evaluator, settings, best.config)
         selection = g.reason(settings.guard_se)

@@ -1,4 +1,5 @@
-"""Selection of a single-task search's configuration, guarded against the winner's curse.
+"""Selection of a search's configuration: a single-task search's guarded against the winner's curse
+(:func:`guard`), a robust search's by corrupted Dice within a bound on clean Dice (:func:`robust_choice`).
 
 A search keeps the configuration with the best mean calibration Dice. On a small calibration set (one volume split
 into slabs: a handful of slices) that maximum over tens of configurations is biased upward: a merge that beats the
@@ -19,11 +20,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
+from typing import Protocol, TypeVar
 
 import numpy as np
 
 from medsamix.merging.config import MergeConfig
 from medsamix.merging.merger import Merger
+from medsamix.search.corruptions import CORRUPTED
 from medsamix.search.evaluate import Evaluator
 from medsamix.search.execution import evaluate_config
 from medsamix.search.settings import SearchSettings, single_configs
@@ -90,3 +94,47 @@ def guard(merger: Merger, evaluator: Evaluator, settings: SearchSettings, config
     gain, se = paired_gain(chosen, per[alias])
     kept = bool(np.array_equal(chosen, per[alias])) or (gain > 0 and gain >= settings.guard_se * se)
     return Guard(alias, singles[alias], float(per[alias].mean()), gain, se, len(idx), kept)
+
+
+class Scored(Protocol):
+    """Anything with per-objective calibration Dice (a search's trial)."""
+
+    @property
+    def dice(self) -> dict[str, float]: ...
+
+
+T = TypeVar("T", bound=Scored)
+
+
+def is_robust(objectives: Sequence[str]) -> bool:
+    """Whether a multi-task search's objectives hold corrupted twins (``<task>@corrupted``): a robust search."""
+    return any(o.endswith(CORRUPTED) for o in objectives)
+
+
+def clean_and_corrupted(dice: dict[str, float]) -> tuple[float, float]:
+    """Mean Dice of the clean objectives and of the corrupted twins (``nan`` where there are none)."""
+    clean = [v for k, v in dice.items() if not k.endswith(CORRUPTED)]
+    bad = [v for k, v in dice.items() if k.endswith(CORRUPTED)]
+    return (float(np.mean(clean)) if clean else math.nan, float(np.mean(bad)) if bad else math.nan)
+
+
+def robust_choice(trials: Sequence[T], tolerance: float) -> tuple[T, str]:
+    """The selection of a robust search (every task and its corrupted twin as objectives) and why.
+
+    Among ``trials`` (successful, scored on all calibration slices) whose mean clean calibration Dice is within
+    ``tolerance`` of the best mean clean calibration Dice of them all, the one with the best mean corrupted
+    calibration Dice (ties: the better clean Dice, then the earlier trial). It is a member of the Pareto front of
+    ``trials``: a trial dominating it would be as clean, so eligible, and at least as robust.
+
+    Raises:
+        ValueError: no trials.
+    """
+    if not trials:
+        raise ValueError("no trials to select from")
+    means = [clean_and_corrupted(t.dice) for t in trials]
+    best_clean = max(c for c, _ in means)
+    eligible = [i for i, (c, _) in enumerate(means) if c >= best_clean - tolerance]
+    i = max(eligible, key=lambda j: (means[j][1], means[j][0], -j))
+    why = (f"robust: the best mean corrupted calibration Dice ({means[i][1]:.4f}) among the configurations within "
+           f"{tolerance:g} of the best mean clean calibration Dice ({best_clean:.4f}; this one {means[i][0]:.4f})")
+    return trials[i], why

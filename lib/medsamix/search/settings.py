@@ -24,6 +24,10 @@ class SearchError(MedSAMixError):
     """A search cannot start (bad settings, incompatible output directory)."""
 
 
+ROBUST_TOLERANCE = 0.01
+"""Default :attr:`SearchSettings.robust_tolerance`: a robust search gives up at most this much mean clean
+calibration Dice for corrupted Dice (the issue's bound on clean Dice)."""
+
 COARSE_TOP = 3
 """How many of the coarse stage's best configurations (full budget, distinct) seed the per-group stage."""
 
@@ -70,7 +74,12 @@ class SearchSettings:
             the single model is selected. 1.0 is the one-standard-error rule; 0 (the default) selects the plain best
             calibration Dice. The default is 0 because the rule, measured on the shared sets, lost more than it
             gained (``results/search_quality.md``: it changed 2 of 15 TotalSegmentator selections, +0.001 and
-            -0.157 test Dice). Multi-task searches (MedSAMix-M) always select the Pareto member with the best mean.
+            -0.157 test Dice). Multi-task searches (MedSAMix-M) select the Pareto member with the best mean.
+        robust_tolerance: Selection of a robust search (MedSAMix-M ``--robust``: every task and its corrupted twin
+            as objectives; :mod:`medsamix.search.selection`): the configuration with the best mean corrupted
+            calibration Dice among those whose mean clean calibration Dice is within this much of the best mean
+            clean calibration Dice of the search. The issue's trade-off: clean Dice kept within 0.01, corrupted
+            Dice as high as it goes.
     """
 
     tasks: tuple[str, ...]
@@ -88,12 +97,15 @@ class SearchSettings:
     rounds: int = 0
     ct_windows: tuple[str, ...] = ()
     guard_se: float = 0.0
+    robust_tolerance: float = ROBUST_TOLERANCE
 
     def __post_init__(self) -> None:
         if self.rounds < 0:
             raise SearchError(f"rounds must be >= 0, got {self.rounds}")
         if not self.guard_se >= 0:
             raise SearchError(f"guard_se must be >= 0, got {self.guard_se}")
+        if not 0 <= self.robust_tolerance <= 1:
+            raise SearchError(f"robust_tolerance must lie in [0, 1], got {self.robust_tolerance}")
         for w in self.ct_windows:
             check_window(w, "ct_windows", SearchError)
         for s in (self.preprocessing, *(st for _, st in self.own_styles)):
@@ -126,21 +138,26 @@ class SearchSettings:
             del d["ct_windows"]
         if not self.guard_se:  # the selection rule changes no trial: searches from before it resume
             del d["guard_se"]
+        if self.robust_tolerance == ROBUST_TOLERANCE:  # likewise
+            del d["robust_tolerance"]
         return d
 
 
 def initial_configs(merger: Merger, settings: SearchSettings) -> list[MergeConfig]:
     """The initial design, read from the method registry (:class:`~medsamix.merging.methods.MergeMethod`) for
     the methods of ``settings``: the uniform merges and each method's further ``design`` points (with the base
-    model's style), then every single pool model as each method's ``single`` point with the model's style
-    (:meth:`SearchSettings.design_style`: its own unless the settings fix one), as merge configurations.
+    model's style), then every single pool model once, as the ``single`` point of the first method that expresses
+    it, then each method's ``beyond`` points, with the model's style (:meth:`SearchSettings.design_style`: its own
+    unless the settings fix one), as merge configurations.
 
     A single model is a one-hot linear merge (weight 1 on it, 0 on the others; bit-identical to the model). As a
     point of the continuous weight space it has continuous neighbours, so SMAC's local search around a strong single
-    model proposes small moves away from it rather than only jumps to other methods (as ``pick`` would). Each
-    fine-tuned model also enters as one-hot task arithmetic (scale 1, weight 1 on it, 0 on the others; also
-    bit-identical): its neighbours include moves past the model along its task vector (scale above 1), which
-    linear weights cannot express, and the addition of a little of another model's task vector."""
+    model proposes small moves away from it rather than only jumps to other methods (as ``pick`` would). It enters
+    once: another method's bit-identical point (one-hot task arithmetic at scale 1) would only score the same model
+    again. Each fine-tuned model then enters extrapolated along its own task vector (one-hot task arithmetic at
+    scale :data:`~medsamix.merging.methods.EXTRAPOLATION`): its neighbours include the model itself (scale 1),
+    moves further past it, which linear weights cannot express, and the addition of a little of another model's
+    task vector."""
     g, sep, groups, aliases = settings.granularity, settings.separate, merger.groups, merger.aliases
     base_style = settings.design_style(aliases[0])
     methods = [m for m in REGISTRY.values() if m.name in settings.methods]
@@ -148,28 +165,33 @@ def initial_configs(merger: Merger, settings: SearchSettings) -> list[MergeConfi
                if next(iter(c.groups.values())).method in settings.methods]
     configs += [MergeConfig.uniform(groups, m.name, p, g, sep, base_style) for m in methods for p in m.design]
     window = _design_window(settings)
-    return [c.with_ct_window(window) for c in configs] + [c for _, c in _single_points(merger, settings)]
+    return ([c.with_ct_window(window) for c in configs] + [c for _, c in _single_points(merger, settings)]
+            + [c for _, c in _single_points(merger, settings, beyond=True)])
 
 
 def single_configs(merger: Merger, settings: SearchSettings) -> dict[str, list[MergeConfig]]:
-    """Alias -> the initial-design points that are pool model ``alias`` itself (each method's ``single`` point,
-    bit-identical to the model, with :meth:`SearchSettings.design_style`)."""
+    """Alias -> the initial-design point that is pool model ``alias`` itself (the ``single`` point of the first
+    method expressing it, bit-identical to the model, with :meth:`SearchSettings.design_style`; an empty list for a
+    model no searched method expresses)."""
     out: dict[str, list[MergeConfig]] = {a: [] for a in merger.aliases}
     for alias, config in _single_points(merger, settings):
         out[alias].append(config)
     return out
 
 
-def _single_points(merger: Merger, settings: SearchSettings) -> list[tuple[str, MergeConfig]]:
-    """``(alias, config)`` of every single-model point of the initial design, in design order (method, then
-    alias)."""
+def _single_points(merger: Merger, settings: SearchSettings, beyond: bool = False) -> list[tuple[str, MergeConfig]]:
+    """``(alias, config)`` of the initial design's single-model points, one per model (the first method's that
+    expresses it), or with ``beyond`` every point past a single model; in design order (method, then alias)."""
     g, sep, groups, aliases = settings.granularity, settings.separate, merger.groups, merger.aliases
     window = _design_window(settings)
-    out = []
-    for m in (m for m in REGISTRY.values() if m.name in settings.methods and m.single):
+    out: list[tuple[str, MergeConfig]] = []
+    for m in REGISTRY.values():
+        point = m.beyond if beyond else m.single
+        if m.name not in settings.methods or point is None:
+            continue
         for a in aliases:
-            p = m.single(a, aliases)
-            if p is not None:
+            p = point(a, aliases)
+            if p is not None and (beyond or all(a != b for b, _ in out)):
                 out.append((a, MergeConfig.uniform(groups, m.name, p, g, sep, settings.design_style(a))
                             .with_ct_window(window)))
     return out
