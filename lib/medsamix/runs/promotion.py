@@ -3,7 +3,9 @@ the best single pool model (plus ``min_gain``), each single model scored on the 
 own preprocessing* (as it would be served on its own). The preprocessing style is part of the searched
 configuration (unless the options fix it) and the search's initial design contains every single model with its
 own style, so the guard can only trip on a required gain (``min_gain``) - or, with a fixed style, on a single model
-whose own preprocessing suits the data better; then the run says so and nothing is published.
+whose own preprocessing suits the data better; then the run says so and nothing is published. A robust search's
+model (every task and its corrupted twin as objectives) is compared on mean clean and mean corrupted Dice, as it was
+selected: each single model must be beaten on one of the two.
 """
 
 from __future__ import annotations
