@@ -124,10 +124,10 @@ def main() -> int:
                     help="no search: merge earlier runs' CSVs (and the split lines of the .md beside each) into "
                          "--out, the target checks over all their sets")
     args = ap.parse_args()
-    if args.combine:
-        return combine(args)
     if args.trials_robust is None:
         args.trials_robust = args.trials_multi
+    if args.combine:
+        return combine(args)
     logging.basicConfig(level=logging.WARNING)
     if not args.shared_root.is_dir():
         print(f"error: {args.shared_root} not found: this benchmark needs the shared real-image data", file=sys.stderr)
