@@ -15,10 +15,12 @@ otherwise. ``MEDSAMIX_TEST_NO_NETNS=1`` forces the plain-loopback fallback.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -371,3 +373,32 @@ def test_no_temp_file_of_a_request_outlives_it(pacs, client, source):
     _get_json(pacs, "/datastore/?output=all")
     left = sorted(p.name for p in (pacs["work"] / "state" / "tmp").iterdir())
     assert left == [], left
+
+
+def test_a_pacs_that_went_down_gives_502_naming_it_and_the_server_stays_up(pacs, client, source, tmp_path):
+    """Orthanc gone (its JPEG 2000 decoder crashed once under load in this suite): saving a label, which stores a
+    DICOM SEG in the PACS, and the app info, which counts the PACS's studies, are answered 502 "the PACS did not
+    answer", not 500; the server keeps serving. Stops this module's Orthanc: the last test of the module."""
+    from monailabel.client.client import MONAILabelClientException
+
+    if pacs["kind"] != "hardened":
+        pytest.skip("the hardened server's answer is checked (MONAI Label's own answers 500)")
+    mask = _save_middle_slice_label(pacs, client, source)
+    label = tmp_path / "label.nii.gz"
+    nib.save(nib.Nifti1Image(mask.astype(np.uint8), np.eye(4)), str(label))
+    with contextlib.suppress(Exception):  # Orthanc closes the connection as it shuts down
+        pacs["orthanc"]._request("POST", "/tools/shutdown")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            pacs["orthanc"]._request("GET", "/system")
+        except Exception:
+            break
+        time.sleep(0.5)
+    with pytest.raises(MONAILabelClientException) as err:
+        _call(pacs, client.save_label, source["uid"], str(label), "final", {"label_info": [{"name": "liver"}]})
+    assert "Status: 502" in str(err.value) and "the PACS did not answer" in str(err.value), err.value
+    with pytest.raises(urllib.error.HTTPError) as info:  # MONAI Label's info counts the PACS's studies
+        _get_json(pacs, "/info/")
+    assert info.value.code == 502 and "the PACS did not answer" in json.loads(info.value.read())["detail"]
+    assert "enabled" in _get_json(pacs, "/auth/")  # the server itself is up

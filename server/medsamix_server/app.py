@@ -37,6 +37,7 @@ import os
 import tempfile
 from collections.abc import AsyncIterator
 
+import requests
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -157,6 +158,9 @@ def create_app(config: ServerConfig) -> FastAPI:
 
         if isinstance(e, MONAILabelException):
             return JSONResponse({"detail": str(e.msg)}, status_code=400)
+        if isinstance(e, requests.exceptions.RequestException):  # the DICOMweb datastore's PACS: down or failing
+            logger.warning("PACS request failed on %s %s: %r", request.method, request.url.path, e)
+            return JSONResponse({"detail": f"the PACS did not answer: {type(e).__name__}"}, status_code=502)
         logger.exception("internal error on %s %s", request.method, request.url.path)
         return JSONResponse({"detail": f"internal error ({type(e).__name__}); see the server log"}, status_code=500)
 
