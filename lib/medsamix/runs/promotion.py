@@ -63,11 +63,8 @@ def decide_promotion(merged: Mapping[str, float], singles: Mapping[str, Mapping[
     if is_robust(list(merged)):
         return _robust_promotion(merged, singles, min_gain, tolerance)
 
-    def mean(d: Mapping[str, float]) -> float:
-        return float(sum(d.values()) / len(d)) if d else 0.0
-
-    m = mean(merged)
-    means = {a: mean(d) for a, d in singles.items()}
+    m = _mean(merged)
+    means = {a: _mean(d) for a, d in singles.items()}
     best = max(means, key=lambda a: means[a])
     ok = m >= means[best] + min_gain - tolerance
     gain = f" + required gain {min_gain:g}" if min_gain else ""
@@ -79,6 +76,11 @@ def decide_promotion(merged: Mapping[str, float], singles: Mapping[str, Mapping[
                   f"({means[best]:.4f}, own preprocessing, on the same calibration slices){gain}; the served "
                   "model is unchanged")
     return Promotion(ok, m, best, means[best], {a: dict(d) for a, d in singles.items()}, reason)
+
+
+def _mean(d: Mapping[str, float]) -> float:
+    """Mean Dice over the objectives of ``d`` (0 for none)."""
+    return float(sum(d.values()) / len(d)) if d else 0.0
 
 
 def _robust_promotion(merged: Mapping[str, float], singles: Mapping[str, Mapping[str, float]], min_gain: float,
@@ -96,8 +98,7 @@ def _robust_promotion(merged: Mapping[str, float], singles: Mapping[str, Mapping
     blocking = [a for a, (c, b) in pairs.items()
                 if r_clean < c + min_gain - tolerance and r_bad < b + min_gain - tolerance]
     best = max(pairs, key=lambda a: pairs[a])
-    m = float(sum(merged.values()) / len(merged))
-    best_dice = float(sum(singles[best].values()) / len(singles[best]))
+    m, best_dice = _mean(merged), _mean(singles[best])
     gain = f" by the required gain {min_gain:g}" if min_gain else ""
     what = f"merged calibration Dice clean {r_clean:.4f}, corrupted {r_bad:.4f}"
     if not blocking:
