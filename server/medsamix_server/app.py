@@ -49,7 +49,7 @@ from .auth import Authenticator, UserStore
 from .config import ServerConfig
 from .context import InferQueue, ServerContext, TempJanitor
 from .middleware import GuardMiddleware, is_body_too_large
-from .security import RequestError, remove_tree
+from .security import RequestError, pacs_failed, remove_tree
 from .training import TrainSupervisor
 
 logger = logging.getLogger(__name__)
@@ -160,7 +160,7 @@ def create_app(config: ServerConfig) -> FastAPI:
             return JSONResponse({"detail": str(e.msg)}, status_code=400)
         if isinstance(e, requests.exceptions.RequestException):  # the DICOMweb datastore's PACS: down or failing
             logger.warning("PACS request failed on %s %s: %r", request.method, request.url.path, e)
-            return JSONResponse({"detail": f"the PACS did not answer: {type(e).__name__}"}, status_code=502)
+            return await request_error(request, pacs_failed(e))
         logger.exception("internal error on %s %s", request.method, request.url.path)
         return JSONResponse({"detail": f"internal error ({type(e).__name__}); see the server log"}, status_code=500)
 

@@ -38,6 +38,12 @@ class RequestError(ValueError):
         self.status = status
 
 
+def pacs_failed(e: BaseException) -> RequestError:
+    """The answer to a PACS that is down, slow or failing (the proxy's HTTP client, the DICOMweb datastore's):
+    502 naming the error type, never its text (it may carry the PACS's address or credentials in a URL)."""
+    return RequestError(f"the PACS did not answer: {type(e).__name__}", 502)
+
+
 def safe_name(value: object, what: str) -> str:
     """``value`` if it is a safe id/tag (see the module docstring), else :class:`RequestError` naming ``what``."""
     if not isinstance(value, str) or not value:

@@ -21,7 +21,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, Response, StreamingResponse
 
 from ..context import ANNOTATOR, ctx_of
-from ..security import RequestError, contained
+from ..security import RequestError, contained, pacs_failed
 
 router = APIRouter()
 
@@ -118,7 +118,7 @@ async def proxy(request: Request, op: str, path: str) -> Response:
         upstream = await client.send(client.build_request("GET", url, params=params, headers=headers), stream=True)
     except httpx.HTTPError as e:
         await client.aclose()
-        raise RequestError(f"the PACS did not answer: {type(e).__name__}", 502) from None
+        raise pacs_failed(e) from None
 
     async def body() -> AsyncIterator[bytes]:
         try:
