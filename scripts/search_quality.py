@@ -102,6 +102,11 @@ def main() -> int:
     ap.add_argument("--trials-multi", type=int, default=120, help="per MedSAMix-M search")
     ap.add_argument("--trials-robust", type=int, default=None,
                     help="per MedSAMix-M --robust search (default: --trials-multi; 0: no robust search)")
+    ap.add_argument("--robust-se", type=float, default=SearchSettings.robust_se,
+                    help="MedSAMix-M --robust: standard errors of corrupted gain needed to leave the cleanest "
+                         "configuration (0: the plain tolerance rule)")
+    ap.add_argument("--no-warm-robust", dest="warm_robust", action="store_false",
+                    help="do not start the robust search from clean-only M's selection (--warm-start)")
     ap.add_argument("--rounds", type=int, default=3, help="correction rounds of the interactive test Dice")
     ap.add_argument("--start", choices=["box", "point"], default="box", help="first prompt of the interactive Dice")
     ap.add_argument("--mf-threshold", type=int, default=100,
@@ -193,11 +198,16 @@ def main() -> int:
             if args.trials_robust:
                 runs.append(("medsamix_m_robust", robust_tasks(tasks), with_corrupted(cal_all, args.seed),
                              args.trials_robust))
+            warm: list[MergeConfig] = []
             for variant, objectives, cal, trials in runs:
-                settings = SearchSettings(tasks=objectives, trials=trials, ct_windows=ct_windows_for(cal), **common)
+                settings = SearchSettings(tasks=objectives, trials=trials, ct_windows=ct_windows_for(cal),
+                                          robust_se=args.robust_se, **common)
                 t0 = time.time()
                 folder = work / f"{ts.name}-{'M' if variant == 'medsamix_m' else 'M-robust'}"
-                out = run_merge(pool, cal, [], settings, folder, ts.split, report=False)
+                out = run_merge(pool, cal, [], settings, folder, ts.split, report=False, warm=warm)
+                if variant == "medsamix_m" and args.warm_robust:
+                    warm = [out.result.best.config]  # the robust search starts from clean-only M's selection
+                print(f"{ts.name}: {LABELS[variant]}: {out.result.selection}", flush=True)
                 found[variant] = scorer.config(out.result.best.config, tasks)
                 print(f"{ts.name}: {LABELS[variant]} test mean {_mean(found[variant], tasks):.4f} (corrupted "
                       f"{_mean(found[variant], tasks, 'corrupted'):.4f}) in {time.time() - t0:.0f} s", flush=True)

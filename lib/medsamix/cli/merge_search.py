@@ -38,7 +38,9 @@ from pathlib import Path
 from tqdm import tqdm
 
 from medsamix.cli import SHARED_DATA
-from medsamix.errors import MedSAMixError
+from medsamix.errors import ConfigError, MedSAMixError
+from medsamix.merging.config import MergeConfig
+from medsamix.merging.recipe import Recipe, check_checksums
 from medsamix.data.tasks import read_label_names, training_study_ids
 from medsamix.data.tasksets import datastore_task_set, select_tasks
 from medsamix.runs.options import parse_min_gain
@@ -77,6 +79,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="add the corrupted Dice of every task as an objective (<task>@corrupted: the same slices "
                          "under a seeded suite of noise, blur, motion, bias field and low contrast), so the search "
                          "(ParEGO) trades clean against corrupted Dice; the report gets both rows")
+    ap.add_argument("--warm-start", type=Path, default=None, metavar="RECIPE",
+                    help="recipe.yaml of an earlier search over the same pool and --granularity (e.g. a clean-only "
+                         "MedSAMix-M run before a --robust one): its configuration joins the initial design, so this "
+                         "search scores it and can select it")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--restart", action="store_true", help="discard an incompatible history in --out")
     ap.add_argument("--min-budget", type=int, default=None,
@@ -122,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             raise MedSAMixError(f"--min-budget: {problem}")
         if args.robust:
             cal, test, tasks = with_corrupted(cal, args.seed), with_corrupted(test, args.seed), robust_tasks(tasks)
+        warm = [warm_start(args.warm_start, pool.checksums, args.granularity, args.separate)] if args.warm_start else []
         print(f"data: {ts.name}: {ts.split}", flush=True)
         settings = SearchSettings(tasks=tasks, trials=args.trials, granularity=args.granularity,
                                   separate=args.separate, seed=args.seed, preprocessing=args.preprocessing,
@@ -159,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
                 LocalCluster(n_workers=args.workers, threads_per_worker=1, dashboard_address=None))
         try:
             outcome = run_merge(pool, cal, test, settings, args.out, ts.split, args.restart, progress, client,
-                                min_gain=args.min_gain, on_ready=ready)
+                                min_gain=args.min_gain, on_ready=ready, warm=warm)
         finally:
             if client is not None:
                 client.close()
@@ -179,6 +186,24 @@ def main(argv: list[str] | None = None) -> int:
     if published:
         print(f"published version {published[0]} to {args.publish}")
     return 0
+
+
+def warm_start(path: Path, checksums: dict[str, str], granularity: int, separate: bool) -> MergeConfig:
+    """The configuration of the recipe at ``path`` (with its preprocessing) for a search over the pool with
+    ``checksums`` (alias -> sha256) and this grouping.
+
+    Raises:
+        MedSAMixError: naming the file: unreadable or invalid recipe, other pool models, other grouping.
+    """
+    recipe = Recipe.load(path)  # ConfigError (a MedSAMixError) naming the file and field
+    try:
+        check_checksums(recipe, checksums)
+    except ConfigError as e:
+        raise MedSAMixError(f"--warm-start {path}: {e}") from None
+    if (recipe.merge.granularity, recipe.merge.separate) != (granularity, separate):
+        raise MedSAMixError(f"--warm-start {path}: merge.granularity {recipe.merge.granularity} / separate "
+                            f"{recipe.merge.separate} differ from this search's {granularity} / {separate}")
+    return recipe.config
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from medsamix.atomic import atomic_write
 from medsamix.data.slices import SliceSample
+from medsamix.merging.config import MergeConfig
 from medsamix.merging.merger import Merger
 from medsamix.merging.recipe import ModelRef, Recipe
 from medsamix.models.checkpoint import save_sam_checkpoint
@@ -64,6 +65,7 @@ def run_merge(
     min_gain: float = 0.0,
     device: str = "cpu",
     on_ready: Callable[["MergeOutcome"], None] | None = None,
+    warm: Sequence[MergeConfig] = (),
 ) -> MergeOutcome:
     """Run (or resume) a search into ``out_dir`` and write its recipe, merged checkpoint and history there.
 
@@ -84,6 +86,8 @@ def run_merge(
         device: Where merging and scoring run ("cpu", "cuda", "cuda:1" ...); the outcome's state dict is on the CPU.
         on_ready: Called with the outcome once recipe, checkpoint and history are written and before the report
             (which can take long: it scores every reference model on the test slices), e.g. to publish.
+        warm: Configurations of an earlier search to start from (:func:`~medsamix.search.search.run_search`),
+            e.g. a clean-only search's selection before a robust search.
 
     Returns:
         The outcome; ``recipe.yaml``, ``merged.pth`` and ``history.csv`` are in ``out_dir`` (each written
@@ -97,13 +101,14 @@ def run_merge(
     out_dir = Path(out_dir)
     with RunLock(out_dir):  # one process per run folder, for the whole run (a second one fails at once)
         return _run_merge(pool, calibration, test, settings, out_dir, split, restart, on_trial, client, report,
-                          min_gain, device, on_ready)
+                          min_gain, device, on_ready, warm)
 
 
 def _run_merge(pool: ModelPool, calibration: Sequence[SliceSample], test: Sequence[SliceSample],
                settings: SearchSettings, out_dir: Path, split: str, restart: bool,
                on_trial: Callable[[Trial, int], None] | None, client: Any | None, report: bool, min_gain: float,
-               device: str, on_ready: Callable[["MergeOutcome"], None] | None) -> MergeOutcome:
+               device: str, on_ready: Callable[["MergeOutcome"], None] | None,
+               warm: Sequence[MergeConfig] = ()) -> MergeOutcome:
     """:func:`run_merge` with the run folder's lock held."""
     merger = Merger(pool, settings.granularity, settings.separate, device)
     evaluator = Evaluator(list(calibration), device=device, rounds=settings.rounds)
@@ -120,7 +125,7 @@ def _run_merge(pool: ModelPool, calibration: Sequence[SliceSample], test: Sequen
         finally:
             checkpoint_search_state(out_dir, done)
 
-    result = run_search(merger, evaluator, settings, out_dir, context, restart, after_trial, client)
+    result = run_search(merger, evaluator, settings, out_dir, context, restart, after_trial, client, warm)
     best = result.best.config
     test_ev = Evaluator(list(test), device=device, rounds=settings.rounds) if test else None
     test_dice = score(merger, test_ev, best, settings.tasks) if test_ev else {}

@@ -48,11 +48,12 @@ from typing import Any
 
 from ConfigSpace import Configuration
 
+from medsamix.errors import MedSAMixError
 from medsamix.merging.config import MergeConfig
 from medsamix.merging.merger import Merger
 from medsamix.search.evaluate import Evaluator
 from medsamix.search.execution import LocalExecution, execution, preprocessor, run_trial, score
-from medsamix.search.selection import guard, is_robust, robust_choice
+from medsamix.search.selection import guard, is_robust, robust_selection
 from medsamix.search.settings import (
     COARSE_TOP,
     SearchError,
@@ -114,6 +115,7 @@ def run_search(
     restart: bool = False,
     on_trial: Callable[[Trial, int], None] | None = None,
     client: Any | None = None,
+    warm: Sequence[MergeConfig] = (),
 ) -> SearchResult:
     """Run (or resume) a search and return its result.
 
@@ -127,10 +129,15 @@ def run_search(
         on_trial: Called after every trial with the trial and the number of trials done.
         client: A ``distributed.Client``: trials then run in parallel on its workers (one per worker at a time);
             each worker loads the pool and builds its merger and evaluator once. ``None`` runs them here.
+        warm: Configurations of an earlier search over the same pool and grouping (a warm start, e.g. the
+            selection of a clean-only MedSAMix-M search before a robust one): they join the per-group stage's
+            initial design, after the coarse stage's best, so this search scores them and can select them. Part of
+            the resume check.
 
     Raises:
-        SearchError: unknown task, a task without calibration slices, or an output directory holding a search
-            with other settings (and not ``restart``).
+        SearchError: unknown task, a task without calibration slices, a warm-start configuration that is not in
+            this search's space, or an output directory holding a search with other settings (and not
+            ``restart``).
     """
     started = time.perf_counter()
     if (merger.granularity, merger.separate) != (settings.granularity, settings.separate):
@@ -155,9 +162,25 @@ def run_search(
     if not 0 <= settings.coarse_share < 1:
         raise SearchError(f"coarse_share must lie in [0, 1), got {settings.coarse_share}")
     n_coarse = coarse_trials(settings.trials, settings.coarse_share, n_initial)
+    warm = _distinct(warm)
+    if warm:
+        space = build_space(merger.groups, merger.aliases, settings.methods, seed=settings.seed,
+                            styles=settings.searched_styles, windows=settings.ct_windows)
+        for i, c in enumerate(warm, 1):
+            if (c.granularity, c.separate) != (settings.granularity, settings.separate):
+                raise SearchError(f"warm-start configuration {i} has granularity {c.granularity} / separate "
+                                  f"{c.separate}; this search {settings.granularity} / {settings.separate}")
+            try:
+                c.validate(merger.groups, merger.aliases)
+                from_merge_config(space, c, merger.aliases)
+            except (MedSAMixError, ValueError, KeyError) as e:
+                raise SearchError(f"warm-start configuration {i} is not in this search's space: {e}") from None
+    context = dict(context or {})
+    if warm:
+        context["warm_start"] = [c.fingerprint() for c in warm]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    key = settings_key(settings, context or {})
+    key = settings_key(settings, context)
     stamp = out_dir / "search_settings.json"
     overwrite = False
     if stamp.exists():
@@ -167,7 +190,7 @@ def run_search(
                 raise SearchError(f"{out_dir} holds a search with other settings or data ({old.get('settings')}); "
                                   "use another output directory or restart to discard it")
             overwrite = True
-    stamp.write_text(json.dumps({"key": key, "settings": settings.to_dict(), "context": context or {}},
+    stamp.write_text(json.dumps({"key": key, "settings": settings.to_dict(), "context": context},
                                 indent=2, default=str))
 
     runner = _Runner(merger, evaluator, settings, out_dir / "smac", overwrite, on_trial,
@@ -176,7 +199,7 @@ def run_search(
     if n_coarse:
         runner.stage("coarse", component_tie(merger.groups), n_coarse, design)
         seeds = _best_distinct([t for t in runner.trials if t.stage == "coarse"], COARSE_TOP) or design
-    runner.stage("groups", None, settings.trials - n_coarse, seeds)
+    runner.stage("groups", None, settings.trials - n_coarse, _distinct([*seeds, *warm]))
     trials = runner.trials
     ok = [t for t in trials if t.status == "ok" and t.budget is None]
     if settings.min_budget is not None:
@@ -199,7 +222,7 @@ def run_search(
     passes = evaluator.encoder_passes + runner.executor.remote_passes  # the trials' (the guard's rescoring not counted)
     selection = "the Pareto member with the best mean calibration Dice" if settings.multi else "best calibration Dice"
     if settings.multi and is_robust(settings.tasks):
-        best, selection = robust_choice(ok, settings.robust_tolerance)
+        best, selection = robust_selection(merger, evaluator, settings, ok)
     if not settings.multi and settings.guard_se > 0:
         g = guard(merger, evaluator, settings, best.config)
         selection = g.reason(settings.guard_se)
@@ -287,6 +310,14 @@ class _Runner:
             return info, config, _budget(info.budget, full)
 
         self.executor.run(next_job, record, n_trials - (len(self.trials) - first))
+
+
+def _distinct(configs: Sequence[MergeConfig]) -> list[MergeConfig]:
+    """``configs`` without repeats (same fingerprint), in order of first appearance."""
+    out: dict[str, MergeConfig] = {}
+    for c in configs:
+        out.setdefault(c.fingerprint(), c)
+    return list(out.values())
 
 
 def _best_distinct(trials: Sequence[Trial], k: int) -> list[MergeConfig]:

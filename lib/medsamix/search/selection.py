@@ -1,5 +1,6 @@
 """Selection of a search's configuration: a single-task search's guarded against the winner's curse
-(:func:`guard`), a robust search's by corrupted Dice within a bound on clean Dice (:func:`robust_choice`).
+(:func:`guard`), a robust search's by corrupted Dice within a bound on clean Dice (:func:`robust_choice`), guarded
+the same way (:func:`robust_selection`).
 
 A search keeps the configuration with the best mean calibration Dice. On a small calibration set (one volume split
 into slabs: a handful of slices) that maximum over tens of configurations is biased upward: a merge that beats the
@@ -106,6 +107,16 @@ class Scored(Protocol):
 T = TypeVar("T", bound=Scored)
 
 
+class ScoredConfig(Scored, Protocol):
+    """A scored merge configuration (a search's trial)."""
+
+    @property
+    def config(self) -> MergeConfig: ...
+
+
+TC = TypeVar("TC", bound=ScoredConfig)
+
+
 def is_robust(objectives: Sequence[str]) -> bool:
     """Whether a multi-task search's objectives hold corrupted twins (``<task>@corrupted``): a robust search."""
     return any(o.endswith(CORRUPTED) for o in objectives)
@@ -138,3 +149,54 @@ def robust_choice(trials: Sequence[T], tolerance: float) -> tuple[T, str]:
     why = (f"robust: the best mean corrupted calibration Dice ({means[i][1]:.4f}) among the configurations within "
            f"{tolerance:g} of the best mean clean calibration Dice ({best_clean:.4f}; this one {means[i][0]:.4f})")
     return trials[i], why
+
+
+def task_mean_gain(chosen: np.ndarray, other: np.ndarray, tasks: Sequence[str]) -> tuple[float, float]:
+    """Mean over tasks of the per-task mean of ``chosen - other`` (per-slice Dice ``(n,)`` on the same slices,
+    ``tasks[i]`` the task of slice ``i``) and its standard error (stratified by task: the square root of the sum of
+    each task's squared standard error, divided by the number of tasks; ``inf`` when a task has one slice).
+
+    The mean equals the difference of the two models' mean task Dice, the quantity a robust search selects on."""
+    d = np.asarray(chosen, dtype=np.float64) - np.asarray(other, dtype=np.float64)
+    names = sorted(set(tasks))
+    if not names:
+        return 0.0, math.inf
+    where = np.asarray(tasks)
+    means, variances = [], []
+    for t in names:
+        x = d[where == t]
+        means.append(float(x.mean()))
+        variances.append(float(x.var(ddof=1)) / x.size if x.size > 1 else math.inf)
+    return float(np.mean(means)), math.sqrt(sum(variances)) / len(names)
+
+
+def robust_selection(merger: Merger, evaluator: Evaluator, settings: SearchSettings,
+                     trials: Sequence[TC]) -> tuple[TC, str]:
+    """The selection of a robust search among ``trials`` (successful, on all calibration slices of ``evaluator``,
+    which holds every task and its corrupted twin) and why.
+
+    :func:`robust_choice` with ``settings.robust_tolerance`` proposes a configuration. The configuration with the
+    best mean clean calibration Dice (the first among equals) is kept instead unless the proposal's mean corrupted
+    calibration Dice gain over it, paired per slice and stratified by task (:func:`task_mean_gain`, both scored
+    again here), is positive and at least ``settings.robust_se`` standard errors. With a handful of calibration
+    slices per task the largest corrupted Dice of tens of configurations is biased upward, as the largest clean
+    Dice is; this keeps the search's cleanest configuration unless the robustness bought with clean Dice is beyond
+    that noise. ``robust_se`` 0: the proposal.
+
+    Raises:
+        ValueError: no trials.
+    """
+    proposal, why = robust_choice(trials, settings.robust_tolerance)
+    cleanest = max(trials, key=lambda t: clean_and_corrupted(t.dice)[0])  # max keeps the first among equals
+    if settings.robust_se <= 0 or proposal is cleanest:
+        return proposal, why
+    idx = [i for i, s in enumerate(evaluator.samples) if s.task.name.endswith(CORRUPTED)]
+    names = [evaluator.samples[i].task.name for i in idx]
+    per = [evaluate_config(merger, evaluator, t.config, idx).per_sample[idx] for t in (proposal, cleanest)]
+    gain, se = task_mean_gain(per[0], per[1], names)
+    what = (f"corrupted calibration gain {gain:+.4f} over the cleanest configuration (mean clean "
+            f"{clean_and_corrupted(cleanest.dice)[0]:.4f}), standard error {se:.4f} on {len(idx)} slices")
+    if gain > 0 and gain >= settings.robust_se * se:
+        return proposal, f"{why}; kept: {what} (required: >= {settings.robust_se:g} SE)"
+    return cleanest, (f"robust: the best mean clean calibration Dice kept; the proposal ({why}) had a {what}, "
+                      f"less than {settings.robust_se:g} SE (or not positive)")

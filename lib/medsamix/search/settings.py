@@ -28,6 +28,10 @@ ROBUST_TOLERANCE = 0.01
 """Default :attr:`SearchSettings.robust_tolerance`: a robust search gives up at most this much mean clean
 calibration Dice for corrupted Dice (the issue's bound on clean Dice)."""
 
+ROBUST_SE = 1.0
+"""Default :attr:`SearchSettings.robust_se`: a robust search leaves its cleanest configuration for a more robust
+one only when the corrupted-Dice gain is at least one standard error (the one-standard-error rule)."""
+
 COARSE_TOP = 3
 """How many of the coarse stage's best configurations (full budget, distinct) seed the per-group stage."""
 
@@ -80,6 +84,10 @@ class SearchSettings:
             calibration Dice among those whose mean clean calibration Dice is within this much of the best mean
             clean calibration Dice of the search. The issue's trade-off: clean Dice kept within 0.01, corrupted
             Dice as high as it goes.
+        robust_se: The same selection guarded against the winner's curse: the configuration with the best mean
+            clean calibration Dice is left for the one above only when that one's corrupted calibration Dice gain
+            over it (per task, paired on the same slices) is at least this many standard errors of the gain
+            (:func:`~medsamix.search.selection.robust_selection`); 0: the plain rule above.
     """
 
     tasks: tuple[str, ...]
@@ -98,12 +106,15 @@ class SearchSettings:
     ct_windows: tuple[str, ...] = ()
     guard_se: float = 0.0
     robust_tolerance: float = ROBUST_TOLERANCE
+    robust_se: float = ROBUST_SE
 
     def __post_init__(self) -> None:
         if self.rounds < 0:
             raise SearchError(f"rounds must be >= 0, got {self.rounds}")
         if not self.guard_se >= 0:
             raise SearchError(f"guard_se must be >= 0, got {self.guard_se}")
+        if not self.robust_se >= 0:
+            raise SearchError(f"robust_se must be >= 0, got {self.robust_se}")
         if not 0 <= self.robust_tolerance <= 1:
             raise SearchError(f"robust_tolerance must lie in [0, 1], got {self.robust_tolerance}")
         for w in self.ct_windows:
@@ -140,6 +151,8 @@ class SearchSettings:
             del d["guard_se"]
         if self.robust_tolerance == ROBUST_TOLERANCE:  # likewise
             del d["robust_tolerance"]
+        if self.robust_se == ROBUST_SE:  # likewise
+            del d["robust_se"]
         return d
 
 
