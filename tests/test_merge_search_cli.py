@@ -71,6 +71,32 @@ def test_unknown_task_is_a_clear_error(datastore, tmp_path):
     assert "unknown task(s) ['liver']" in res.stderr and "label_1" in res.stderr
 
 
+def test_warm_start_scores_an_earlier_recipe_and_refuses_a_mismatched_one(datastore, tmp_path):
+    first = tmp_path / "first"
+    base = ("--studies", str(datastore), "--task", "label_1", "--preprocessing", "sam")
+    assert run(*base, "--trials", "10", "--out", str(first)).returncode == 0
+    earlier = Recipe.load(first / "recipe.yaml")
+    res = run(*base, "--trials", "11", "--warm-start", str(first / "recipe.yaml"), "--out", str(tmp_path / "warm"))
+    assert res.returncode == 0, res.stderr[-2000:]
+    warm = Recipe.load(tmp_path / "warm" / "recipe.yaml")
+    # the earlier selection was scored on the same calibration slices: the new one is at least as good
+    assert warm.scores["calibration_dice"]["label_1"] >= earlier.scores["calibration_dice"]["label_1"]
+    rows = (tmp_path / "warm" / "history.csv").read_text().splitlines()[1:]
+    assert len(rows) == 11 and f",{earlier.scores['calibration_dice']['label_1']:.4f}," in "".join(rows)
+    stamp = json.loads((tmp_path / "warm" / "search_settings.json").read_text())
+    assert stamp["context"]["warm_start"] == [earlier.config.fingerprint()]  # what the search was seeded with
+    coarse = run(*base, "--trials", "11", "--granularity", "1", "--warm-start", str(first / "recipe.yaml"),
+                 "--out", str(tmp_path / "g1"))
+    assert coarse.returncode == 2 and f"--warm-start {first / 'recipe.yaml'}: merge.granularity 2" in coarse.stderr
+    missing = run(*base, "--warm-start", str(tmp_path / "nope.yaml"), "--out", str(tmp_path / "m"))
+    assert missing.returncode == 2 and f"{tmp_path / 'nope.yaml'}: no such recipe file" in missing.stderr
+    other = tmp_path / "other.yaml"
+    other.write_text((first / "recipe.yaml").read_text().replace(earlier.base.sha256, "a" * 64))
+    res = run(*base, "--warm-start", str(other), "--out", str(tmp_path / "o"))
+    assert res.returncode == 2 and f"--warm-start {other}: checkpoint checksums differ" in res.stderr
+    assert not any((tmp_path / n).exists() for n in ("g1", "m", "o"))
+
+
 def test_one_labelled_study_is_searched_on_a_slab_split(tmp_path):
     one = make_datastore(tmp_path / "one", n=2, labelled=1)
     out = tmp_path / "run"

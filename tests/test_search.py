@@ -250,6 +250,41 @@ def test_interrupted_search_resumes_without_losing_trials(merger, evaluator, tmp
 
 
 
+def test_a_moved_run_folder_resumes_and_a_foreign_smac_state_is_refused_without_a_prompt(merger, evaluator,
+                                                                                         tmp_path, monkeypatch):
+    """SMAC keeps its folder's absolute path in scenario.json and asks on stdin when it differs: a moved (or
+    restored) run folder must resume instead, and a state of another search must be refused with a reason."""
+    import shutil
+
+    def no_prompt(*args):  # noqa: ANN002
+        raise AssertionError("SMAC asked on stdin")
+
+    monkeypatch.setattr("builtins.input", no_prompt)
+    settings = SearchSettings(tasks=("a", "b"), trials=16, granularity=2, seed=1)  # a coarse and a per-group stage
+
+    class Stop(Exception):
+        pass
+
+    def interrupt(trial, n):
+        if n == 13:
+            raise Stop
+
+    with pytest.raises(Stop):
+        run_search(merger, evaluator, settings, tmp_path / "here", on_trial=interrupt)
+    shutil.move(tmp_path / "here", tmp_path / "there")
+    seen = []
+    result = run_search(merger, evaluator, settings, tmp_path / "there", on_trial=lambda t, n: seen.append(n))
+    assert seen == [14, 15, 16] and len(result.trials) == 16  # resumed: the 13 trials were kept, 3 added
+    full = run_search(merger, evaluator, settings, tmp_path / "straight")
+    assert [t.config.to_dict() for t in result.trials] == [t.config.to_dict() for t in full.trials]
+    saved = json.loads((tmp_path / "there" / "smac" / "medsamix" / "1" / "scenario.json").read_text())
+    assert saved["output_directory"] == str(tmp_path / "there" / "smac" / "medsamix" / "1")
+    scenario = tmp_path / "there" / "smac" / "coarse" / "1" / "scenario.json"
+    scenario.write_text(scenario.read_text().replace('"deterministic": true', '"deterministic": false'))
+    with pytest.raises(SearchError, match="SMAC's saved state is of another search .differs in deterministic"):
+        run_search(merger, evaluator, settings, tmp_path / "there")
+
+
 def test_crashed_trials_are_recorded_and_the_search_goes_on(merger, evaluator, tmp_path):
     """A trial whose merge is non-finite or whose scoring raises (out of memory) is told to SMAC as crashed, kept in
     the history (also after a resume) and never selected; the search runs its full number of trials."""
@@ -339,6 +374,44 @@ def test_coarse_stage_runs_first_and_seeds_the_per_group_stage(merger, evaluator
     for bad in (-0.1, 1.0):
         with pytest.raises(SearchError, match="coarse_share must lie in"):
             run_search(merger, evaluator, dataclasses.replace(settings, coarse_share=bad), tmp_path / "bad")
+
+
+def test_warm_start_configurations_are_scored_in_the_per_group_stage_and_can_be_selected(merger, evaluator,
+                                                                                          tmp_path):
+    """A configuration of an earlier search joins the per-group stage's initial design right after the coarse
+    stage's best: scored with the same Dice as on its own, selectable, part of the resume key, checked first."""
+    settings = SearchSettings(tasks=("a",), trials=16, granularity=2, seed=2, coarse_share=0.7)  # 11 coarse trials
+    rng = random.Random(4)
+    fine = build_space(merger.groups, merger.aliases)
+    warm = to_merge_config(from_merge_config(fine, MergeConfig.random(merger.groups, merger.aliases, rng, 2),
+                                             merger.aliases),
+                           merger.groups, merger.aliases, 2).with_preprocessing("sam")  # a per-group point
+    result = run_search(merger, evaluator, settings, tmp_path / "w", warm=[warm, warm])  # a repeat enters once
+    groups = [t for t in result.trials if t.stage == "groups"]
+    assert len(result.trials) == 16 and len(groups) == 5
+    point = dict(from_merge_config(fine, warm, merger.aliases))
+    mine = [t for t in groups[:COARSE_TOP + 1] if dict(from_merge_config(fine, t.config, merger.aliases)) == point]
+    assert len(mine) == 1 and mine[0].dice == pytest.approx(score(merger, evaluator, warm, ["a"]))
+    assert result.best.mean_dice == max(t.mean_dice for t in result.trials if t.status == "ok")
+    assert len(run_search(merger, evaluator, settings, tmp_path / "w", warm=[warm]).trials) == 16  # resumed
+    with pytest.raises(SearchError, match="other settings"):  # without it, it is another search
+        run_search(merger, evaluator, settings, tmp_path / "w")
+    one = MergeConfig.uniform(group_parameters_of(merger, 1), "linear", {}, 1, False, "sam")
+    with pytest.raises(SearchError, match="warm-start configuration 1 has granularity 1"):
+        run_search(merger, evaluator, settings, tmp_path / "bad", warm=[one])
+    outside = dataclasses.replace(warm, groups={**warm.groups, next(iter(warm.groups)): GroupSetting(
+        "task_arithmetic", {"scale": 99.0})})
+    with pytest.raises(SearchError, match="not in this search's space"):
+        run_search(merger, evaluator, settings, tmp_path / "bad", warm=[outside])
+    with pytest.raises(SearchError, match="too few trials for the 1 warm-start configuration.*gets 3 of the 13"):
+        run_search(merger, evaluator, dataclasses.replace(settings, trials=13), tmp_path / "bad", warm=[warm])
+    assert not (tmp_path / "bad").exists()  # refused before anything is written
+
+
+def group_parameters_of(merger, granularity):
+    from medsamix.merging.groups import group_parameters
+
+    return group_parameters([n for n, _ in merger.model.named_parameters()], granularity, False)
 
 
 def test_coarse_trials_leave_room_for_the_initial_design_and_the_per_group_stage():

@@ -3,6 +3,7 @@ choice of a robust search, and the promotion of a robust search's model."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -12,8 +13,16 @@ from medsamix.runs.promotion import decide_promotion, single_model_scores
 from medsamix.search.corruptions import robust_tasks, with_corrupted
 from medsamix.search.evaluate import Evaluator
 from medsamix.search.search import SearchError, SearchSettings, run_search, score
-from medsamix.search.selection import clean_and_corrupted, guard, is_robust, paired_gain, robust_choice
-from medsamix.search.settings import single_configs
+from medsamix.search.selection import (
+    clean_and_corrupted,
+    guard,
+    is_robust,
+    paired_gain,
+    robust_choice,
+    robust_selection,
+    task_mean_gain,
+)
+from medsamix.search.settings import initial_configs, single_configs
 from test_search import evaluator, merger  # noqa: F401 - pytest fixtures
 
 
@@ -106,17 +115,75 @@ def test_robust_choice_only_for_corrupted_objectives_and_the_tolerance_is_checke
     assert SearchSettings(tasks=("a",), robust_tolerance=0.02).to_dict()["robust_tolerance"] == 0.02
     with pytest.raises(SearchError, match="robust_tolerance"):
         SearchSettings(tasks=("a",), robust_tolerance=-0.1)
+    assert SearchSettings(tasks=("a",)).robust_se == 1.0 and "robust_se" not in SearchSettings(tasks=("a",)).to_dict()
+    assert SearchSettings(tasks=("a",), robust_se=0).to_dict()["robust_se"] == 0
+    with pytest.raises(SearchError, match="robust_se"):
+        SearchSettings(tasks=("a",), robust_se=float("nan"))
 
 
-def test_robust_search_selects_by_robust_choice(merger, evaluator, tmp_path):  # noqa: F811
+@pytest.mark.parametrize("z", [0.0, 1e9])
+def test_robust_search_selects_by_robust_choice_guarded_by_z(merger, evaluator, tmp_path, z):  # noqa: F811
     corrupted = Evaluator(with_corrupted(evaluator.samples, 0))
-    settings = SearchSettings(tasks=robust_tasks(("a", "b")), trials=14, granularity=2, seed=0)
+    settings = SearchSettings(tasks=robust_tasks(("a", "b")), trials=14, granularity=2, seed=0, robust_se=z)
     result = run_search(merger, corrupted, settings, tmp_path / "r")
     ok = [t for t in result.trials if t.status == "ok" and t.budget is None]
-    assert result.best is robust_choice(ok, 0.01)[0] and result.selection.startswith("robust:")
+    proposal = robust_choice(ok, 0.01)[0]
+    cleanest = max(ok, key=lambda t: clean_and_corrupted(t.dice)[0])
+    # z = 0: the plain rule; no gain is 1e9 standard errors: the cleanest configuration is kept
+    assert result.best is (proposal if z == 0 else cleanest) and result.selection.startswith("robust:")
+    if z and proposal is not cleanest:
+        assert "the best mean clean calibration Dice kept" in result.selection
     assert result.best in result.pareto
     promotion = decide_promotion(result.best.dice, single_model_scores(merger, corrupted, settings))
     assert promotion.promote, promotion.reason  # every single model is in the design: the guard does not trip
+
+
+def test_task_mean_gain_is_the_difference_of_task_means_with_a_stratified_standard_error():
+    rng = np.random.default_rng(5)
+    tasks = ["a"] * 4 + ["b"] * 7
+    x, y = rng.uniform(0, 1, 11), rng.uniform(0, 1, 11)
+    gain, se = task_mean_gain(x, y, tasks)
+    mean = lambda v, t: np.mean([v[i] for i in range(11) if tasks[i] == t])  # noqa: E731
+    assert gain == pytest.approx(((mean(x, "a") + mean(x, "b")) - (mean(y, "a") + mean(y, "b"))) / 2)
+    d = x - y
+    var = sum(np.var(d[np.array(tasks) == t], ddof=1) / tasks.count(t) for t in "ab")
+    assert se == pytest.approx(math.sqrt(var) / 2)
+    assert task_mean_gain(x[:5], y[:5], ["a"] * 4 + ["b"])[1] == math.inf  # a task with one slice: no evidence
+
+
+def test_robust_selection_leaves_the_cleanest_only_for_a_gain_beyond_noise(merger, evaluator):  # noqa: F811
+    """Two real configurations of the initial design: X recorded as the cleanest, Y as the more robust within the
+    tolerance. Y is kept exactly when its corrupted gain over X, scored again per slice, is positive and at least
+    robust_se standard errors."""
+    corrupted = Evaluator(with_corrupted(evaluator.samples, 0))
+    settings = SearchSettings(tasks=robust_tasks(("a", "b")), granularity=2)
+    real = {c.fingerprint(): (c, score(merger, corrupted, c, settings.tasks)) for c in initial_configs(merger, settings)}
+    ranked = sorted(real.values(), key=lambda cd: clean_and_corrupted(cd[1])[1])
+    (x, x_dice), (y, y_dice) = ranked[0], ranked[-1]  # the least and the most robust
+    assert clean_and_corrupted(y_dice)[1] > clean_and_corrupted(x_dice)[1]
+    recorded = [_Trial(x, {**x_dice, **{t: 0.9 for t in ("a", "b")}}),
+                _Trial(y, {**y_dice, **{t: 0.895 for t in ("a", "b")}})]  # X the cleanest, Y within 0.01
+    idx = [i for i, s in enumerate(corrupted.samples) if s.task.name.endswith("@corrupted")]
+    names = [corrupted.samples[i].task.name for i in idx]
+    gain, se = task_mean_gain(*(score_per_slice(merger, corrupted, c, idx) for c in (y, x)), names)
+    assert gain == pytest.approx(clean_and_corrupted(y_dice)[1] - clean_and_corrupted(x_dice)[1]) and 0 < se < 1
+    for z in (0.0, 0.5 * gain / se, 0.99 * gain / se, 1.01 * gain / se, 1e9):
+        chosen, why = robust_selection(merger, corrupted, dataclasses.replace(settings, robust_se=z), recorded)
+        assert chosen is recorded[1 if z < gain / se else 0], (z, gain, se, why)
+        if z:
+            assert f"{gain:+.4f}" in why and f"{se:.4f}" in why
+    assert robust_selection(merger, corrupted, settings, recorded[:1])[0] is recorded[0]
+
+
+class _Trial:
+    def __init__(self, config, dice: dict[str, float]) -> None:  # noqa: ANN001
+        self.config, self.dice = config, dice
+
+
+def score_per_slice(merger, evaluator, config, idx):  # noqa: ANN001, ANN201, F811
+    from medsamix.search.execution import evaluate_config
+
+    return evaluate_config(merger, evaluator, config, idx).per_sample[idx]
 
 
 def test_robust_promotion_needs_each_single_model_beaten_on_clean_or_corrupted_dice():

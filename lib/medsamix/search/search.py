@@ -48,6 +48,7 @@ from typing import Any
 
 from ConfigSpace import Configuration
 
+from medsamix.atomic import atomic_write_text
 from medsamix.errors import MedSAMixError
 from medsamix.merging.config import MergeConfig
 from medsamix.merging.merger import Merger
@@ -163,6 +164,12 @@ def run_search(
         raise SearchError(f"coarse_share must lie in [0, 1), got {settings.coarse_share}")
     n_coarse = coarse_trials(settings.trials, settings.coarse_share, n_initial)
     warm = _distinct(warm)
+    ahead = COARSE_TOP if n_coarse else n_initial  # the per-group stage's design before them (at most)
+    if warm and settings.trials - n_coarse < ahead + len(warm):
+        raise SearchError(f"too few trials for the {len(warm)} warm-start configuration(s): the per-group stage "
+                          f"gets {settings.trials - n_coarse} of the {settings.trials} trials and needs "
+                          f"{ahead + len(warm)} (the {'coarse stage best' if n_coarse else 'initial design'}, "
+                          f"{ahead}, then them); raise trials or lower coarse_share")
     if warm:
         space = build_space(merger.groups, merger.aliases, settings.methods, seed=settings.seed,
                             styles=settings.searched_styles, windows=settings.ct_windows)
@@ -279,6 +286,8 @@ class _Runner:
         intensifier = (MF.get_intensifier(scenario, eta=settings.eta) if settings.min_budget is not None
                        else HPO.get_intensifier(scenario, max_config_calls=1))
         target = _unused_target_mf if settings.min_budget is not None else _unused_target
+        if not self.overwrite:
+            _check_saved_scenario(scenario)
         smac = facade(scenario, target, initial_design=design, overwrite=self.overwrite, logging_level=False,
                       intensifier=intensifier, **extra)
         mo = smac.meta.get("multi_objective_algorithm")
@@ -310,6 +319,39 @@ class _Runner:
             return info, config, _budget(info.budget, full)
 
         self.executor.run(next_job, record, n_trials - (len(self.trials) - first))
+
+
+def _check_saved_scenario(scenario: Any) -> None:
+    """Make SMAC resume the state saved where ``scenario`` (a ``smac.Scenario``) keeps it, or refuse clearly.
+
+    SMAC compares the saved ``scenario.json`` with the new scenario, its absolute output directory included, and on
+    any difference asks on standard input whether to overwrite (a train task on a server would wait for an answer
+    nobody gives, or fail with ``EOFError``). A run folder that was moved or restored elsewhere is the same search
+    (:func:`run_search` has checked the settings key): its saved scenario is pointed at the new place (the only
+    file of SMAC's state that holds the path). Any other difference is refused here.
+
+    Raises:
+        SearchError: the saved scenario differs in more than its place.
+    """
+    from smac import Scenario
+
+    saved = Path(scenario.output_directory) / "scenario.json"
+    if not saved.is_file():
+        return
+    try:
+        old = json.loads(saved.read_text())
+    except (OSError, ValueError) as e:
+        raise SearchError(f"{saved}: SMAC's saved scenario is unreadable ({e}); restart the search") from None
+    new = Scenario.make_serializable(scenario)
+    here = str(scenario.output_directory)
+    differ = sorted(k for k in set(old) | set(new) if k not in ("_meta", "output_directory") and old.get(k) != new.get(k))
+    if differ:
+        raise SearchError(f"{saved}: SMAC's saved state is of another search (differs in {', '.join(differ)}); "
+                          "restart the search")
+    if old.get("output_directory") != here:
+        log.info("SMAC state moved from %s to %s: resuming it there", old.get("output_directory"), here)
+        old["output_directory"] = here
+        atomic_write_text(saved, json.dumps(old, indent=4))
 
 
 def _distinct(configs: Sequence[MergeConfig]) -> list[MergeConfig]:
