@@ -19,6 +19,9 @@ the first one's pid and start time (``medsamix.runs.lock``). The last line also 
 guard (calibration Dice not below the best single pool model's with its own preprocessing, plus --min-gain), as the
 server's ``merge`` train task decides before publishing (``medsamix.runs.run``).
 
+--warm-start RECIPE seeds the search with the configuration of an earlier run's recipe (same pool and grouping),
+e.g. a --robust search started from the clean-only search of the same tasks.
+
 --publish DIR publishes a promoted merge into the served model folder DIR exactly as the train task does
 (``medsamix.runs.publish.publish_outcome``: ``DIR/versions/<version>/{recipe.yaml,merged.pth}`` and
 ``DIR/current.json``, written atomically; a run already served there is not published twice), e.g.

@@ -8,12 +8,13 @@ One code path serves both variants; they differ only in the objectives handed to
   (random scalarisations of the per-task costs), giving a Pareto front; the selected configuration is the front
   member with the best mean calibration Dice. A robust search (every task and its corrupted twin as objectives)
   selects the front member with the best mean corrupted Dice among those within
-  :attr:`SearchSettings.robust_tolerance` of the best mean clean Dice
-  (:func:`~medsamix.search.selection.robust_choice`).
+  :attr:`SearchSettings.robust_tolerance` of the best mean clean Dice, over the cleanest configuration only for a
+  corrupted gain beyond noise (:func:`~medsamix.search.selection.robust_selection`).
 
 A search has two stages (:attr:`SearchSettings.coarse_share`): a coarse stage over a tied space with one setting
 per model component (:func:`~medsamix.search.space.component_tie`), which holds the initial design, then the
-per-group stage, seeded with the coarse stage's best configurations. Each stage is its own SMAC run (state under
+per-group stage, seeded with the coarse stage's best configurations (and any warm-start configurations of an
+earlier search). Each stage is its own SMAC run (state under
 ``out_dir/smac/coarse`` and ``out_dir/smac/medsamix``); trials are numbered across both.
 
 Trials run through SMAC's ask/tell interface, so every finished trial is written to the output directory at once
