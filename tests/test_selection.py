@@ -157,7 +157,8 @@ def test_robust_selection_leaves_the_cleanest_only_for_a_gain_beyond_noise(merge
     robust_se standard errors."""
     corrupted = Evaluator(with_corrupted(evaluator.samples, 0))
     settings = SearchSettings(tasks=robust_tasks(("a", "b")), granularity=2)
-    real = {c.fingerprint(): (c, score(merger, corrupted, c, settings.tasks)) for c in initial_configs(merger, settings)}
+    real = {c.fingerprint(): (c, score(merger, corrupted, c, settings.tasks))
+            for c in initial_configs(merger, settings)}
     ranked = sorted(real.values(), key=lambda cd: clean_and_corrupted(cd[1])[1])
     (x, x_dice), (y, y_dice) = ranked[0], ranked[-1]  # the least and the most robust
     assert clean_and_corrupted(y_dice)[1] > clean_and_corrupted(x_dice)[1]

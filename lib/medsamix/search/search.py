@@ -345,7 +345,8 @@ def _check_saved_scenario(scenario: Any) -> None:
         raise SearchError(f"{saved}: SMAC's saved scenario is unreadable ({e}); restart the search") from None
     new = Scenario.make_serializable(scenario)
     here = str(scenario.output_directory)
-    differ = sorted(k for k in set(old) | set(new) if k not in ("_meta", "output_directory") and old.get(k) != new.get(k))
+    differ = sorted(k for k in set(old) | set(new)
+                    if k not in ("_meta", "output_directory") and old.get(k) != new.get(k))
     if differ:
         raise SearchError(f"{saved}: SMAC's saved state is of another search (differs in {', '.join(differ)}); "
                           "restart the search")

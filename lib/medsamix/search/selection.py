@@ -66,11 +66,8 @@ class Guard:
 
 
 def paired_gain(chosen: np.ndarray, single: np.ndarray) -> tuple[float, float]:
-    """Mean and standard error of ``chosen - single`` (per-slice Dice ``(n,)`` on the same slices)."""
-    d = np.asarray(chosen, dtype=np.float64) - np.asarray(single, dtype=np.float64)
-    if d.size < 2:
-        return float(d.mean()) if d.size else 0.0, math.inf
-    return float(d.mean()), float(d.std(ddof=1) / math.sqrt(d.size))
+    """Mean and standard error of ``chosen - single`` (per-slice Dice ``(n,)`` on the same slices of one task)."""
+    return task_mean_gain(chosen, single, [""] * len(chosen))
 
 
 def guard(merger: Merger, evaluator: Evaluator, settings: SearchSettings, config: MergeConfig) -> Guard:
