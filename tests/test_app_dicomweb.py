@@ -402,3 +402,6 @@ def test_a_pacs_that_went_down_gives_502_naming_it_and_the_server_stays_up(pacs,
         _get_json(pacs, "/info/")
     assert info.value.code == 502 and "the PACS did not answer" in json.loads(info.value.read())["detail"]
     assert "enabled" in _get_json(pacs, "/auth/")  # the server itself is up
+    # answered, not re-raised: no unhandled-exception traceback in the server log (a failing PACS is not a bug here)
+    log = (pacs["work"] / "server.log").read_text(errors="replace")
+    assert "PACS request failed on PUT /datastore/label" in log and "Exception in ASGI application" not in log

@@ -152,15 +152,23 @@ def create_app(config: ServerConfig) -> FastAPI:
             return JSONResponse({"detail": "request body is over the limit"}, status_code=413)
         return JSONResponse({"detail": e.detail}, status_code=e.status_code, headers=getattr(e, "headers", None))
 
+    # Handlers of specific exception classes run in Starlette's ExceptionMiddleware: the answer is the whole story.
+    # The handler of ``Exception`` runs in ServerErrorMiddleware, which re-raises after answering (uvicorn then
+    # logs "Exception in ASGI application" with a traceback): only for real internal errors.
+    from monailabel.interfaces.exception import MONAILabelException
+
+    @app.exception_handler(MONAILabelException)
+    async def monailabel_error(_: Request, e: MONAILabelException) -> JSONResponse:
+        return JSONResponse({"detail": str(e.msg)}, status_code=400)
+
+    @app.exception_handler(requests.exceptions.RequestException)
+    async def pacs_error(request: Request, e: requests.exceptions.RequestException) -> JSONResponse:
+        # the DICOMweb datastore's PACS: down or failing
+        logger.warning("PACS request failed on %s %s: %r", request.method, request.url.path, e)
+        return await request_error(request, pacs_failed(e))
+
     @app.exception_handler(Exception)
     async def internal_error(request: Request, e: Exception) -> JSONResponse:
-        from monailabel.interfaces.exception import MONAILabelException
-
-        if isinstance(e, MONAILabelException):
-            return JSONResponse({"detail": str(e.msg)}, status_code=400)
-        if isinstance(e, requests.exceptions.RequestException):  # the DICOMweb datastore's PACS: down or failing
-            logger.warning("PACS request failed on %s %s: %r", request.method, request.url.path, e)
-            return await request_error(request, pacs_failed(e))
         logger.exception("internal error on %s %s", request.method, request.url.path)
         return JSONResponse({"detail": f"internal error ({type(e).__name__}); see the server log"}, status_code=500)
 
