@@ -138,6 +138,25 @@ def test_robust_search_selects_by_robust_choice_guarded_by_z(merger, evaluator, 
     assert promotion.promote, promotion.reason  # every single model is in the design: the guard does not trip
 
 
+def test_a_warm_started_robust_search_keeps_the_clean_selection_unless_beaten_beyond_noise(merger, evaluator,
+                                                                                          tmp_path):  # noqa: F811
+    """As a site runs it: a clean-only MedSAMix-M search, then a robust one warm-started from its selection. With
+    no gain ever enough (robust_se 1e9) the robust search returns that selection (or, if its own best clean Dice is
+    more than the tolerance above it, its cleanest configuration)."""
+    clean = run_search(merger, evaluator, SearchSettings(tasks=("a", "b"), trials=14, granularity=2, seed=0),
+                       tmp_path / "m")
+    corrupted = Evaluator(with_corrupted(evaluator.samples, 0))
+    settings = SearchSettings(tasks=robust_tasks(("a", "b")), trials=16, granularity=2, seed=0, robust_se=1e9)
+    robust = run_search(merger, corrupted, settings, tmp_path / "r", warm=[clean.best.config])
+    ok = [t for t in robust.trials if t.status == "ok"]
+    mine = score(merger, corrupted, clean.best.config, settings.tasks)
+    assert clean_and_corrupted(mine)[0] >= max(clean_and_corrupted(t.dice)[0] for t in ok) - 0.01  # eligible here
+    assert robust.best.dice == pytest.approx(mine)  # the clean-only selection itself
+    proposal = robust_choice(ok, 0.01)[0]
+    assert (robust.selection.startswith("robust: the warm-start configuration kept") if proposal.dice != mine
+            else robust.selection == robust_choice(ok, 0.01)[1])
+
+
 def test_task_mean_gain_is_the_difference_of_task_means_with_a_stratified_standard_error():
     rng = np.random.default_rng(5)
     tasks = ["a"] * 4 + ["b"] * 7
@@ -174,6 +193,18 @@ def test_robust_selection_leaves_the_cleanest_only_for_a_gain_beyond_noise(merge
         if z:
             assert f"{gain:+.4f}" in why and f"{se:.4f}" in why
     assert robust_selection(merger, corrupted, settings, recorded[:1])[0] is recorded[0]
+    # a warm-start reference within the tolerance takes the cleanest one's place; outside it, it does not
+    ref = _Trial(x, {**x_dice, **{t: 0.892 for t in ("a", "b")}})
+    z = 0.99 * gain / se
+    chosen, why = robust_selection(merger, corrupted, dataclasses.replace(settings, robust_se=z), [*recorded, ref], ref)
+    assert chosen is recorded[1] and "over the warm-start configuration" in why
+    chosen, why = robust_selection(merger, corrupted, dataclasses.replace(settings, robust_se=1.01 * gain / se),
+                                   [*recorded, ref], ref)
+    assert chosen is ref and why.startswith("robust: the warm-start configuration kept")
+    far = _Trial(x, {**x_dice, **{t: 0.88 for t in ("a", "b")}})  # 0.02 below the best clean Dice
+    chosen, why = robust_selection(merger, corrupted, dataclasses.replace(settings, robust_se=1e9),
+                                   [*recorded, far], far)
+    assert chosen is recorded[0] and why.startswith("robust: the cleanest configuration kept")
 
 
 class _Trial:

@@ -55,7 +55,7 @@ from medsamix.merging.config import MergeConfig
 from medsamix.merging.merger import Merger
 from medsamix.search.evaluate import Evaluator
 from medsamix.search.execution import LocalExecution, execution, preprocessor, run_trial, score
-from medsamix.search.selection import guard, is_robust, robust_selection
+from medsamix.search.selection import clean_and_corrupted, guard, is_robust, robust_selection
 from medsamix.search.settings import (
     COARSE_TOP,
     SearchError,
@@ -230,7 +230,7 @@ def run_search(
     passes = evaluator.encoder_passes + runner.executor.remote_passes  # the trials' (the guard's rescoring not counted)
     selection = "the Pareto member with the best mean calibration Dice" if settings.multi else "best calibration Dice"
     if settings.multi and is_robust(settings.tasks):
-        best, selection = robust_selection(merger, evaluator, settings, ok)
+        best, selection = robust_selection(merger, evaluator, settings, ok, _warm_trial(merger, settings, ok, warm))
     if not settings.multi and settings.guard_se > 0:
         g = guard(merger, evaluator, settings, best.config)
         selection = g.reason(settings.guard_se)
@@ -354,6 +354,27 @@ def _check_saved_scenario(scenario: Any) -> None:
         log.info("SMAC state moved from %s to %s: resuming it there", old.get("output_directory"), here)
         old["output_directory"] = here
         atomic_write_text(saved, json.dumps(old, indent=4))
+
+
+def _warm_trial(merger: Merger, settings: SearchSettings, trials: Sequence[Trial],
+                warm: Sequence[MergeConfig]) -> Trial | None:
+    """The trial (of ``trials``) of a warm-start configuration, the cleanest if several: the same point of the
+    per-group space (SMAC's copy of a configuration may spell weights differently), else ``None``."""
+    if not warm:
+        return None
+    space = build_space(merger.groups, merger.aliases, settings.methods, seed=settings.seed,
+                        styles=settings.searched_styles, windows=settings.ct_windows)
+    points = [dict(from_merge_config(space, c, merger.aliases)) for c in warm]
+    found = [t for t in trials if any(_same_point(dict(from_merge_config(space, t.config, merger.aliases)), p)
+                                      for p in points)]
+    return max(found, key=lambda t: clean_and_corrupted(t.dice)[0]) if found else None
+
+
+def _same_point(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Two points of a ConfigSpace space are equal (floats to 1e-9)."""
+    return a.keys() == b.keys() and all(
+        math.isclose(v, b[k], rel_tol=1e-9, abs_tol=1e-12) if isinstance(v, float) else v == b[k]
+        for k, v in a.items())
 
 
 def _distinct(configs: Sequence[MergeConfig]) -> list[MergeConfig]:

@@ -167,33 +167,40 @@ def task_mean_gain(chosen: np.ndarray, other: np.ndarray, tasks: Sequence[str]) 
     return float(np.mean(means)), math.sqrt(sum(variances)) / len(names)
 
 
-def robust_selection(merger: Merger, evaluator: Evaluator, settings: SearchSettings,
-                     trials: Sequence[TC]) -> tuple[TC, str]:
+def robust_selection(merger: Merger, evaluator: Evaluator, settings: SearchSettings, trials: Sequence[TC],
+                     reference: TC | None = None) -> tuple[TC, str]:
     """The selection of a robust search among ``trials`` (successful, on all calibration slices of ``evaluator``,
     which holds every task and its corrupted twin) and why.
 
-    :func:`robust_choice` with ``settings.robust_tolerance`` proposes a configuration. The configuration with the
-    best mean clean calibration Dice (the first among equals) is kept instead unless the proposal's mean corrupted
-    calibration Dice gain over it, paired per slice and stratified by task (:func:`task_mean_gain`, both scored
-    again here), is positive and at least ``settings.robust_se`` standard errors. With a handful of calibration
-    slices per task the largest corrupted Dice of tens of configurations is biased upward, as the largest clean
-    Dice is; this keeps the search's cleanest configuration unless the robustness bought with clean Dice is beyond
-    that noise. ``robust_se`` 0: the proposal.
+    :func:`robust_choice` with ``settings.robust_tolerance`` proposes a configuration. The reference is
+    ``reference`` (the trial of a warm-start configuration, e.g. the clean-only search's selection) when it is
+    within the tolerance of the best mean clean calibration Dice, else the configuration with the best mean clean
+    calibration Dice (the first among equals). The reference is kept instead of the proposal unless the proposal's
+    mean corrupted calibration Dice gain over it, paired per slice and stratified by task (:func:`task_mean_gain`,
+    both scored again here), is positive and at least ``settings.robust_se`` standard errors. With a handful of
+    calibration slices per task the largest corrupted Dice of tens of configurations is biased upward, as the
+    largest clean Dice is, and two configurations a thousandth apart in clean calibration Dice are equally clean:
+    the search leaves its reference only for robustness beyond that noise. ``robust_se`` 0: the proposal.
 
     Raises:
         ValueError: no trials.
     """
     proposal, why = robust_choice(trials, settings.robust_tolerance)
-    cleanest = max(trials, key=lambda t: clean_and_corrupted(t.dice)[0])  # max keeps the first among equals
-    if settings.robust_se <= 0 or proposal is cleanest:
+    best_clean = max(clean_and_corrupted(t.dice)[0] for t in trials)
+    if reference is not None and clean_and_corrupted(reference.dice)[0] >= best_clean - settings.robust_tolerance:
+        anchor, name = reference, "the warm-start configuration"
+    else:
+        anchor = max(trials, key=lambda t: clean_and_corrupted(t.dice)[0])  # max keeps the first among equals
+        name = "the cleanest configuration"
+    if settings.robust_se <= 0 or proposal is anchor:
         return proposal, why
     idx = [i for i, s in enumerate(evaluator.samples) if s.task.name.endswith(CORRUPTED)]
     names = [evaluator.samples[i].task.name for i in idx]
-    per = [evaluate_config(merger, evaluator, t.config, idx).per_sample[idx] for t in (proposal, cleanest)]
+    per = [evaluate_config(merger, evaluator, t.config, idx).per_sample[idx] for t in (proposal, anchor)]
     gain, se = task_mean_gain(per[0], per[1], names)
-    what = (f"corrupted calibration gain {gain:+.4f} over the cleanest configuration (mean clean "
-            f"{clean_and_corrupted(cleanest.dice)[0]:.4f}), standard error {se:.4f} on {len(idx)} slices")
+    what = (f"corrupted calibration gain {gain:+.4f} over {name} (mean clean "
+            f"{clean_and_corrupted(anchor.dice)[0]:.4f}), standard error {se:.4f} on {len(idx)} slices")
     if gain > 0 and gain >= settings.robust_se * se:
         return proposal, f"{why}; kept: {what} (required: >= {settings.robust_se:g} SE)"
-    return cleanest, (f"robust: the best mean clean calibration Dice kept; the proposal ({why}) had a {what}, "
-                      f"less than {settings.robust_se:g} SE (or not positive)")
+    return anchor, (f"robust: {name} kept; the proposal ({why}) had a {what}, less than {settings.robust_se:g} SE "
+                    "(or not positive)")
