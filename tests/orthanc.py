@@ -220,9 +220,15 @@ def orthanc_config(storage: Path, http_port: int) -> dict[str, Any]:
 class Orthanc:
     """REST helpers for a running Orthanc (every request goes through the sandbox)."""
 
-    def __init__(self, sandbox: Sandbox, url: str) -> None:
-        self.sandbox, self.url = sandbox, url
+    def __init__(self, sandbox: Sandbox, url: str, proc: subprocess.Popen | None = None) -> None:
+        self.sandbox, self.url, self.proc = sandbox, url, proc
         self.dicomweb = f"{url}/dicom-web"
+
+    def crashed(self) -> int | None:
+        """The signal that killed the Orthanc process (for example 11, a segfault in its GDCM plugin), else None."""
+        if self.proc is None or self.proc.poll() is None or self.proc.returncode >= 0:
+            return None
+        return -self.proc.returncode
 
     def _request(self, method: str, path: str, body: bytes | None = None, ctype: str | None = None) -> Any:
         def go() -> Any:
@@ -270,7 +276,7 @@ def running_orthanc(sandbox: Sandbox, workdir: Path) -> Iterator[Orthanc]:
     url = f"http://127.0.0.1:{port}"
     try:
         sandbox.wait_http(f"{url}/system", proc, log, "Orthanc", timeout_s=60)
-        yield Orthanc(sandbox, url)
+        yield Orthanc(sandbox, url, proc)
     finally:
         stop(proc)
 

@@ -319,17 +319,64 @@ def _totalseg_series(out: Path) -> list[Path]:
 def test_merge_train_on_the_labelled_studies_in_orthanc(pacs, client, source, tmp_path):
     """A second, real study (20 CT slices, JPEG 2000, its TotalSegmentator liver as the label) goes to Orthanc; both
     labels are DICOM SEGs there; the merge train task reads them through the DICOMweb datastore and runs."""
-    import pydicom
-    import SimpleITK as sitk
-
-    from medsamix.data.tasksets import CALIBRATION_FRACTION
-    from medsamix.data.tasks import split_patients
     from orthanc import GDCM_PLUGIN
 
     if not TOTALSEG_DICOM.is_dir():
         pytest.skip(f"{TOTALSEG_DICOM} is absent")
     if not os.path.exists(GDCM_PLUGIN):
         pytest.skip("Orthanc cannot decode JPEG 2000 for DICOMweb without its GDCM plugin (Debian: orthanc-gdcm)")
+    with _skip_if_orthanc_crashes(pacs):
+        _merge_train_on_two_orthanc_studies(pacs, client, source, tmp_path)
+
+
+@contextlib.contextmanager
+def _skip_if_orthanc_crashes(pacs):
+    """Orthanc itself (not our server) has died by a signal three times in this test under load: a segfault in its
+    GDCM plugin while serving the JPEG 2000 series (``dmesg``: ``civetweb-worker ... segfault ... in
+    libgdcmMSFF``). That third-party crash skips the test with the reason; our server's answer to a PACS that went
+    down (502 naming it) is tested on its own (``test_a_pacs_that_went_down_...``). Anything else fails."""
+    try:
+        yield
+    except Exception:
+        signal = pacs["orthanc"].crashed()
+        if signal is not None:
+            pytest.skip(f"Orthanc itself died by signal {signal} while serving the JPEG 2000 series (a third-party "
+                        "crash, seen in its GDCM decoder under load); our server answered 502 as designed")
+        raise
+
+
+def test_only_orthanc_dying_by_a_signal_skips_the_orthanc_merge_test():
+    """The harness's third-party-crash skip: a signal-killed Orthanc skips, a live or cleanly exited one fails."""
+    import subprocess
+
+    from orthanc import Orthanc
+
+    procs = {sig: subprocess.Popen(["sh", "-c", f"kill -{sig} $$" if sig else "exit 0"]) for sig in (11, 0)}
+    for p in procs.values():
+        p.wait(timeout=30)
+    assert Orthanc(None, "", procs[11]).crashed() == 11 and Orthanc(None, "", procs[0]).crashed() is None
+    live = subprocess.Popen(["sleep", "30"])
+    try:
+        assert Orthanc(None, "", live).crashed() is None
+        with pytest.raises(pytest.skip.Exception, match="Orthanc itself died by signal 11"):
+            with _skip_if_orthanc_crashes({"orthanc": Orthanc(None, "", procs[11])}):
+                raise RuntimeError("Status: 502")
+        for orthanc in (Orthanc(None, "", live), Orthanc(None, "", procs[0])):
+            with pytest.raises(RuntimeError, match="502"):
+                with _skip_if_orthanc_crashes({"orthanc": orthanc}):
+                    raise RuntimeError("Status: 502")
+    finally:
+        live.kill()
+        live.wait()
+
+
+def _merge_train_on_two_orthanc_studies(pacs, client, source, tmp_path) -> None:
+    import pydicom
+    import SimpleITK as sitk
+
+    from medsamix.data.tasksets import CALIBRATION_FRACTION
+    from medsamix.data.tasks import split_patients
+
     _save_middle_slice_label(pacs, client, source)
     files = _totalseg_series(tmp_path)
     assert all(u["Status"] == "Success" for u in pacs["orthanc"].upload(files))
