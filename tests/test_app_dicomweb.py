@@ -380,6 +380,9 @@ def _merge_train_on_two_orthanc_studies(pacs, client, source, tmp_path) -> None:
     _save_middle_slice_label(pacs, client, source)
     files = _totalseg_series(tmp_path)
     assert all(u["Status"] == "Success" for u in pacs["orthanc"].upload(files))
+    # the server lists the PACS's series through MONAI Label's cached series list (1 s in these tests): a label for
+    # a series is accepted once the datastore lists it, as a client sees it in the datastore first
+    _stats_when(pacs, lambda st: st["total"] == 2)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(tmp_path)))
     image = reader.Execute()
