@@ -230,7 +230,8 @@ def run_search(
     passes = evaluator.encoder_passes + runner.executor.remote_passes  # the trials' (the guard's rescoring not counted)
     selection = "the Pareto member with the best mean calibration Dice" if settings.multi else "best calibration Dice"
     if settings.multi and is_robust(settings.tasks):
-        best, selection = robust_selection(merger, evaluator, settings, ok, _warm_trial(merger, settings, ok, warm))
+        reference = _warm_trial(space, merger.aliases, ok, warm) if warm else None
+        best, selection = robust_selection(merger, evaluator, settings, ok, reference)
     if not settings.multi and settings.guard_se > 0:
         g = guard(merger, evaluator, settings, best.config)
         selection = g.reason(settings.guard_se)
@@ -356,16 +357,12 @@ def _check_saved_scenario(scenario: Any) -> None:
         atomic_write_text(saved, json.dumps(old, indent=4))
 
 
-def _warm_trial(merger: Merger, settings: SearchSettings, trials: Sequence[Trial],
+def _warm_trial(space: Any, aliases: Sequence[str], trials: Sequence[Trial],
                 warm: Sequence[MergeConfig]) -> Trial | None:
     """The trial (of ``trials``) of a warm-start configuration, the cleanest if several: the same point of the
-    per-group space (SMAC's copy of a configuration may spell weights differently), else ``None``."""
-    if not warm:
-        return None
-    space = build_space(merger.groups, merger.aliases, settings.methods, seed=settings.seed,
-                        styles=settings.searched_styles, windows=settings.ct_windows)
-    points = [dict(from_merge_config(space, c, merger.aliases)) for c in warm]
-    found = [t for t in trials if any(_same_point(dict(from_merge_config(space, t.config, merger.aliases)), p)
+    per-group ``space`` (SMAC's copy of a configuration may spell weights differently), else ``None``."""
+    points = [dict(from_merge_config(space, c, aliases)) for c in warm]
+    found = [t for t in trials if any(_same_point(dict(from_merge_config(space, t.config, aliases)), p)
                                       for p in points)]
     return max(found, key=lambda t: clean_and_corrupted(t.dice)[0]) if found else None
 
